@@ -1,0 +1,74 @@
+"""The detection report printed once on rank 0, in the spirit of Lightning's ModelSummary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_smd.theory import GroupTheory
+
+__all__ = ["DetectionRow", "format_detection_report"]
+
+
+@dataclass(frozen=True)
+class DetectionRow:
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+    group: str
+    theory: GroupTheory
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def format_detection_report(
+    rows: list[DetectionRow],
+    rejected: dict[str, str] | None = None,
+    decayed_not_invariant: int = 0,
+    total: int | None = None,
+) -> str:
+    """A table of the scale-invariant tensors (why, group, lr/wd/momentum, Δ*) and the warnings."""
+    header = ["  #", "tensor", "shape", "why scale-invariant", "group", "lr", "wd", "mom", "Δ* (rad)"]
+    body = [
+        [
+            f"{i:3d}",
+            r.name,
+            "×".join(str(d) for d in r.shape),
+            r.reason,
+            r.group,
+            _fmt(r.theory.lr),
+            _fmt(r.theory.weight_decay),
+            _fmt(r.theory.momentum, ".2g"),
+            _fmt(r.theory.angular_update),
+        ]
+        for i, r in enumerate(rows)
+    ]
+    params = sum(_numel(r.shape) for r in rows)
+    lines = [
+        "SMD: scale-invariant tensors",
+        _table(header, body),
+        f"{len(rows)} scale-invariant tensors ({params:,} parameters)"
+        + (f" of {total} trainable tensors" if total is not None else "")
+        + f"; {decayed_not_invariant} other tensors get weight decay (fine: the SMD theory does not apply to them).",
+    ]
+    no_formula = {r.theory.reason for r in rows if r.theory.reason}
+    for reason in sorted(no_formula):
+        lines.append(f"WARNING: {reason}; Δ_t and ‖w_t‖ are still logged, without theory lines.")
+    for name, why in sorted((rejected or {}).items()):
+        lines.append(f"left out: {name}: {why}")
+    return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,286 @@
+"""Spherical Motion Dynamics theory: pure functions of the optimizer's hyper-parameters.
+
+Everything here takes numbers and returns numbers (``float`` / ``int`` / ``None``); nothing
+depends on ``torch.nn`` or Lightning. Symbols follow ``SMD_THEORY.md``: learning rate ``lr`` (η),
+weight decay ``weight_decay`` (λ), heavy-ball momentum ``momentum`` (α), Adam/Lion betas.
+
+* :func:`angular_update_sgd`, :func:`angular_update_sgdm`, :func:`angular_update_adamw`,
+  :func:`angular_update_lion`: the equilibrium angular update Δ* per step, in radians.
+* :func:`equilibrium_norm_sq_sgd`, :func:`equilibrium_norm_sq_sgdm`: the equilibrium squared
+  weight norm ‖w*‖² from the unit-gradient statistic ``L``.
+* :func:`relaxation_steps`, :func:`steps_to_equilibrium`: how fast the norm approaches equilibrium
+  and how many steps an LR change costs (Corollary 3.1).
+* :func:`rescale_factor`: the factor that puts a tensor at its new equilibrium at once.
+* :func:`from_param_group`: recognise the optimizer family of one param group and return a
+  :class:`GroupTheory` that evaluates all of the above for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = [
+    "GroupTheory",
+    "angular_update_adamw",
+    "angular_update_lion",
+    "angular_update_sgd",
+    "angular_update_sgdm",
+    "equilibrium_norm_sq_sgd",
+    "equilibrium_norm_sq_sgdm",
+    "from_param_group",
+    "relaxation_steps",
+    "rescale_factor",
+    "steps_to_equilibrium",
+]
+
+
+def _check_positive(**values: float) -> None:
+    for key, value in values.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+
+
+def _check_fraction(**values: float) -> None:
+    for key, value in values.items():
+        if not 0 <= value < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+
+
+def angular_update_sgd(lr: float, weight_decay: float) -> float:
+    """Δ* = sqrt(2λη) for plain SGD with coupled L2 weight decay (Theorem 1)."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    return math.sqrt(2.0 * lr * weight_decay)
+
+
+def angular_update_sgdm(lr: float, weight_decay: float, momentum: float) -> float:
+    """Δ* = sqrt(2λη / (1 + α)) for heavy-ball SGD with coupled L2 weight decay (Theorem 2)."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    _check_fraction(momentum=momentum)
+    return math.sqrt(2.0 * lr * weight_decay / (1.0 + momentum))
+
+
+def angular_update_adamw(lr: float, weight_decay: float, beta1: float) -> float:
+    """Δ* = sqrt(2ηλ (1 − β1) / (1 + β1)) for AdamW with decoupled weight decay (Kosson et al.)."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    _check_fraction(beta1=beta1)
+    return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta1) / (1.0 + beta1))
+
+
+def angular_update_lion(lr: float, weight_decay: float, beta1: float, beta2: float) -> float:
+    """Δ* = sqrt(π/2)·sqrt(2ηλ)·sqrt((1 − β1)² + β1²(1 − β2)/(1 + β2)) for Lion (Kosson et al.)."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    _check_fraction(beta1=beta1, beta2=beta2)
+    mix = (1.0 - beta1) ** 2 + beta1**2 * (1.0 - beta2) / (1.0 + beta2)
+    return math.sqrt(math.pi / 2.0) * math.sqrt(2.0 * lr * weight_decay) * math.sqrt(mix)
+
+
+def equilibrium_norm_sq_sgd(unit_grad_sq: float, lr: float, weight_decay: float) -> float:
+    """‖w*‖² = sqrt(L·η / (2λ)) for SGD, with ``unit_grad_sq`` = L = E‖g̃‖²."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    if unit_grad_sq < 0:
+        raise ValueError(f"unit_grad_sq (L) must be >= 0, got {unit_grad_sq!r}")
+    return math.sqrt(unit_grad_sq * lr / (2.0 * weight_decay))
+
+
+def equilibrium_norm_sq_sgdm(unit_grad_sq: float, lr: float, weight_decay: float, momentum: float) -> float:
+    """‖w*‖² = sqrt(L·η / (λ(1 − α)(2 − λη/(1 + α)))) for heavy-ball SGD, L = E h̃."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    _check_fraction(momentum=momentum)
+    if unit_grad_sq < 0:
+        raise ValueError(f"unit_grad_sq (L) must be >= 0, got {unit_grad_sq!r}")
+    denom = weight_decay * (1.0 - momentum) * (2.0 - weight_decay * lr / (1.0 + momentum))
+    return math.sqrt(unit_grad_sq * lr / denom)
+
+
+def relaxation_steps(lr: float, weight_decay: float, momentum: float = 0.0) -> float:
+    """Time constant of the approach to equilibrium, in steps: (1 − α) / (4λη)."""
+    _check_positive(lr=lr, weight_decay=weight_decay)
+    _check_fraction(momentum=momentum)
+    return (1.0 - momentum) / (4.0 * weight_decay * lr)
+
+
+def steps_to_equilibrium(
+    lr_old: float,
+    lr_new: float,
+    weight_decay_old: float,
+    weight_decay_new: float | None = None,
+    momentum: float = 0.0,
+) -> int:
+    """Steps needed to reach the new equilibrium after (η, λ) → (η', λ') without a rescale.
+
+    Corollary 3.1: dividing η by k costs ``⌈log(k)·(1 − α) / (4λη')⌉`` steps (η' the new rate).
+    A general change moves ‖w*‖² by the factor sqrt((η'λ)/(ηλ')), i.e. k = (ηλ')/(η'λ).
+    Returns 0 when nothing changes.
+    """
+    weight_decay_new = weight_decay_old if weight_decay_new is None else weight_decay_new
+    _check_positive(lr_old=lr_old, lr_new=lr_new, weight_decay_old=weight_decay_old, weight_decay_new=weight_decay_new)
+    _check_fraction(momentum=momentum)
+    k = (lr_old * weight_decay_new) / (lr_new * weight_decay_old)
+    if math.isclose(k, 1.0, rel_tol=1e-12):
+        return 0
+    return math.ceil(abs(math.log(k)) * (1.0 - momentum) / (4.0 * weight_decay_new * lr_new))
+
+
+def rescale_factor(lr_old: float, lr_new: float, weight_decay_old: float, weight_decay_new: float | None = None) -> float:
+    """Factor ``((η'·λ)/(η·λ'))^(1/4)`` that multiplies a scale-invariant tensor at an (η, λ) change.
+
+    For an LR divided by k (same λ) this is ``k^(-1/4)``: the squared norm is divided by √k, the
+    new equilibrium holds at once (Section 5.2).
+    """
+    weight_decay_new = weight_decay_old if weight_decay_new is None else weight_decay_new
+    _check_positive(lr_old=lr_old, lr_new=lr_new, weight_decay_old=weight_decay_old, weight_decay_new=weight_decay_new)
+    return ((lr_new * weight_decay_old) / (lr_old * weight_decay_new)) ** 0.25
+
+
+@dataclass(frozen=True)
+class GroupTheory:
+    """The SMD predictions for one optimizer param group at its current hyper-parameters.
+
+    ``family`` is one of ``"sgd"``, ``"sgdm"``, ``"adamw"``, ``"lion"`` or ``"none"``. For
+    ``"none"``, ``angular_update`` is ``None`` and ``reason`` says why no formula applies.
+    ``effective_lr`` folds SGD dampening into the rate: torch's dampening multiplies the whole
+    update (gradient and coupled decay) by ``1 − dampening``.
+    """
+
+    family: str
+    lr: float
+    weight_decay: float
+    momentum: float = 0.0
+    beta1: float = 0.0
+    beta2: float = 0.0
+    dampening: float = 0.0
+    reason: str | None = None
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * (1.0 - self.dampening)
+
+    @property
+    def has_formula(self) -> bool:
+        return self.family != "none"
+
+    @property
+    def angular_update(self) -> float | None:
+        """Δ* in radians per step, or ``None`` where no formula applies."""
+        if self.family == "sgd":
+            return angular_update_sgd(self.effective_lr, self.weight_decay)
+        if self.family == "sgdm":
+            return angular_update_sgdm(self.effective_lr, self.weight_decay, self.momentum)
+        if self.family == "adamw":
+            return angular_update_adamw(self.lr, self.weight_decay, self.beta1)
+        if self.family == "lion":
+            return angular_update_lion(self.lr, self.weight_decay, self.beta1, self.beta2)
+        return None
+
+    def equilibrium_norm_sq(self, unit_grad_sq: float) -> float | None:
+        """‖w*‖² from the running estimate of L; ``None`` where the theory gives no formula."""
+        if self.family == "sgd":
+            return equilibrium_norm_sq_sgd(unit_grad_sq, self.effective_lr, self.weight_decay)
+        if self.family == "sgdm":
+            return equilibrium_norm_sq_sgdm(unit_grad_sq, self.effective_lr, self.weight_decay, self.momentum)
+        return None
+
+    @property
+    def relaxation_steps(self) -> float | None:
+        """Time constant of the approach to equilibrium (SGD/SGDM), in steps."""
+        if self.family in ("sgd", "sgdm"):
+            return relaxation_steps(self.effective_lr, self.weight_decay, self.momentum)
+        return None
+
+    def steps_to_equilibrium_from(self, previous: GroupTheory) -> int | None:
+        """Corollary 3.1 steps to reach this group's equilibrium from ``previous``'s (SGD/SGDM)."""
+        if self.family not in ("sgd", "sgdm") or not previous.has_formula:
+            return None
+        return steps_to_equilibrium(
+            previous.effective_lr, self.effective_lr, previous.weight_decay, self.weight_decay, self.momentum
+        )
+
+
+def _as_float(value: Any, key: str) -> float:
+    # A tensor-valued lr (capturable/fused optimizers) is read on the host; callers only do this
+    # on measured steps.
+    if hasattr(value, "item"):
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"param group key {key!r} must be a number, got {value!r}") from None
+
+
+def _class_names(optimizer: Any) -> list[str]:
+    return [cls.__name__.lower() for cls in type(optimizer).__mro__]
+
+
+def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
+    """Recognise the optimizer family of ``group`` (a ``param_groups`` entry) and its formula.
+
+    Recognised: ``torch.optim.SGD`` and look-alikes (class name contains ``sgd``, or the group has
+    ``momentum``, ``dampening`` and ``nesterov`` keys),
+    ``torch.optim.AdamW``, ``torch.optim.Adam(decoupled_weight_decay=True)``, timm's AdamW, and
+    Lion-style optimizers (class name contains ``lion`` and ``betas`` in the group). Everything
+    else, Adam with coupled L2, ``weight_decay == 0``, Nesterov and ``maximize`` return
+    ``family="none"`` with a ``reason`` (measurements still work; only the theory is missing).
+    Reads the *current* values, so call it again after a scheduler changed them.
+    """
+    names = _class_names(optimizer)
+    opt_name = type(optimizer).__name__
+    lr = _as_float(group.get("lr", float("nan")), "lr")
+    weight_decay = _as_float(group.get("weight_decay", 0.0), "weight_decay")
+
+    def none(reason: str, **kw: float) -> GroupTheory:
+        return GroupTheory("none", lr, weight_decay, reason=reason, **kw)
+
+    if not (lr > 0 and math.isfinite(lr)):
+        return none(f"{opt_name}: lr={lr!r} is not a positive number")
+    if group.get("maximize", False):
+        return none(f"{opt_name}: maximize=True is not covered by the theory")
+
+    betas = group.get("betas")
+    is_lion = any("lion" in n for n in names)
+    is_adam = any(n.startswith("adam") or n == "nadamw" for n in names) and betas is not None
+
+    if is_lion and betas is not None:
+        beta1, beta2 = (_as_float(b, "betas") for b in betas)
+        if weight_decay <= 0:
+            return none(f"{opt_name}: weight_decay=0, scale-invariant weights have no equilibrium (‖w‖ grows)",
+                        beta1=beta1, beta2=beta2)
+        return GroupTheory("lion", lr, weight_decay, beta1=beta1, beta2=beta2)
+
+    if is_adam:
+        beta1, beta2 = (_as_float(b, "betas") for b in betas)
+        decoupled = "adamw" in names[0] or bool(group.get("decoupled_weight_decay", False))
+        if not decoupled:
+            return none(
+                f"{opt_name}: Adam with coupled L2 weight decay has no equilibrium formula; "
+                "use AdamW (decoupled) to get one",
+                beta1=beta1,
+                beta2=beta2,
+            )
+        if weight_decay <= 0:
+            return none(f"{opt_name}: weight_decay=0, scale-invariant weights have no equilibrium (‖w‖ grows)",
+                        beta1=beta1, beta2=beta2)
+        return GroupTheory("adamw", lr, weight_decay, beta1=beta1, beta2=beta2)
+
+    is_sgd = any("sgd" in n for n in names) or {"momentum", "dampening", "nesterov"} <= set(group)
+    if is_sgd and betas is None:
+        momentum = _as_float(group.get("momentum", 0.0), "momentum")
+        dampening = _as_float(group.get("dampening", 0.0), "dampening")
+        if group.get("nesterov", False):
+            return none(
+                f"{opt_name}: nesterov=True has no equilibrium formula in the SMD theory "
+                "(heavy-ball momentum only); use nesterov=False for theory lines",
+                momentum=momentum,
+            )
+        if not 0 <= momentum < 1:
+            return none(f"{opt_name}: momentum={momentum} outside [0, 1)", momentum=momentum)
+        if not 0 <= dampening < 1:
+            return none(f"{opt_name}: dampening={dampening} outside [0, 1)", momentum=momentum)
+        if weight_decay <= 0:
+            return none(f"{opt_name}: weight_decay=0, scale-invariant weights have no equilibrium (‖w‖ grows)",
+                        momentum=momentum)
+        family = "sgdm" if momentum > 0 else "sgd"
+        return GroupTheory(family, lr, weight_decay, momentum=momentum, dampening=dampening if momentum > 0 else 0.0)
+
+    return none(f"{opt_name}: no equilibrium formula for this optimizer")

@@ -1,0 +1,122 @@
+"""Measurement: the stable angle formula and every update-recovery mode against float64 truth."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_smd.measure import GroupSlice, StepMeasurer, angular_update, measurement_mode
+
+
+def _rotate(w: torch.Tensor, angle: float, gen: torch.Generator) -> torch.Tensor:
+    """w turned by exactly `angle` (computed in float64), same norm."""
+    w64 = w.double().reshape(-1)
+    d = torch.randn(w64.shape, generator=gen, dtype=torch.float64)
+    d -= (d @ w64) / (w64 @ w64) * w64
+    d *= w64.norm() / d.norm()
+    return (math.cos(angle) * w64 + math.sin(angle) * d).reshape(w.shape)
+
+
+@pytest.mark.parametrize("angle", [1e-4, 3e-4, 1e-3, 1e-2])
+def test_stable_formula_accurate_in_fp32(angle):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, 3, 3, generator=gen)
+    w_new = _rotate(w, angle, gen).float()
+    # the truth for the fp32 pair itself, in float64
+    truth = float(angular_update(w.double(), w_new.double()))
+    assert truth == pytest.approx(angle, rel=2e-3)  # rounding of w_new to fp32 is tiny
+    measured = float(angular_update(w, w_new))
+    assert measured == pytest.approx(truth, rel=1e-2)
+    naive = float(torch.acos(((w.flatten() @ w_new.flatten()) / (w.norm() * w_new.norm())).clamp(max=1)))
+    if angle <= 3e-4:  # what the stable formula is for: acos of an fp32 cosine fails here
+        assert abs(naive - truth) / truth > 0.1
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    )
+
+
+OPTIMIZERS = {
+    "sgdm": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-4),
+    "sgd_dampening": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=5e-4),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05),
+    "sgd_foreach_off": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False),
+}
+EXPECTED_MODE = {"sgdm": "buffer", "sgd": "grad", "sgd_dampening": "buffer", "nesterov": "snapshot",
+                 "adamw": "snapshot", "sgd_foreach_off": "buffer"}
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("clip", [False, True])
+def test_modes_match_float64_truth(opt_name, clip):
+    model = _model()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    convs = [model[0].weight, model[3].weight]
+    mode = measurement_mode(opt, opt.param_groups[0])
+    assert mode == EXPECTED_MODE[opt_name]
+    measurer = StepMeasurer([GroupSlice(opt, 0, convs, 0, mode)])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(8, 3, 12, 12, generator=gen)
+        y = torch.randint(0, 4, (8,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        before = [c.detach().clone() for c in convs]
+        grads = [c.grad.detach().clone() for c in convs]
+        buffers = [opt.state[c].get("momentum_buffer") if c in opt.state else None for c in convs]
+        buffers = [b.clone() if b is not None else None for b in buffers]
+        measurer.before_step()
+        if clip:  # clipping happens after on_before_optimizer_step in Lightning
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        stats, slices = measurer.after_step()
+        assert stats.shape == (3, 2)
+        for i, c in enumerate(convs):
+            truth = float(angular_update(before[i].double(), c.detach().double()))
+            assert float(stats[0, i]) == pytest.approx(truth, rel=2e-3, abs=1e-7), (step, i)
+            assert float(stats[1, i]) == pytest.approx(float(before[i].double().norm()), rel=1e-5)
+            g_sq = float(grads[i].double().pow(2).sum())
+            h = g_sq
+            if opt_name in ("sgdm", "sgd_foreach_off", "sgd_dampening") and buffers[i] is not None:
+                damp = 0.3 if opt_name == "sgd_dampening" else 0.0
+                h += 2 * 0.9 * float(buffers[i].double().flatten() @ grads[i].double().flatten()) / (1 - damp)
+            assert float(stats[2, i]) == pytest.approx(h * float(before[i].double().pow(2).sum()), rel=1e-3, abs=1e-9)
+
+
+def test_snapshot_is_allocated_once_and_reused():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    s = GroupSlice(opt, 0, [model[0].weight], 0, "snapshot")
+    measurer = StepMeasurer([s])
+    ptrs = set()
+    for _ in range(3):
+        model(torch.randn(4, 3, 8, 8)).sum().backward()
+        measurer.before_step()
+        ptrs.add(s.snapshot[0].data_ptr())
+        opt.step()
+        measurer.after_step()
+    assert len(ptrs) == 1
+
+
+def test_reduce_fn_receives_partial_sums_once():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    calls = []
+
+    def reduce(sums):
+        calls.append(sums.shape)
+        return sums
+
+    measurer = StepMeasurer([GroupSlice(opt, 0, [model[0].weight, model[3].weight], 0, "buffer")], reduce)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    measurer.before_step()
+    opt.step()
+    measurer.after_step()
+    assert calls == [torch.Size([5, 2])]
