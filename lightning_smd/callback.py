@@ -13,16 +13,18 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_smd import theory
-from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, clean_name, select
-from lightning_smd.detect import _is_norm_module as is_norm_module
+from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, clean_name, is_norm_module, select
 from lightning_smd.distributed import is_sharded, make_reduce_fn
+from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
+from lightning_smd.rescale import RescalePolicy, rescale_
 from lightning_smd.summary import DetectionRow, format_detection_report
 
 __all__ = ["SMDCallback"]
 
 _DETECT_MODES = ("auto", "structural", "numerical")
+_STATE_VERSION = 1
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
@@ -37,26 +39,43 @@ class _Tracked:
     norm_affine: bool = False  # γ/β of a normalization layer: never discovered numerically
 
 
+@dataclass
+class _Pending:
+    """A measured step between ``on_before_optimizer_step`` and ``on_train_batch_end``."""
+
+    log_step: int
+    global_step: int
+    slices: list[GroupSlice]
+    theories: list[theory.GroupTheory]
+
+
 class SMDCallback(pl.Callback):
     """Measure (and optionally control) the Spherical Motion Dynamics of a normalized network.
 
     For every scale-invariant weight tensor (detected automatically: conv/linear feeding a
     normalization, weight-standardized or weight-normalized weights, and tensors invariant
     through functional code), logs through every logger of the Trainer, every
-    ``log_every_n_steps`` optimizer steps:
+    ``log_every_n_steps`` optimizer steps, with Lightning's own step axis:
 
     * ``smd/angular_update/{name}``: the angle Δ_t (radians) the step turned the tensor by,
     * ``smd/angular_update_theory/{name}``: Δ* from the tensor's param group at that step,
     * ``smd/weight_norm/{name}`` and ``smd/weight_norm_theory/{name}``: ‖w_t‖ and the predicted
       equilibrium ‖w*‖ (SGD / SGD with momentum) from a running estimate of the unit gradient,
     * ``smd/unit_grad_sq/{name}``: that running estimate of L,
-    * ``smd/angular_update_ratio/{mean,min,max}``: Δ_t/Δ* across tensors.
+    * ``smd/angular_update_ratio/{mean,min,max}``: Δ_t/Δ* across tensors,
+    * ``smd/equilibrium/fraction``, ``smd/equilibrium_step/{name}``,
+      ``smd/steps_to_equilibrium/{predicted/<group>,measured/<name>}``: equilibrium tracking,
+    * ``smd/rescale_factor``: at each rescale, the factor the weights were multiplied by.
 
     Args:
         log_every_n_steps: measure and log every this many optimizer steps (1 = every step);
             ``None`` uses the Trainer's ``log_every_n_steps``. Unmeasured steps cost nothing.
-        rescale: ``False`` (monitor only), ``True``/``"drop"`` (rescale the scale-invariant tensors
-            of a param group by ((η'λ)/(ηλ'))^(1/4) when its LR drops), or ``"continuous"``.
+        rescale: ``False`` (monitor only); ``True`` or ``"drop"``: when a param group's (η, λ)
+            drops by at least ``rescale_min_drop``, multiply its scale-invariant tensors by
+            ((η'λ)/(ηλ'))^(1/4) before the next step; ``"continuous"``: on every change (cosine-like
+            schedules), with η floored at ``rescale_min_lr_ratio`` × its peak.
+        rescale_min_drop, rescale_min_lr_ratio, rescale_on_increase: see
+            :class:`lightning_smd.rescale.RescalePolicy`.
         include, exclude: regex, list of regexes or ``callable(name) -> bool`` over parameter names,
             applied after detection.
         detect: ``"auto"`` (structural candidates confirmed numerically, plus tensors found
@@ -65,10 +84,12 @@ class SMDCallback(pl.Callback):
             |⟨g, w⟩|/(‖g‖‖w‖) is checked.
         radial_threshold: a tensor is numerically scale-invariant when its radial cosine stays below this.
         ema_steps: time constant, in optimizer steps, of the running estimate of L.
+        equilibrium_tolerance, equilibrium_window: equilibrium is reached when the mean of
+            Δ_t/Δ* over ``equilibrium_window`` steps is within ``equilibrium_tolerance`` of 1.
         figures_every_n_steps: also render the figures periodically (rank 0); they are always
             rendered at the end of fit.
         figures_dir: where figures go; default ``<trainer.log_dir or default_root_dir>/smd``.
-        verbose: print the detection report on rank 0 once detection is complete.
+        verbose: print the detection report (and the equilibrium summary at the end) on rank 0.
     """
 
     def __init__(
@@ -81,6 +102,11 @@ class SMDCallback(pl.Callback):
         detect_steps: int = 3,
         radial_threshold: float = 1e-4,
         ema_steps: float = 200.0,
+        rescale_min_drop: float = 2.0,
+        rescale_min_lr_ratio: float = 1e-3,
+        rescale_on_increase: bool = False,
+        equilibrium_tolerance: float = 0.1,
+        equilibrium_window: int = 200,
         figures_every_n_steps: int | None = None,
         figures_dir: str | None = None,
         verbose: bool = True,
@@ -97,11 +123,15 @@ class SMDCallback(pl.Callback):
             raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be >= 1 or None, got {figures_every_n_steps!r}")
         if rescale not in (False, True, "drop", "continuous"):
             raise ValueError(f"SMDCallback(rescale=...) must be False, True, 'drop' or 'continuous', got {rescale!r}")
-        if rescale:
-            raise NotImplementedError("SMDCallback(rescale=...) is not implemented yet; use rescale=False")
         select([], include=include, exclude=exclude)  # validates the filters now, not at fit start
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
+        self.policy = (
+            RescalePolicy("continuous" if rescale == "continuous" else "drop", rescale_min_drop, rescale_min_lr_ratio,
+                          rescale_on_increase)
+            if rescale
+            else None
+        )
         self.include = include
         self.exclude = exclude
         self.detect = detect
@@ -111,7 +141,14 @@ class SMDCallback(pl.Callback):
         self.figures_dir = figures_dir
         self.verbose = verbose
 
+        # state that survives checkpoints
         self.unit_grad = RunningMean(ema_steps)
+        self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
+        self.rescale_events: list[dict[str, Any]] = []
+        self._last_hparams: dict[str, tuple[float, float]] = {}
+        self._peak_lr: dict[str, float] = {}
+        self._saved_names: list[str] | None = None
+
         self.candidates: dict[str, Candidate] = {}
         self.records: list[tuple[int, dict[str, float]]] = []
         self._tracked: list[_Tracked] = []
@@ -119,15 +156,19 @@ class SMDCallback(pl.Callback):
         self._structural: dict[str, Candidate] | None = None
         self._radial: RadialCosineCheck | None = None
         self._measurer: StepMeasurer | None = None
-        self._pending: tuple[int, int, list[theory.GroupTheory]] | None = None  # (log step, global step, theories)
+        self._pending: _Pending | None = None
         self._names: list[str] = []
+        self._groups: list[str] = []
         self._measure_on_all_ranks = False
 
-    # ------------------------------------------------------------------ setup
     @property
     def state_key(self) -> str:
         return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, detect=self.detect)
 
+    def _every(self, trainer: pl.Trainer) -> int:
+        return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+
+    # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._tracked = _trainable(trainer, pl_module)
         self._measurer = None
@@ -137,14 +178,13 @@ class SMDCallback(pl.Callback):
         if not self._tracked:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
 
-    def _every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
-
-    # --------------------------------------------------------------- detection
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._structural is None and self._recorder is None and self._tracked:
+        if self._measurer is None and self._saved_names is not None:
+            self._resume_detection(trainer)
+        elif self._structural is None and self._recorder is None and self._tracked:
             self._recorder = DataflowRecorder(pl_module)
             self._recorder.start()
+        self._check_hparams(trainer)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._stop_recorder()
@@ -152,6 +192,7 @@ class SMDCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop_recorder()
 
+    # --------------------------------------------------------------- detection
     def _stop_recorder(self) -> None:
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
@@ -197,54 +238,133 @@ class SMDCallback(pl.Callback):
         # Every rank must track the same tensors: rank 0 decides.
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.candidates = chosen
-        tracked = [t for t in self._tracked if t.name in chosen]
-        self._build_measurer(trainer, tracked)
+        self._build_measurer(trainer, [t for t in self._tracked if t.name in chosen])
         if self.verbose:
-            rank_zero_info(self._detection_report(trainer, tracked, rejected, cosines))
+            rank_zero_info(self._detection_report(trainer, rejected))
+
+    def _resume_detection(self, trainer: pl.Trainer) -> None:
+        """After a resume, track exactly the tensors the checkpointed run tracked."""
+        names, self._saved_names = set(self._saved_names or ()), None
+        known = {t.name for t in self._tracked}
+        if missing := sorted(names - known):
+            rank_zero_warn(f"SMDCallback: {len(missing)} tensors tracked before the resume are gone: {missing[:5]}")
+        self._stop_recorder()
+        self._structural = {}
+        self.candidates = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(names & known)}
+        self._build_measurer(trainer, [t for t in self._tracked if t.name in self.candidates])
 
     def _build_measurer(self, trainer: pl.Trainer, tracked: list[_Tracked]) -> None:
-        slices: list[GroupSlice] = []
-        start = 0
         by_group: dict[tuple[int, int], list[_Tracked]] = {}
         for t in tracked:
             by_group.setdefault((t.optimizer_index, t.group_index), []).append(t)
-        names: list[str] = []
+        slices: list[GroupSlice] = []
+        self._names, self._groups = [], []
         for (oi, gi), members in sorted(by_group.items()):
             optimizer = trainer.optimizers[oi]
             group = optimizer.param_groups[gi]
-            slices.append(GroupSlice(optimizer, gi, [m.param for m in members], start, measurement_mode(optimizer, group)))
-            names.extend(m.name for m in members)
-            start += len(members)
+            slices.append(GroupSlice(optimizer, gi, [m.param for m in members], len(self._names), measurement_mode(optimizer, group)))
+            self._names.extend(m.name for m in members)
+            self._groups.extend([_group_label(trainer, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
-        self._names = names
         self._measure_on_all_ranks = is_sharded(trainer.strategy, params)
         self._measurer = StepMeasurer(slices, make_reduce_fn(trainer.strategy, params)) if slices else None
-
-    def _detection_report(self, trainer: pl.Trainer, tracked: list[_Tracked], rejected: dict[str, str], cosines: dict[str, float]) -> str:
-        rows = []
         for t in tracked:
+            if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
+                rank_zero_warn(
+                    f"SMDCallback: {t.name} is scale-invariant but its param group has weight_decay=0: "
+                    "it has no equilibrium, its norm grows and its angular update decays."
+                )
+
+    def _detection_report(self, trainer: pl.Trainer, rejected: dict[str, str]) -> str:
+        rows = []
+        for t in self._tracked:
+            if t.name not in self.candidates:
+                continue
             optimizer = trainer.optimizers[t.optimizer_index]
-            group = optimizer.param_groups[t.group_index]
             rows.append(
                 DetectionRow(
                     name=t.name,
                     shape=tuple(t.param.shape),
                     reason=self.candidates[t.name].reason,
-                    group=f"{t.optimizer_index}/{t.group_index}" if len(trainer.optimizers) > 1 else str(t.group_index),
-                    theory=theory.from_param_group(optimizer, group),
+                    group=_group_label(trainer, t.optimizer_index, t.group_index),
+                    theory=theory.from_param_group(optimizer, optimizer.param_groups[t.group_index]),
                 )
             )
-        chosen = {t.name for t in tracked}
         decayed_other = sum(
             1
             for t in self._tracked
-            if t.name not in chosen
+            if t.name not in self.candidates
             and float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) > 0
         )
         return format_detection_report(rows, rejected=rejected, decayed_not_invariant=decayed_other, total=len(self._tracked))
 
+    # -------------------------------------------------------- LR changes, rescale
+    def _check_hparams(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Compare every group's (lr, weight_decay) with the last seen; start stages and rescale."""
+        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        factors: dict[str, float] = {}
+        for oi, opt in enumerate(trainer.optimizers):
+            if optimizer is not None and opt is not optimizer:
+                continue
+            for gi, group in enumerate(opt.param_groups):
+                key = _group_label(trainer, oi, gi)
+                current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
+                last = self._last_hparams.get(key)
+                self._last_hparams[key] = current
+                self._peak_lr[key] = max(self._peak_lr.get(key, 0.0), current[0])
+                if last is None or last == current:
+                    continue
+                factor = self.policy.factor(last, current, self._peak_lr[key]) if self.policy else None
+                if factor is not None:
+                    self._rescale_group(trainer, opt, oi, gi, factor, log_step, last, current, scale_grads=optimizer is not None)
+                    factors[key] = factor
+                self._start_stage(trainer, opt, gi, key, last, current, log_step, rescaled=factor is not None)
+        if factors and trainer.is_global_zero:
+            metrics = {"smd/rescale_factor": min(factors.values())}
+            if len(factors) > 1:
+                metrics.update({f"smd/rescale_factor/{k}": f for k, f in factors.items()})
+            self._log(trainer, metrics, log_step)
+
+    def _rescale_group(self, trainer: pl.Trainer, opt: torch.optim.Optimizer, oi: int, gi: int, factor: float,
+                       log_step: int, last: tuple[float, float], current: tuple[float, float], scale_grads: bool) -> None:
+        if self._measurer is None and not self.candidates:
+            # Detection is not finished (an LR change in the first steps): never skip silently.
+            raise RuntimeError(
+                f"SMDCallback(rescale=...): the LR of optimizer {oi} group {gi} changed from {last[0]:g} to "
+                f"{current[0]:g} at step {log_step}, before detection of the scale-invariant tensors finished "
+                f"(detect_steps={self.detect_steps}). Delay the first LR drop or use detect='structural'."
+            )
+        members = [t for t in self._tracked if t.name in self.candidates and (t.optimizer_index, t.group_index) == (oi, gi)]
+        params = [t.param for t in members]
+        untouched = rescale_(params, factor, opt, scale_grads=scale_grads)
+        if untouched:
+            rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the rescale.")
+        averaged = _rescale_averaged_models(trainer, [t.name for t in members], factor)
+        self.rescale_events.append({"step": log_step, "group": _group_label(trainer, oi, gi), "factor": factor,
+                                    "lr": [last[0], current[0]], "weight_decay": [last[1], current[1]],
+                                    "tensors": len(params), "averaged_models": averaged})
+        rank_zero_info(
+            f"SMD: step {log_step}: group {_group_label(trainer, oi, gi)} lr {last[0]:g} → {current[0]:g}, "
+            f"weight decay {last[1]:g} → {current[1]:g}: {len(params)} scale-invariant tensors multiplied by {factor:.4f}"
+        )
+
+    def _start_stage(self, trainer: pl.Trainer, opt: torch.optim.Optimizer, gi: int, key: str,
+                     last: tuple[float, float], current: tuple[float, float], log_step: int, rescaled: bool) -> None:
+        group = opt.param_groups[gi]
+        new = theory.from_param_group(opt, group)
+        predicted = None
+        if new.family in ("sgd", "sgdm") and min(last) > 0:
+            predicted = theory.steps_to_equilibrium(last[0] * (1 - new.dampening), new.effective_lr, last[1],
+                                                    new.weight_decay, new.momentum)
+        names = [n for n, g in zip(self._names, self._groups) if g == key]
+        self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
+        if predicted is not None and trainer.is_global_zero:
+            self._log(trainer, {f"smd/steps_to_equilibrium/predicted/{key}": float(predicted)}, log_step)
+
     # ------------------------------------------------------------- measurement
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if not pl_module.automatic_optimization:
+            self._check_hparams(trainer, optimizer)  # a scheduler may have stepped inside training_step
         if self._measurer is None:
             self._detection_step(trainer)
             return
@@ -253,59 +373,72 @@ class SMDCallback(pl.Callback):
             return
         if not (self._measure_on_all_ranks or trainer.is_global_zero):
             return
-        active = self._measurer.before_step(optimizer)
-        theories = [theory.from_param_group(s.optimizer, s.group) for s in active]
-        self._pending = (log_step, trainer.global_step, theories)
+        slices = self._measurer.before_step(optimizer)
+        theories = [theory.from_param_group(s.optimizer, s.group) for s in slices]
+        self._pending = _Pending(log_step, trainer.global_step, slices, theories)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending is None or self._measurer is None:
-            return
-        log_step, global_step, theories = self._pending
-        if trainer.global_step <= global_step:  # the optimizer did not step (yet)
-            return
+        pending = self._pending
+        if pending is None or self._measurer is None or trainer.global_step <= pending.global_step:
+            return  # nothing measured, or the optimizer did not step (yet)
         self._pending = None
         stats, slices = self._measurer.after_step()
         if not trainer.is_global_zero:
             return
-        metrics = self._metrics(stats.cpu(), slices, theories, trainer.global_step - 1)
-        self.records.append((log_step, metrics))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=log_step)
-        if self.figures_every_n_steps and (log_step + 1) % self.figures_every_n_steps < self._every(trainer):
+        metrics = self._metrics(stats.cpu(), pending, trainer.global_step - 1)
+        self.records.append((pending.log_step, metrics))
+        self._log(trainer, metrics, pending.log_step)
+        if self.figures_every_n_steps and (pending.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self._render_figures(trainer)
 
-    def _metrics(self, stats: Tensor, slices: list[GroupSlice], theories: list[theory.GroupTheory], step: int) -> dict[str, float]:
+    def _metrics(self, stats: Tensor, pending: _Pending, step: int) -> dict[str, float]:
         delta, w_norm, unit_grad_sample = stats.double()
-        names = [self._names[i] for s in slices for i in range(s.start, s.stop)]
+        index = [i for s in pending.slices for i in range(s.start, s.stop)]
+        names = [self._names[i] for i in index]
+        groups = [self._groups[i] for i in index]
         unit_grad = self.unit_grad.update(names, unit_grad_sample, step)
         metrics: dict[str, float] = {}
-        ratios = []
+        ratios: list[float] = []
         i = 0
-        for s, group_theory in zip(slices, theories):
+        for s, group_theory in zip(pending.slices, pending.theories):
             delta_star = group_theory.angular_update
             for _ in s.params:
-                name = names[i]
-                d = float(delta[i])
+                name, d = names[i], float(delta[i])
                 metrics[f"smd/angular_update/{name}"] = d
                 metrics[f"smd/weight_norm/{name}"] = float(w_norm[i])
                 metrics[f"smd/unit_grad_sq/{name}"] = float(unit_grad[i])
+                ratios.append(d / delta_star if delta_star else math.nan)
                 if delta_star is not None:
                     metrics[f"smd/angular_update_theory/{name}"] = delta_star
-                    ratios.append(d / delta_star)
-                norm_sq = group_theory.equilibrium_norm_sq(float(unit_grad[i])) if math.isfinite(unit_grad[i]) else None
-                if norm_sq is not None:
+                if math.isfinite(unit_grad[i]) and (norm_sq := group_theory.equilibrium_norm_sq(float(unit_grad[i]))) is not None:
                     metrics[f"smd/weight_norm_theory/{name}"] = math.sqrt(norm_sq)
                 i += 1
-        if ratios:
-            metrics["smd/angular_update_ratio/mean"] = sum(ratios) / len(ratios)
-            metrics["smd/angular_update_ratio/min"] = min(ratios)
-            metrics["smd/angular_update_ratio/max"] = max(ratios)
+        finite = [r for r in ratios if math.isfinite(r)]
+        if finite:
+            metrics["smd/angular_update_ratio/mean"] = sum(finite) / len(finite)
+            metrics["smd/angular_update_ratio/min"] = min(finite)
+            metrics["smd/angular_update_ratio/max"] = max(finite)
+        for name, reached in self.equilibrium.update(pending.log_step, groups, names, ratios).items():
+            stage = self.equilibrium.current_stage(groups[names.index(name)])
+            metrics[f"smd/equilibrium_step/{name}"] = float(reached)
+            metrics[f"smd/steps_to_equilibrium/measured/{name}"] = float(reached - stage.start_step)
+        if finite:
+            metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(self._groups, self._names)
         return metrics
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------- end of fit
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_recorder()
-        if trainer.is_global_zero and self.records:
+        if not trainer.is_global_zero:
+            return
+        if self.verbose and self.equilibrium.stages:
+            rank_zero_info(self.equilibrium.summary())
+        if self.records:
             self._render_figures(trainer)
 
     def figures_path(self, trainer: pl.Trainer) -> Path:
@@ -314,21 +447,59 @@ class SMDCallback(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "smd"
 
     def _render_figures(self, trainer: pl.Trainer) -> dict[str, Path]:
-        try:
-            from lightning_smd import report
-            from lightning_smd.series import RunSeries
-        except ImportError:  # pragma: no cover - optional pieces
-            return {}
+        from lightning_smd import report
+        from lightning_smd.series import RunSeries
+
         return report.save_figures(RunSeries.from_records(self.records), self.figures_path(trainer))
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "unit_grad": self.unit_grad.state_dict()}
+        names = sorted(self.candidates) if self.candidates else self._saved_names
+        return {
+            "version": _STATE_VERSION,
+            "unit_grad": self.unit_grad.state_dict(),
+            "equilibrium": self.equilibrium.state_dict(),
+            "last_hparams": {k: list(v) for k, v in self._last_hparams.items()},
+            "peak_lr": dict(self._peak_lr),
+            "rescale_events": list(self.rescale_events),
+            "tracked": names,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
+        if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"SMDCallback: unknown checkpoint state version {state_dict.get('version')!r}")
         self.unit_grad.load_state_dict(state_dict["unit_grad"])
+        self.equilibrium.load_state_dict(state_dict["equilibrium"])
+        self._last_hparams = {k: (float(v[0]), float(v[1])) for k, v in state_dict["last_hparams"].items()}
+        self._peak_lr = dict(state_dict["peak_lr"])
+        self.rescale_events = list(state_dict["rescale_events"])
+        self._saved_names = state_dict["tracked"]
+        self._measurer = None
+
+
+def _group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> str:
+    group = trainer.optimizers[optimizer_index].param_groups[group_index]
+    label = str(group["name"]) if "name" in group else f"pg{group_index}"
+    return f"opt{optimizer_index}_{label}" if len(trainer.optimizers) > 1 else label
+
+
+def _rescale_averaged_models(trainer: pl.Trainer, names: list[str], factor: float) -> int:
+    """Rescale the matching tensors of EMA/SWA copies kept by weight-averaging callbacks.
+
+    Their averages would otherwise mix weights from both sides of the rescale, weighting the
+    larger, older ones more. Returns how many averaged models were rescaled.
+    """
+    wanted = set(names)
+    count = 0
+    for cb in trainer.callbacks:
+        averaged = getattr(cb, "_average_model", None)
+        if not isinstance(averaged, torch.optim.swa_utils.AveragedModel):
+            continue
+        params = [p for n, p in averaged.module.named_parameters() if clean_name(n) in wanted]
+        if params:
+            rescale_(params, factor)
+            count += 1
+    return count
 
 
 def _trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[_Tracked]:
@@ -352,4 +523,3 @@ def _trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[_Trac
                     continue
                 tracked.append(_Tracked(name, p, oi, gi, id(p) in norm_affine))
     return tracked
-

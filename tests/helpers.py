@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
 
-def fit(module, tmp_path, callbacks, max_steps, log_every_n_steps=1, **trainer_kwargs):
+def fit(module, tmp_path, callbacks, max_steps, log_every_n_steps=1, ckpt_path=None, **trainer_kwargs):
     trainer = pl.Trainer(
         max_steps=max_steps,
         logger=CSVLogger(tmp_path, name="run"),
@@ -24,7 +24,7 @@ def fit(module, tmp_path, callbacks, max_steps, log_every_n_steps=1, **trainer_k
         devices=trainer_kwargs.pop("devices", 1),
         **trainer_kwargs,
     )
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 

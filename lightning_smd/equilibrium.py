@@ -1,0 +1,105 @@
+"""Equilibrium tracking: when Δ_t/Δ* settles after each learning-rate stage, against Corollary 3.1."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["EquilibriumTracker", "Stage"]
+
+
+@dataclass
+class Stage:
+    """One learning-rate stage of one param group."""
+
+    group: str
+    start_step: int
+    predicted_steps: int | None  # Corollary 3.1, without rescale (None for the first stage / no formula)
+    rescaled: bool = False
+    reached: dict[str, int] = field(default_factory=dict)  # tensor -> first step of its stable window
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "start_step": self.start_step, "predicted_steps": self.predicted_steps,
+                "rescaled": self.rescaled, "reached": dict(self.reached)}
+
+
+class EquilibriumTracker:
+    """Per tensor, the first step from which the mean of Δ_t/Δ* over ``window`` optimizer steps stays
+    within ``tolerance`` of 1 ("equilibrium reached"), restarted at every LR stage of its group.
+
+    Single measured Δ_t are noisy (a few percent on large tensors, tens of percent on small ones),
+    so the criterion is on the window mean; the reported step is the window's first step.
+    """
+
+    def __init__(self, tolerance: float = 0.1, window: int = 200) -> None:
+        if not 0 < tolerance < 1:
+            raise ValueError(f"SMDCallback(equilibrium_tolerance=...) must be in (0, 1), got {tolerance!r}")
+        if window < 1:
+            raise ValueError(f"SMDCallback(equilibrium_window=...) must be >= 1, got {window!r}")
+        self.tolerance = tolerance
+        self.window = window
+        self.stages: list[Stage] = []
+        self._current: dict[str, Stage] = {}  # group -> its current stage
+        self._points: dict[str, deque[tuple[int, float]]] = {}
+
+    def start_stage(self, group: str, step: int, predicted_steps: int | None, rescaled: bool, names: Sequence[str]) -> None:
+        stage = Stage(group, step, predicted_steps, rescaled)
+        self.stages.append(stage)
+        self._current[group] = stage
+        for name in names:
+            self._points.pop(name, None)
+
+    def update(self, step: int, groups: Sequence[str], names: Sequence[str], ratios: Sequence[float]) -> dict[str, int]:
+        """Add one measured ratio per tensor; return the tensors that just reached equilibrium."""
+        newly: dict[str, int] = {}
+        for group, name, ratio in zip(groups, names, ratios):
+            stage = self._current.get(group)
+            if stage is None:
+                stage = Stage(group, 0, None)
+                self.stages.append(stage)
+                self._current[group] = stage
+            if name in stage.reached or not math.isfinite(ratio):
+                continue
+            points = self._points.setdefault(name, deque())
+            points.append((step, ratio))
+            while points and points[0][0] <= step - self.window:
+                points.popleft()
+            covered = step - stage.start_step >= self.window and points[0][0] >= stage.start_step
+            mean = sum(r for _, r in points) / len(points)
+            if covered and abs(mean - 1.0) <= self.tolerance:
+                stage.reached[name] = newly[name] = max(step - self.window + 1, stage.start_step)
+        return newly
+
+    def current_stage(self, group: str) -> Stage | None:
+        return self._current.get(group)
+
+    def fraction_reached(self, groups: Sequence[str], names: Sequence[str]) -> float:
+        if not names:
+            return math.nan
+        hits = sum(1 for g, n in zip(groups, names) if (s := self._current.get(g)) is not None and n in s.reached)
+        return hits / len(names)
+
+    def summary(self) -> str:
+        """A table: each stage, its predicted and measured steps to equilibrium."""
+        lines = ["SMD: equilibrium per learning-rate stage",
+                 f"{'group':<8}{'from step':>10}{'rescaled':>10}{'predicted':>11}{'measured (median)':>19}{'reached':>10}"]
+        for s in self.stages:
+            measured = sorted(step - s.start_step for step in s.reached.values())
+            median = str(measured[len(measured) // 2]) if measured else "-"
+            predicted = "-" if s.predicted_steps is None else str(s.predicted_steps)
+            lines.append(f"{s.group:<8}{s.start_step:>10}{str(s.rescaled):>10}{predicted:>11}{median:>19}{len(s.reached):>10}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stages": [s.as_dict() for s in self.stages],
+            "current": {g: self.stages.index(s) for g, s in self._current.items()},
+            "points": {n: list(p) for n, p in self._points.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stages = [Stage(**s) for s in state.get("stages", [])]
+        self._current = {g: self.stages[i] for g, i in state.get("current", {}).items()}
+        self._points = {n: deque((int(s), float(r)) for s, r in p) for n, p in state.get("points", {}).items()}

@@ -1,0 +1,107 @@
+"""Learning-rate changes and the rescale that puts scale-invariant weights at their new equilibrium.
+
+When a param group's (η, λ) becomes (η', λ'), the equilibrium ‖w*‖² moves by sqrt((η'λ)/(ηλ'))
+(SMD_THEORY §4); multiplying the group's scale-invariant tensors by ``f = ((η'λ)/(ηλ'))^(1/4)``
+puts them there at once instead of after ``log(k)(1 − α)/(4λη')`` steps.
+
+Optimizer state: since ``∇L(f·w) = ∇L(w)/f``, state built from gradients lives on the old scale.
+We move it to the new one: first moments (``momentum_buffer``, ``exp_avg``) are multiplied by
+``1/f`` and second moments (``exp_avg_sq``, ``max_exp_avg_sq``) by ``1/f²``, so the first step after
+the rescale already turns the weights by the new Δ* (for SGD with momentum: Δ = η'‖v/f‖/(f‖w‖) =
+Δ_old/√k with f = k^(−1/4), exactly the new Δ*). The weight-decay part of a momentum buffer is
+then off by f² for about 1/(1 − α) steps; it is radial and does not change the angle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from lightning_smd.measure import local
+
+__all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_"]
+
+FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg"})
+SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+MODES = ("drop", "continuous")
+
+
+@dataclass(frozen=True)
+class RescalePolicy:
+    """Which (η, λ) changes trigger a rescale, and by how much.
+
+    Args:
+        mode: ``"drop"``: only changes that divide ηλ by at least ``min_drop`` (the paper's
+            multi-stage schedules: StepLR, MultiStepLR, ReduceLROnPlateau); ``"continuous"``: every
+            change (cosine, polynomial, OneCycle decay), with η clamped from below at
+            ``min_lr_ratio`` × the group's largest η seen, so η → 0 cannot collapse the weights
+            (the cumulative factor stays ≥ ``min_lr_ratio^(1/4)``).
+        min_drop: ratio threshold of ``"drop"`` mode.
+        on_increase: also rescale when ηλ grows (warmup, cyclic schedules); off by default.
+    """
+
+    mode: str = "drop"
+    min_drop: float = 2.0
+    min_lr_ratio: float = 1e-3
+    on_increase: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SMDCallback(rescale=...) mode must be one of {MODES}, got {self.mode!r}")
+        if not self.min_drop > 1:
+            raise ValueError(f"SMDCallback(rescale_min_drop=...) must be > 1, got {self.min_drop!r}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"SMDCallback(rescale_min_lr_ratio=...) must be in (0, 1], got {self.min_lr_ratio!r}")
+
+    def factor(self, old: tuple[float, float], new: tuple[float, float], peak_lr: float) -> float | None:
+        """The rescale factor for ``(lr, weight_decay)`` going from ``old`` to ``new``, or ``None``."""
+        (lr_old, wd_old), (lr_new, wd_new) = old, new
+        if min(lr_old, lr_new, wd_old, wd_new) <= 0 or not all(map(math.isfinite, (lr_old, lr_new, wd_old, wd_new))):
+            return None
+        if self.mode == "continuous":
+            floor = self.min_lr_ratio * peak_lr
+            lr_old, lr_new = max(lr_old, floor), max(lr_new, floor)
+        drop = (lr_old * wd_new) / (lr_new * wd_old)  # k: how much the equilibrium ‖w*‖⁴ shrinks
+        if math.isclose(drop, 1.0, rel_tol=1e-12):
+            return None
+        if drop < 1 and not self.on_increase:
+            return None
+        if self.mode == "drop" and max(drop, 1 / drop) < self.min_drop:
+            return None
+        return drop**-0.25
+
+
+@torch.no_grad()
+def rescale_(
+    params: Iterable[Tensor],
+    factor: float,
+    optimizer: torch.optim.Optimizer | None = None,
+    scale_grads: bool = False,
+) -> set[str]:
+    """Multiply ``params`` (their local shards) by ``factor`` and move their optimizer state along.
+
+    ``scale_grads``: also divide existing gradients by ``factor`` (a rescale between backward and
+    the optimizer step, e.g. a scheduler stepped inside ``training_step``). Returns the names of
+    param-shaped optimizer state entries that were left unchanged because their scaling is unknown.
+    """
+    params = list(params)
+    torch._foreach_mul_([local(p) for p in params], factor)
+    untouched: set[str] = set()
+    for p in params:
+        if scale_grads and p.grad is not None:
+            local(p.grad).mul_(1.0 / factor)
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.shape != p.shape:
+                continue
+            if key in FIRST_MOMENT_KEYS:
+                local(value).mul_(1.0 / factor)
+            elif key in SECOND_MOMENT_KEYS:
+                local(value).mul_(1.0 / factor**2)
+            else:
+                untouched.add(key)
+    return untouched
