@@ -410,7 +410,8 @@ class SMDCallback(pl.Callback):
                 ratios.append(d / delta_star if delta_star else math.nan)
                 if delta_star is not None:
                     metrics[f"smd/angular_update_theory/{name}"] = delta_star
-                if math.isfinite(unit_grad[i]) and (norm_sq := group_theory.equilibrium_norm_sq(float(unit_grad[i]))) is not None:
+                # single h̃ samples can be negative with momentum; no prediction until the estimate is > 0
+                if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(float(unit_grad[i]))) is not None:
                     metrics[f"smd/weight_norm_theory/{name}"] = math.sqrt(norm_sq)
                 i += 1
         finite = [r for r in ratios if math.isfinite(r)]

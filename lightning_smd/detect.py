@@ -37,7 +37,10 @@ __all__ = [
     "DataflowRecorder",
     "RadialCosineCheck",
     "clean_name",
+    "decide",
     "find_scale_invariant",
+    "is_norm_module",
+    "normalization_parameters",
     "select",
     "structural_candidates",
 ]
@@ -751,52 +754,72 @@ def find_scale_invariant(
     Note:
         Numerical discoveries measured at initialisation can be false positives: e.g. a
         BatchNorm γ whose β is still zero feeds a ReLU and then another normalization, which
-        makes it invariant *until β moves*. ``SMDCallback`` therefore runs its numerical
-        check over several steps after the first optimizer update instead.
+        makes it invariant *until β moves*. Normalization layers' own parameters are therefore
+        never discovered numerically (see :func:`decide`), and ``SMDCallback`` runs its
+        numerical check over several steps after the first optimizer update.
     """
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
         raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
     structural = structural_candidates(module, *args, **kwargs) if detect != "numerical" else {}
     cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
-    if detect == "structural":
-        found = structural
-    elif detect == "numerical":
-        found = _numerical(cosines, threshold, exclude_names=())
-    else:
-        found = _confirm(structural, cosines, threshold)
-        found.update(_numerical(cosines, threshold, exclude_names=structural))
+    found, rejected = decide(structural, cosines, detect, threshold, normalization_parameters(module))
+    if rejected:
+        warnings.warn(
+            "structural scale-invariance candidates not confirmed numerically, dropped: "
+            + "; ".join(f"{n}: {why}" for n, why in rejected.items()),
+            stacklevel=2,
+        )
     order = [clean_name(n) for n, _ in module.named_parameters()]
     names = select([n for n in order if n in found], include, exclude)
     return [found[n] for n in names]
 
 
-def _numerical(
-    cosines: dict[str, float], threshold: float, exclude_names: Iterable[str]
-) -> dict[str, Candidate]:
-    skip = set(exclude_names)
+def normalization_parameters(module: nn.Module) -> set[str]:
+    """Clean names of the normalization layers' own parameters (γ, β) inside ``module``."""
     return {
-        name: Candidate(name, f"numerical: radial cosine {cos:.1e}", "numerical")
-        for name, cos in cosines.items()
-        if name not in skip and cos < threshold  # NaN (never measured) compares False
+        clean_name(f"{prefix}.{name}" if prefix else name)
+        for prefix, sub in module.named_modules()
+        if is_norm_module(sub)
+        for name, _ in sub.named_parameters(recurse=False)
     }
 
 
-def _confirm(
-    structural: dict[str, Candidate], cosines: dict[str, float], threshold: float
-) -> dict[str, Candidate]:
-    """Structural candidates the radial cosine does not contradict (unmeasured ones are kept)."""
-    confirmed, failed = {}, []
-    for name, candidate in structural.items():
-        cos = cosines.get(name, math.nan)
-        if cos >= threshold:
-            failed.append(f"{name} ({cos:.1e})")
-        else:
-            confirmed[name] = candidate
-    if failed:
-        warnings.warn(
-            "structural scale-invariance candidates not confirmed numerically "
-            f"(radial cosine >= {threshold:g}), dropped: {', '.join(failed)}",
-            stacklevel=3,
-        )
-    return confirmed
+def decide(
+    structural: dict[str, Candidate],
+    cosines: dict[str, float],
+    detect: str,
+    threshold: float,
+    never_numerical: Iterable[str] = (),
+) -> tuple[dict[str, Candidate], dict[str, str]]:
+    """Combine the two kinds of evidence; returns ``(chosen, rejected)`` (rejected: name → why).
+
+    * ``"structural"``: the structural candidates.
+    * ``"numerical"``: tensors whose radial cosine is below ``threshold``.
+    * ``"auto"``: structural candidates the radial cosine does not contradict (unmeasured ones,
+      e.g. without a gradient, are kept), plus numerically invariant tensors structure missed.
+
+    ``never_numerical`` (normally :func:`normalization_parameters`) is never *discovered*
+    numerically: a norm layer's γ whose β is still ≈0, followed by ReLU → conv → BN, is
+    invariant jointly with β only, yet its radial cosine in the first steps is as small as a
+    true invariant's (1e-6 on torchvision ResNets).
+    """
+    if detect not in DETECT_MODES:
+        allowed = ", ".join(map(repr, DETECT_MODES))
+        raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
+    if detect == "structural":
+        return dict(structural), {}
+    chosen: dict[str, Candidate] = {}
+    rejected: dict[str, str] = {}
+    if detect == "auto":
+        for name, candidate in structural.items():
+            cos = cosines.get(name, math.nan)
+            if cos >= threshold:
+                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {threshold:g}"
+            else:
+                chosen[name] = candidate
+    skip = set(never_numerical) | set(structural)
+    for name, cos in cosines.items():
+        if name not in skip and cos < threshold:  # NaN (never measured) compares False
+            chosen[name] = Candidate(name, f"numerical: radial cosine {cos:.1e}", "numerical")
+    return chosen, rejected

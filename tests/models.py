@@ -42,7 +42,7 @@ class NoisyRayleighQuotient(pl.LightningModule):
         noise = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
         eps = torch.randn(self.X.shape, generator=noise)
         loss = (0.5 * (x * self.A * x).sum(dim=1) + self.sigma * (eps * x).sum(dim=1)).sum()
-        self.risks.append(float(self.risk()))
+        self.risks.append(float(self.risk().detach()))
         return loss
 
     def configure_optimizers(self):

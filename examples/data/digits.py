@@ -1,0 +1,54 @@
+"""sklearn's bundled 8×8 digits (1797 images, offline): the quickstart dataset."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """``sklearn.datasets.load_digits`` as 1×8×8 float tensors scaled to [0, 1], then standardized.
+
+    A fixed split (``split_seed``) keeps ``val_fraction`` of the images for validation.
+    Nothing is downloaded: the data ships with scikit-learn.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be ≥ 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.num_workers = num_workers
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        x = (x - 0.3) / 0.38
+        y = torch.tensor(digits.target, dtype=torch.long)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = int(round(self.val_fraction * len(y)))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, 256, shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,15 @@
+"""Reusable LightningModules of the examples; optimizer and scheduler come in as partials."""
+
+from examples.modules.classification import ImageClassifier
+from examples.modules.detection import MaskRCNNModule
+from examples.modules.nrq import NoisyRayleighQuotient
+from examples.modules.optim import ConfiguredOptimizerModule, param_groups, warmup_multistep
+
+__all__ = [
+    "ConfiguredOptimizerModule",
+    "ImageClassifier",
+    "MaskRCNNModule",
+    "NoisyRayleighQuotient",
+    "param_groups",
+    "warmup_multistep",
+]

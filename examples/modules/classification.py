@@ -1,0 +1,86 @@
+"""Image classification LightningModule (digits CNN, ResNet18-CIFAR, ResNet50, MobileNetV2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from examples.modules.nets import build_classifier, shardable_blocks
+from examples.modules.optim import ConfiguredOptimizerModule
+
+
+class ImageClassifier(ConfiguredOptimizerModule):
+    """Cross-entropy classifier logging loss and top-1 (and top-5) accuracy.
+
+    Args:
+        arch: network name, see :func:`examples.modules.nets.build_classifier`.
+        num_classes: number of classes.
+        label_smoothing: cross-entropy label smoothing (0 in the papers).
+        zero_init_residual: ResNets: zero-init the last BN γ of each block (Goyal et al. option).
+        fully_shard: apply ``torch.distributed.fsdp.fully_shard`` (FSDP2) in ``configure_model``;
+            set by ``strategy=fsdp2`` (``ModelParallelStrategy``).
+        optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay:
+            see :class:`~examples.modules.optim.ConfiguredOptimizerModule`.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18_cifar",
+        num_classes: int = 10,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        norm_weight_decay: float | None = None,
+        bias_weight_decay: float | None = None,
+        label_smoothing: float = 0.0,
+        zero_init_residual: bool = False,
+        fully_shard: bool = False,
+    ) -> None:
+        super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = build_classifier(arch, num_classes, zero_init_residual)
+        self.label_smoothing = label_smoothing
+        self.fully_shard = fully_shard
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5) if num_classes > 5 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def optimized_module(self) -> torch.nn.Module:
+        return self.model
+
+    def configure_model(self) -> None:
+        """FSDP2: shard each residual/inverted block, then the whole network, over the DP mesh."""
+        if not self.fully_shard:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        for block in shardable_blocks(self.model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        if self.val_acc5 is not None:
+            self.val_acc5(logits, y)
+            self.log("val/acc5", self.val_acc5)

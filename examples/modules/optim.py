@@ -1,0 +1,148 @@
+"""Optimizer / scheduler plumbing shared by the example LightningModules.
+
+The optimizer and the LR scheduler come from the Hydra config as partials
+(``_partial_: true``): the module only decides the parameter groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+#: Layers whose own parameters (γ, β) count as "norm" parameters for ``norm_weight_decay``.
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def param_groups(
+    module: nn.Module,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split the trainable parameters of ``module`` into named param groups.
+
+    With both overrides ``None`` (the papers' setting) there is a single group ``"all"``
+    and the optimizer's ``weight_decay`` applies everywhere. ``norm_weight_decay`` (like
+    torchvision's ``--norm-weight-decay``) puts the γ/β of normalization layers in a group
+    ``"norm"`` with that decay; ``bias_weight_decay`` does the same for the other biases
+    (group ``"bias"``). Parameter order inside each group follows ``named_parameters``.
+    """
+    if norm_weight_decay is None and bias_weight_decay is None:
+        return [{"name": "all", "params": [p for p in module.parameters() if p.requires_grad]}]
+    norm_ids: set[int] = set()
+    if norm_weight_decay is not None:
+        for m in module.modules():
+            if isinstance(m, NORM_LAYERS):
+                norm_ids.update(id(p) for p in m.parameters(recurse=False))
+    groups: dict[str, list[nn.Parameter]] = {"all": [], "norm": [], "bias": []}
+    seen: set[int] = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in norm_ids:
+            groups["norm"].append(p)
+        elif bias_weight_decay is not None and name.endswith("bias"):
+            groups["bias"].append(p)
+        else:
+            groups["all"].append(p)
+    out: list[dict[str, Any]] = [{"name": "all", "params": groups["all"]}]
+    if groups["norm"]:
+        out.append({"name": "norm", "params": groups["norm"], "weight_decay": norm_weight_decay})
+    if groups["bias"]:
+        out.append({"name": "bias", "params": groups["bias"], "weight_decay": bias_weight_decay})
+    return [g for g in out if g["params"]]
+
+
+def warmup_multistep(
+    optimizer: torch.optim.Optimizer,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_factor: float = 1e-3,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """MultiStepLR with a linear warm-up (Detectron / torchvision detection recipe).
+
+    The factor rises linearly from ``warmup_factor`` to 1 over ``warmup_steps`` and is
+    multiplied by ``gamma`` at each milestone. Use with ``interval: step``.
+    """
+    milestones = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        f = gamma ** sum(step >= m for m in milestones)
+        if warmup_steps > 0 and step < warmup_steps:
+            alpha = step / warmup_steps
+            f *= warmup_factor * (1 - alpha) + alpha
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to ``min_factor`` (use with ``interval: step``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ConfiguredOptimizerModule(pl.LightningModule):
+    """Base LightningModule whose optimizer and scheduler are partials from the config.
+
+    Args:
+        optimizer: ``functools.partial`` of a ``torch.optim.Optimizer`` (``params`` missing).
+        scheduler: optional partial of an LR scheduler (``optimizer`` missing).
+        scheduler_interval: ``"epoch"`` or ``"step"``: when Lightning steps the scheduler.
+        norm_weight_decay: weight decay of normalization γ/β; ``None`` = optimizer's value.
+        bias_weight_decay: weight decay of the other biases; ``None`` = optimizer's value.
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        norm_weight_decay: float | None = None,
+        bias_weight_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler.interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.norm_weight_decay = norm_weight_decay
+        self.bias_weight_decay = bias_weight_decay
+
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters are optimized (override to restrict)."""
+        return self
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer given: set the `optimizer` config group (e.g. optimizer=sgd)")
+        groups = param_groups(self.optimized_module(), self.norm_weight_decay, self.bias_weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "frequency": 1},
+        }

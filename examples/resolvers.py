@@ -1,0 +1,70 @@
+"""OmegaConf resolvers used by the configs; registered on import (idempotent).
+
+- ``${linear_lr:base_lr,base_batch,per_device_batch,devices,num_nodes[,accumulate]}``:
+  the linear scaling rule ``base_lr · total_batch / base_batch``.
+- ``${world_size:devices,num_nodes}``: ``devices × num_nodes``.
+- ``${wandb_offline_default:}``: ``True`` unless W&B credentials are available.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def linear_lr(base_lr, base_batch, per_device_batch, devices, num_nodes=1, accumulate=1) -> float:
+    """``base_lr × (per_device_batch × devices × num_nodes × accumulate) / base_batch``."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ValueError(
+            f"linear_lr needs the device count to be a number, got trainer.devices={devices!r}; "
+            "set trainer.devices=<int> (or optimizer.lr=<value> directly)"
+        )
+    total = int(per_device_batch) * devices * int(num_nodes) * int(accumulate)
+    return float(base_lr) * total / float(base_batch)
+
+
+def world_size(devices, num_nodes=1) -> int:
+    """``devices × num_nodes`` (FSDP2's data-parallel size: shard over every process)."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ValueError(
+            f"world_size needs trainer.devices to be a number, got {devices!r}; set trainer.devices=<int>"
+        )
+    return devices * int(num_nodes)
+
+
+def _netrc_has_wandb() -> bool:
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators("api.wandb.ai") is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_offline_default() -> bool:
+    """Offline unless W&B can log in: an explicit ``WANDB_MODE`` wins, then ``WANDB_API_KEY``,
+    then an ``api.wandb.ai`` entry in ``~/.netrc`` (what ``wandb login`` writes)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode.lower() in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    return not _netrc_has_wandb()
+
+
+def register() -> None:
+    """Register the resolvers (safe to call more than once)."""
+    OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
+    OmegaConf.register_new_resolver("world_size", world_size, replace=True)
+    OmegaConf.register_new_resolver("wandb_offline_default", wandb_offline_default, replace=True, use_cache=False)
+
+
+register()

@@ -1,0 +1,144 @@
+"""Checks of a composed config that fail fast, before any data is read or a process starts.
+
+Every error names the config key and says what to do. Dataset presence is checked by the
+DataModules' ``check()`` (see :mod:`examples.data`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def _target(node: Any) -> str:
+    if isinstance(node, (Mapping, DictConfig)):
+        return str(node.get("_target_") or "")
+    return ""
+
+
+def _num(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception as err:  # interpolation/resolver errors, missing values
+        raise ConfigError(f"{key} cannot be resolved: {err}") from err
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    opt = cfg.get("optimizer")
+    if not _target(opt):
+        raise ConfigError("optimizer has no _target_: choose one with optimizer=sgd|sgdm|adamw")
+    lr = _num(cfg, "optimizer.lr")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"optimizer.lr must be a number > 0, got {lr!r}; e.g. optimizer.lr=0.1")
+    wd = _num(cfg, "optimizer.weight_decay")
+    if wd is not None and (not isinstance(wd, (int, float)) or wd < 0):
+        raise ConfigError(f"optimizer.weight_decay must be ≥ 0, got {wd!r}")
+    if "momentum" in opt:
+        m = _num(cfg, "optimizer.momentum")
+        if not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise ConfigError(f"optimizer.momentum must be in [0, 1), got {m!r}")
+    for key in ("norm_weight_decay", "bias_weight_decay"):
+        v = cfg.model.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+            raise ConfigError(f"model.{key} must be null or ≥ 0, got {v!r}")
+
+
+def check_scheduler(cfg: DictConfig) -> None:
+    sched = cfg.get("scheduler") or {}
+    interval = sched.get("interval", "epoch")
+    if interval not in ("epoch", "step"):
+        raise ConfigError(f"scheduler.interval must be 'epoch' or 'step', got {interval!r}")
+    if "gamma" in sched and not (isinstance(sched.gamma, (int, float)) and sched.gamma > 0):
+        raise ConfigError(f"scheduler.gamma must be > 0, got {sched.gamma!r}")
+    if "milestones" in sched:
+        ms = list(sched.milestones)
+        if any(not isinstance(m, int) or m <= 0 for m in ms) or ms != sorted(ms):
+            raise ConfigError(f"scheduler.milestones must be increasing positive integers, got {ms}")
+
+
+def check_smd(cfg: DictConfig) -> None:
+    smd = cfg.get("smd")
+    if not _target(smd) or smd.get("enabled", True) is False:
+        return
+    rescale = smd.get("rescale", False)
+    if rescale not in (False, True, "drop", "continuous"):
+        raise ConfigError(f"smd.rescale must be false, true, 'drop' or 'continuous', got {rescale!r}")
+    n = smd.get("log_every_n_steps")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"smd.log_every_n_steps must be null or an integer ≥ 1, got {n!r}")
+    if smd.get("detect", "auto") not in ("auto", "structural", "numerical"):
+        raise ConfigError(f"smd.detect must be auto, structural or numerical, got {smd.detect!r}")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    target = _target(cfg.get("strategy"))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if target.endswith("FSDPStrategy"):
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(
+                "strategy=fsdp (FSDP1) needs CUDA in Lightning 2.6 (it refuses accelerator=cpu); "
+                "on CPU use strategy=fsdp2 (ModelParallelStrategy + fully_shard) or strategy=ddp_spawn"
+            )
+    if target.endswith("DeepSpeedStrategy") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "strategy=deepspeed needs the `deepspeed` package, which is not installed: "
+            "`pip install deepspeed` (CUDA only), or pick strategy=ddp / fsdp / fsdp2"
+        )
+    if target.endswith("ModelParallelStrategy"):
+        cls = get_class(cfg.model._target_)
+        if "fully_shard" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(
+                f"strategy=fsdp2 shards the model in configure_model(); model={cls.__name__} does not "
+                "support it. Use a classification model (digits_cnn, resnet18_cifar, resnet50, "
+                "mobilenet_v2) or strategy=ddp"
+            )
+    if target.endswith("DDPStrategy") and cfg.strategy.get("start_method", "popen") == "popen":
+        _check_ddp_multirun(cfg)
+
+
+def _check_ddp_multirun(cfg: DictConfig) -> None:
+    """Lightning's DDP re-runs sys.argv per rank: that breaks a local Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    launched_outside = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"))
+    basic = "BasicLauncher" in str(OmegaConf.select(hc, "launcher._target_", default=""))
+    if hc.mode == RunMode.MULTIRUN and basic and not launched_outside:
+        raise ConfigError(
+            "strategy=ddp cannot run inside a local Hydra multirun (Lightning re-launches the script "
+            "per rank); use strategy=ddp_spawn, or hydra/launcher=submitit_slurm, or torchrun"
+        )
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    if t.get("max_epochs") in (None, -1) and t.get("max_steps", -1) in (None, -1):
+        raise ConfigError("set trainer.max_epochs or trainer.max_steps (both are unbounded)")
+    if int(t.get("num_nodes", 1)) < 1:
+        raise ConfigError(f"trainer.num_nodes must be ≥ 1, got {t.num_nodes}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Run all checks; raise :class:`ConfigError` on the first problem."""
+    for key in ("data", "model", "trainer"):
+        if not _target(cfg.get(key)):
+            raise ConfigError(f"the `{key}` config group is missing or has no _target_")
+    check_trainer(cfg)
+    check_optimizer(cfg)
+    check_scheduler(cfg)
+    check_smd(cfg)
+    check_strategy(cfg)
