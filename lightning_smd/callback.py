@@ -12,13 +12,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_smd import theory
+from lightning_smd import report, theory, wandb_extras
 from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, clean_name, is_norm_module, select
 from lightning_smd.distributed import is_sharded, make_reduce_fn
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
 from lightning_smd.rescale import RescalePolicy, rescale_
+from lightning_smd.series import RunSeries
 from lightning_smd.summary import DetectionRow, format_detection_report
 
 __all__ = ["SMDCallback"]
@@ -177,6 +178,8 @@ class SMDCallback(pl.Callback):
         self._structural = None if self.detect != "numerical" else {}
         if not self._tracked:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
+        if trainer.is_global_zero:
+            wandb_extras.setup(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._measurer is None and self._saved_names is not None:
@@ -386,7 +389,6 @@ class SMDCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         metrics = self._metrics(stats.cpu(), pending, trainer.global_step - 1)
-        self.records.append((pending.log_step, metrics))
         self._log(trainer, metrics, pending.log_step)
         if self.figures_every_n_steps and (pending.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self._render_figures(trainer)
@@ -427,8 +429,9 @@ class SMDCallback(pl.Callback):
             metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(self._groups, self._names)
         return metrics
 
-    @staticmethod
-    def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        """Log through every logger (rank 0), and keep the record the figures are built from."""
+        self.records.append((step, metrics))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -440,18 +443,22 @@ class SMDCallback(pl.Callback):
         if self.verbose and self.equilibrium.stages:
             rank_zero_info(self.equilibrium.summary())
         if self.records:
-            self._render_figures(trainer)
+            self._render_figures(trainer, summary_table=True)
 
     def figures_path(self, trainer: pl.Trainer) -> Path:
         if self.figures_dir is not None:
             return Path(self.figures_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "smd"
 
-    def _render_figures(self, trainer: pl.Trainer) -> dict[str, Path]:
-        from lightning_smd import report
-        from lightning_smd.series import RunSeries
-
-        return report.save_figures(RunSeries.from_records(self.records), self.figures_path(trainer))
+    def _render_figures(self, trainer: pl.Trainer, summary_table: bool = False) -> dict[str, Path]:
+        """Write the figures (rank 0) and hand them, and at the end the per-layer table, to W&B."""
+        series = RunSeries.from_records(self.records)
+        figures = report.save_figures(series, self.figures_path(trainer))
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        wandb_extras.log_figures(trainer, figures, step)
+        if summary_table:
+            wandb_extras.log_summary_table(trainer, report.summary_rows(series), step)
+        return figures
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
