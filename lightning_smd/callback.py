@@ -13,13 +13,22 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_smd import report, theory, wandb_extras
-from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, clean_name, is_norm_module, select
-from lightning_smd.distributed import is_sharded, make_reduce_fn
+from lightning_smd.detect import (
+    Candidate,
+    DataflowRecorder,
+    RadialCosineCheck,
+    clean_name,
+    decide,
+    normalization_parameters,
+    select,
+)
+from lightning_smd.distributed import check_supported, is_sharded, make_reduce_fn
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
-from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
+from lightning_smd.measure import GroupSlice
 from lightning_smd.rescale import RescalePolicy, rescale_
 from lightning_smd.series import RunSeries
+from lightning_smd.steps import Finished, StepRecorder, choose_mode, is_real_step
 from lightning_smd.summary import DetectionRow, format_detection_report
 
 __all__ = ["SMDCallback"]
@@ -38,16 +47,6 @@ class _Tracked:
     optimizer_index: int
     group_index: int
     norm_affine: bool = False  # γ/β of a normalization layer: never discovered numerically
-
-
-@dataclass
-class _Pending:
-    """A measured step between ``on_before_optimizer_step`` and ``on_train_batch_end``."""
-
-    log_step: int
-    global_step: int
-    slices: list[GroupSlice]
-    theories: list[theory.GroupTheory]
 
 
 class SMDCallback(pl.Callback):
@@ -155,9 +154,10 @@ class SMDCallback(pl.Callback):
         self._tracked: list[_Tracked] = []
         self._recorder: DataflowRecorder | None = None
         self._structural: dict[str, Candidate] | None = None
-        self._radial: RadialCosineCheck | None = None
-        self._measurer: StepMeasurer | None = None
-        self._pending: _Pending | None = None
+        self._radial: dict[int, RadialCosineCheck] | None = None  # one per optimizer
+        self._hook_calls: dict[int, int] = {}
+        self._measurer: StepRecorder | None = None
+        self.skipped_steps = 0  # measured steps the GradScaler skipped (not logged)
         self._names: list[str] = []
         self._groups: list[str] = []
         self._measure_on_all_ranks = False
@@ -171,10 +171,11 @@ class SMDCallback(pl.Callback):
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_supported(trainer, rescale=bool(self.rescale))
         self._tracked = _trainable(trainer, pl_module)
         self._measurer = None
-        self._pending = None
         self._radial = None
+        self._hook_calls = {}
         self._structural = None if self.detect != "numerical" else {}
         if not self._tracked:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
@@ -201,41 +202,42 @@ class SMDCallback(pl.Callback):
             recorder, self._recorder = self._recorder, None
             self._structural = recorder.stop()
 
-    def _detection_step(self, trainer: pl.Trainer) -> None:
-        """Advance detection by one optimizer step; build the measurer once it is decided."""
+    def _detection_step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Advance detection by one step of ``optimizer``; build the measurer once it is decided.
+
+        Radial cosines are checked per optimizer, on that optimizer's own tensors and steps (with
+        several optimizers, e.g. a GAN's, the others' gradients are stale or absent).
+        """
         self._stop_recorder()
         if self._structural is None:
             return
         if self.detect == "structural":
             self._finish_detection(trainer, {})
             return
-        if trainer.global_step < 1:  # radial cosines are only trustworthy after the first update
+        key = id(optimizer)
+        calls = self._hook_calls[key] = self._hook_calls.get(key, 0) + 1
+        if calls == 1:  # radial cosines are only trustworthy after this optimizer's first update
             return
-        if self._radial is None:
-            params = [(t.name, t.param) for t in self._tracked]
-            self._radial = RadialCosineCheck(params, reduce_fn=make_reduce_fn(trainer.strategy, [p for _, p in params]))
-        self._radial.update()
-        if self._radial.steps >= self.detect_steps:
-            cosines = self._radial.result()
+        checks = self._radial = self._radial if self._radial is not None else {}
+        if key not in checks:
+            params = [(t.name, t.param) for t in self._tracked if trainer.optimizers[t.optimizer_index] is optimizer]
+            checks[key] = RadialCosineCheck(params, reduce_fn=make_reduce_fn(trainer.strategy, [p for _, p in params]))
+        checks[key].update()
+        stepping = {id(trainer.optimizers[t.optimizer_index]) for t in self._tracked}
+        counts = [checks[k].steps if k in checks else 0 for k in stepping]
+        # all optimizers checked, or one of them for long (another one may step rarely, or never)
+        if min(counts) >= self.detect_steps or max(counts) >= 4 * self.detect_steps:
+            cosines: dict[str, float] = {}
+            for check in checks.values():
+                cosines.update(check.result())
             self._radial = None
             self._finish_detection(trainer, cosines)
 
     def _finish_detection(self, trainer: pl.Trainer, cosines: dict[str, float]) -> None:
-        structural = self._structural or {}
-        chosen: dict[str, Candidate] = {}
-        rejected: dict[str, str] = {}
-        for t in self._tracked:
-            cos = cosines.get(t.name, math.nan)
-            numerically = cos < self.radial_threshold  # False for nan
-            if t.name in structural:
-                if self.detect == "structural" or numerically:
-                    chosen[t.name] = structural[t.name]
-                else:
-                    rejected[t.name] = f"{structural[t.name].reason}, but radial cosine {cos:.2e} >= {self.radial_threshold:g}"
-            elif numerically and not t.norm_affine:
-                # A norm layer's γ (β≈0 early, followed by ReLU→conv→BN) has radial cosines as small
-                # as a true invariant's during the first steps; it is only invariant jointly with β.
-                chosen[t.name] = Candidate(t.name, f"numerical: radial cosine {cos:.2e}", "numerical")
+        tracked_names = {t.name for t in self._tracked}
+        structural = {n: c for n, c in (self._structural or {}).items() if n in tracked_names}
+        norm_affine = [t.name for t in self._tracked if t.norm_affine]
+        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
@@ -265,12 +267,13 @@ class SMDCallback(pl.Callback):
         for (oi, gi), members in sorted(by_group.items()):
             optimizer = trainer.optimizers[oi]
             group = optimizer.param_groups[gi]
-            slices.append(GroupSlice(optimizer, gi, [m.param for m in members], len(self._names), measurement_mode(optimizer, group)))
+            params = [m.param for m in members]
+            slices.append(GroupSlice(optimizer, gi, params, len(self._names), choose_mode(trainer, optimizer, gi, params)))
             self._names.extend(m.name for m in members)
             self._groups.extend([_group_label(trainer, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
         self._measure_on_all_ranks = is_sharded(trainer.strategy, params)
-        self._measurer = StepMeasurer(slices, make_reduce_fn(trainer.strategy, params)) if slices else None
+        self._measurer = StepRecorder(slices, make_reduce_fn(trainer.strategy, params)) if slices else None
         for t in tracked:
             if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
                 rank_zero_warn(
@@ -368,32 +371,38 @@ class SMDCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not pl_module.automatic_optimization:
             self._check_hparams(trainer, optimizer)  # a scheduler may have stepped inside training_step
+        if not is_real_step(trainer):
+            return  # a DeepSpeed micro-batch inside an accumulation window
         if self._measurer is None:
-            self._detection_step(trainer)
+            self._detection_step(trainer, optimizer)
             return
         log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         if (log_step + 1) % self._every(trainer) != 0:
             return
         if not (self._measure_on_all_ranks or trainer.is_global_zero):
             return
-        slices = self._measurer.before_step(optimizer)
-        theories = [theory.from_param_group(s.optimizer, s.group) for s in slices]
-        self._pending = _Pending(log_step, trainer.global_step, slices, theories)
+        self._measurer.begin(trainer, optimizer, log_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pending = self._pending
-        if pending is None or self._measurer is None or trainer.global_step <= pending.global_step:
-            return  # nothing measured, or the optimizer did not step (yet)
-        self._pending = None
-        stats, slices = self._measurer.after_step()
-        if not trainer.is_global_zero:
+        if self._measurer is None:
             return
-        metrics = self._metrics(stats.cpu(), pending, trainer.global_step - 1)
+        pending = self._measurer.finish(trainer)  # collectives (sharded): every rank that measures calls this
+        if pending is None or not trainer.is_global_zero:
+            return
+        if pending.skipped is not None:
+            both = torch.cat([pending.stats.reshape(-1), pending.skipped.reshape(-1).to(pending.stats.dtype)]).cpu()
+            stats, skipped = both[:-1].reshape(pending.stats.shape), bool(both[-1])
+        else:
+            stats, skipped = pending.stats.cpu(), False
+        if skipped:  # the GradScaler skipped the step (inf/NaN gradients): nothing moved, nothing to log
+            self.skipped_steps += 1
+            return
+        metrics = self._metrics(stats, pending, trainer.global_step - 1)
         self._log(trainer, metrics, pending.log_step)
         if self.figures_every_n_steps and (pending.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self._render_figures(trainer)
 
-    def _metrics(self, stats: Tensor, pending: _Pending, step: int) -> dict[str, float]:
+    def _metrics(self, stats: Tensor, pending: Finished, step: int) -> dict[str, float]:
         delta, w_norm, unit_grad_sample = stats.double()
         index = [i for s in pending.slices for i in range(s.start, s.stop)]
         names = [self._names[i] for i in index]
@@ -448,7 +457,8 @@ class SMDCallback(pl.Callback):
     def figures_path(self, trainer: pl.Trainer) -> Path:
         if self.figures_dir is not None:
             return Path(self.figures_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "smd"
+        # not trainer.log_dir: it broadcasts (a collective) and this runs on rank 0 only
+        return Path(_log_dir(trainer) or trainer.default_root_dir) / "smd"
 
     def _render_figures(self, trainer: pl.Trainer, summary_table: bool = False) -> dict[str, Path]:
         """Write the figures (rank 0) and hand them, and at the end the per-layer table, to W&B."""
@@ -485,6 +495,17 @@ class SMDCallback(pl.Callback):
         self._measurer = None
 
 
+def _log_dir(trainer: pl.Trainer) -> str | None:
+    """``trainer.log_dir`` without its broadcast: safe inside rank-zero-only code."""
+    loggers = trainer.loggers
+    if not loggers:
+        return None
+    logger = loggers[0]
+    if isinstance(logger, (pl.loggers.TensorBoardLogger, pl.loggers.CSVLogger)):
+        return logger.log_dir
+    return logger.save_dir
+
+
 def _group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> str:
     group = trainer.optimizers[optimizer_index].param_groups[group_index]
     label = str(group["name"]) if "name" in group else f"pg{group_index}"
@@ -513,7 +534,7 @@ def _rescale_averaged_models(trainer: pl.Trainer, names: list[str], factor: floa
 def _trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[_Tracked]:
     """Every parameter an optimizer updates, with its clean name and (optimizer, group) indices."""
     names = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
-    norm_affine = {id(p) for m in pl_module.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
+    norm_affine = normalization_parameters(pl_module)
     tracked: list[_Tracked] = []
     seen: set[int] = set()
     for oi, optimizer in enumerate(trainer.optimizers):
@@ -529,5 +550,5 @@ def _trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[_Trac
                         "that is not a parameter of the LightningModule; it is not tracked."
                     )
                     continue
-                tracked.append(_Tracked(name, p, oi, gi, id(p) in norm_affine))
+                tracked.append(_Tracked(name, p, oi, gi, name in norm_affine))
     return tracked
