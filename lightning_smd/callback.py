@@ -28,7 +28,7 @@ from lightning_smd.estimates import RunningMean
 from lightning_smd.measure import GroupSlice
 from lightning_smd.rescale import RescalePolicy, rescale_
 from lightning_smd.series import RunSeries
-from lightning_smd.steps import Finished, StepRecorder, choose_mode, is_real_step
+from lightning_smd.steps import Finished, StepRecorder, choose_mode, is_real_step, radial_floor
 from lightning_smd.summary import DetectionRow, format_detection_report
 
 __all__ = ["SMDCallback"]
@@ -171,7 +171,7 @@ class SMDCallback(pl.Callback):
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_supported(trainer, rescale=bool(self.rescale))
+        check_supported(trainer)
         self._tracked = _trainable(trainer, pl_module)
         self._measurer = None
         self._radial = None
@@ -237,7 +237,9 @@ class SMDCallback(pl.Callback):
         tracked_names = {t.name for t in self._tracked}
         structural = {n: c for n, c in (self._structural or {}).items() if n in tracked_names}
         norm_affine = [t.name for t in self._tracked if t.norm_affine]
-        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine)
+        # 16-bit gradients: structure is confirmed at the precision's floor, discoveries stay strict
+        confirm = max(self.radial_threshold, radial_floor(trainer))
+        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
@@ -321,8 +323,10 @@ class SMDCallback(pl.Callback):
                 if last is None or last == current:
                     continue
                 factor = self.policy.factor(last, current, self._peak_lr[key]) if self.policy else None
+                if factor is not None and not self._rescale_group(trainer, opt, oi, gi, factor, log_step, last, current,
+                                                                  scale_grads=optimizer is not None):
+                    factor = None  # the group holds no scale-invariant tensor: nothing to rescale
                 if factor is not None:
-                    self._rescale_group(trainer, opt, oi, gi, factor, log_step, last, current, scale_grads=optimizer is not None)
                     factors[key] = factor
                 self._start_stage(trainer, opt, gi, key, last, current, log_step, rescaled=factor is not None)
         if factors and trainer.is_global_zero:
@@ -332,7 +336,7 @@ class SMDCallback(pl.Callback):
             self._log(trainer, metrics, log_step)
 
     def _rescale_group(self, trainer: pl.Trainer, opt: torch.optim.Optimizer, oi: int, gi: int, factor: float,
-                       log_step: int, last: tuple[float, float], current: tuple[float, float], scale_grads: bool) -> None:
+                       log_step: int, last: tuple[float, float], current: tuple[float, float], scale_grads: bool) -> bool:
         if self._measurer is None and not self.candidates:
             # Detection is not finished (an LR change in the first steps): never skip silently.
             raise RuntimeError(
@@ -342,6 +346,8 @@ class SMDCallback(pl.Callback):
             )
         members = [t for t in self._tracked if t.name in self.candidates and (t.optimizer_index, t.group_index) == (oi, gi)]
         params = [t.param for t in members]
+        if not params:
+            return False
         untouched = rescale_(params, factor, opt, scale_grads=scale_grads)
         if untouched:
             rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the rescale.")
@@ -353,6 +359,7 @@ class SMDCallback(pl.Callback):
             f"SMD: step {log_step}: group {_group_label(trainer, oi, gi)} lr {last[0]:g} → {current[0]:g}, "
             f"weight decay {last[1]:g} → {current[1]:g}: {len(params)} scale-invariant tensors multiplied by {factor:.4f}"
         )
+        return True
 
     def _start_stage(self, trainer: pl.Trainer, opt: torch.optim.Optimizer, gi: int, key: str,
                      last: tuple[float, float], current: tuple[float, float], log_step: int, rescaled: bool) -> None:

@@ -791,6 +791,7 @@ def decide(
     detect: str,
     threshold: float,
     never_numerical: Iterable[str] = (),
+    confirm_threshold: float | None = None,
 ) -> tuple[dict[str, Candidate], dict[str, str]]:
     """Combine the two kinds of evidence; returns ``(chosen, rejected)`` (rejected: name → why).
 
@@ -803,6 +804,10 @@ def decide(
     numerically: a norm layer's γ whose β is still ≈0, followed by ReLU → conv → BN, is
     invariant jointly with β only, yet its radial cosine in the first steps is as small as a
     true invariant's (1e-6 on torchvision ResNets).
+
+    ``confirm_threshold`` (default ``threshold``) is the bar a *structural* candidate must pass:
+    16-bit gradients put true invariants at radial cosines of 1e-4 to 1e-3, so the callback
+    confirms structure more loosely there while numerical discoveries keep the strict bar.
     """
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
@@ -811,11 +816,12 @@ def decide(
         return dict(structural), {}
     chosen: dict[str, Candidate] = {}
     rejected: dict[str, str] = {}
+    confirm = threshold if confirm_threshold is None else confirm_threshold
     if detect == "auto":
         for name, candidate in structural.items():
             cos = cosines.get(name, math.nan)
-            if cos >= threshold:
-                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {threshold:g}"
+            if cos >= confirm:
+                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {confirm:g}"
             else:
                 chosen[name] = candidate
     skip = set(never_numerical) | set(structural)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_sharded", "make_reduce_fn"]
+__all__ = ["check_supported", "is_sharded", "make_reduce_fn"]
 
 
 def _dtensor_cls():
@@ -36,6 +36,43 @@ def _dtensor_cls():
 
 def _is_fsdp1(strategy: pl.strategies.Strategy) -> bool:
     return type(strategy).__name__ == "FSDPStrategy" or isinstance(strategy, pl.strategies.FSDPStrategy)
+
+
+def check_supported(trainer: "pl.Trainer") -> None:
+    """Fail early, naming the setting and what to do, where the callback cannot be correct.
+
+    * FSDP1 with ``use_orig_params=False``: the optimizer holds ``FlatParameter``s that concatenate
+      many tensors (and their shards); per-tensor Δ and norms cannot be recovered from them.
+    * DeepSpeed (ZeRO 1-3): the optimizer holds flattened fp32 partitions, not the module's
+      parameters (and Lightning runs DeepSpeed on CUDA only); not supported yet.
+    """
+    strategy = trainer.strategy
+    if type(strategy).__name__ == "DeepSpeedStrategy":
+        raise RuntimeError(
+            "SMDCallback does not support DeepSpeedStrategy yet: ZeRO keeps the fp32 master weights in "
+            "flattened optimizer partitions, so the tensors the callback must follow are not the optimizer's "
+            "parameters. Use ModelParallelStrategy (FSDP2, fully_shard) or FSDPStrategy(use_orig_params=True) "
+            "for sharded training, or remove SMDCallback from this run."
+        )
+    flat = _flat_parameter_cls()
+    if flat is not None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if any(isinstance(p, flat) for p in group["params"]):
+                    raise RuntimeError(
+                        "SMDCallback: the optimizer holds FSDP FlatParameters (FSDPStrategy(use_orig_params=False) "
+                        "or FSDP(use_orig_params=False)): one flat tensor per wrapped module, so per-tensor angular "
+                        "updates and norms cannot be measured. Use FSDPStrategy(use_orig_params=True) (Lightning's "
+                        "default) or ModelParallelStrategy with fully_shard (FSDP2)."
+                    )
+
+
+def _flat_parameter_cls():
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return FlatParameter
 
 
 def is_sharded(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> bool:

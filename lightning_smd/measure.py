@@ -112,18 +112,42 @@ class GroupSlice:
 
 
 def _sq_norms(tensors: Sequence[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    tensors = list(tensors)
+    if tensors and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        # On CPU, BLAS ``dot(x, x)`` is one vectorized, multi-threaded pass: ~1.7x faster than
+        # ``_foreach_norm`` with 2 threads (which has no fused CPU kernel), and exact in squares.
+        return torch.stack([torch.dot(*_flat_pair(t, t)) for t in tensors])
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)  # one fused kernel on CUDA
     return torch.stack(norms).square()
 
 
+def _flat_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` as 1-D tensors in the same element order, as views where possible.
+
+    Contiguous tensors are viewed; tensors with identical non-contiguous but dense strides
+    (``channels_last`` weights and their gradients, buffers and snapshots) are viewed in memory
+    order, which is all a dot product needs. Anything else is reshaped (a copy).
+    """
+    if x.is_contiguous() and y.is_contiguous():
+        return x.view(-1), y.view(-1)
+    if x.shape == y.shape and x.stride() == y.stride():
+        order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), -x.shape[i]))
+        xp, yp = x.permute(order), y.permute(order)
+        if xp.is_contiguous() and yp.is_contiguous():
+            return xp.view(-1), yp.view(-1)
+    return x.reshape(-1), y.reshape(-1)
+
+
 def _dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None]) -> Tensor:
-    # torch has no foreach dot; one small kernel per tensor, no host sync.
+    # torch has no foreach dot; one small kernel per tensor, no host sync. `.float()` is free for
+    # fp32 tensors (it returns the tensor itself).
     out = []
     for x, y in zip(xs, ys):
         if y is None:
             out.append(torch.zeros((), dtype=torch.float32, device=x.device))
         else:
-            out.append(torch.dot(x.reshape(-1).float(), y.reshape(-1).float()))
+            xf, yf = _flat_pair(x, y)
+            out.append(torch.dot(xf.float(), yf.float()))
     return torch.stack(out)
 
 
@@ -148,10 +172,13 @@ class StepMeasurer:
     def pending(self) -> bool:
         return self._pre is not None
 
-    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> list[GroupSlice]:
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None,
+                    grad_scale: Tensor | float | None = None) -> list[GroupSlice]:
         """Record what ``w_t`` and ``g_t`` contribute; call with final gradients, before the step.
 
         Only the slices of ``optimizer`` (all when ``None``) take part; they are returned.
+        ``grad_scale``: the factor the gradients are still multiplied by (a fused optimizer under
+        a GradScaler unscales inside its step); gradient statistics are divided by it.
         """
         pre = []
         for s in self.slices:
@@ -167,6 +194,8 @@ class StepMeasurer:
             w_sq = _sq_norms(weights)
             g_sq = _sq_norms(grads)
             vg = _dots(grads, [local(b) if b is not None else None for b in s.buffers()]) if s.mode == "buffer" else torch.zeros_like(w_sq)
+            if grad_scale is not None:
+                g_sq, vg = g_sq / (grad_scale * grad_scale), vg / grad_scale
             if s.mode == "snapshot":
                 if s.snapshot is None:
                     s.snapshot = [torch.empty_like(w) for w in weights]
@@ -210,28 +239,48 @@ class StepMeasurer:
         return stats, self._active
 
     def _coefficients(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[5, n]`` per-tensor (η, λ, μ, τ, mode code); cached while the hyper-parameters repeat,
+        so a constant-LR stretch builds (and copies to the device) one tensor, not one per step."""
+        key = (dtype, device, tuple((s.lr, s.weight_decay, s.momentum, s.dampening, s.mode, len(s.params))
+                                    for s in self._active))
+        cached = getattr(self, "_coef_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         rows = []
         for s in self._active:
             n = len(s.params)
             rows.extend([[s.lr, s.weight_decay, s.momentum, s.dampening, _MODE_CODE[s.mode]]] * n)
-        return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True).T
+        coefficients = torch.tensor(rows, dtype=dtype).to(device, non_blocking=True).T
+        self._coef_cache = (key, coefficients)
+        return coefficients
 
     def _combine(self, sums: Tensor) -> Tensor:
         w_sq, g_sq, vg, d, e = sums
         lr, wd, momentum, dampening, mode = self._coefficients(sums.dtype, sums.device)
-        # buffer mode: u = −η·b, ⟨w_t, b⟩ = ⟨w_{t+1}, b⟩ + η‖b‖²
-        u_sq_buf = lr * lr * d
-        wu_buf = -lr * (e + lr * d)
-        # grad mode: u = −η(g + λ w_t), ⟨g, w_t⟩ = (⟨g, w_{t+1}⟩ + η‖g‖²) / (1 − ηλ)
-        gw = (e + lr * d) / (1.0 - lr * wd)
-        u_sq_grad = lr * lr * (d + 2.0 * wd * gw + wd * wd * w_sq)
-        wu_grad = -lr * (gw + wd * w_sq)
-        # snapshot mode: s = −u, ⟨w_t, u⟩ = ⟨w_{t+1}, u⟩ − ‖u‖² = −e − d
-        u_sq = torch.where(mode == 0, u_sq_buf, torch.where(mode == 1, u_sq_grad, d))
-        wu = torch.where(mode == 0, wu_buf, torch.where(mode == 1, wu_grad, -e - d))
+        modes = {s.mode for s in self._active}
+        per_mode = {}
+        if "buffer" in modes:
+            # buffer mode: u = −η·b, ⟨w_t, b⟩ = ⟨w_{t+1}, b⟩ + η‖b‖²
+            per_mode["buffer"] = (lr * lr * d, -lr * (e + lr * d))
+        if "grad" in modes:
+            # grad mode: u = −η(g + λ w_t), ⟨g, w_t⟩ = (⟨g, w_{t+1}⟩ + η‖g‖²) / (1 − ηλ)
+            gw = (e + lr * d) / (1.0 - lr * wd)
+            per_mode["grad"] = (lr * lr * (d + 2.0 * wd * gw + wd * wd * w_sq), -lr * (gw + wd * w_sq))
+        if "snapshot" in modes:
+            # snapshot mode: s = −u, ⟨w_t, u⟩ = ⟨w_{t+1}, u⟩ − ‖u‖² = −e − d
+            per_mode["snapshot"] = (d, -e - d)
+        if len(per_mode) == 1:
+            (u_sq, wu), = per_mode.values()
+        else:
+            u_sq, wu = per_mode.get("snapshot", (d, d))
+            for name in ("grad", "buffer"):
+                if name in per_mode:
+                    selected = mode == _MODE_CODE[name]
+                    u_sq = torch.where(selected, per_mode[name][0], u_sq)
+                    wu = torch.where(selected, per_mode[name][1], wu)
         delta = _angle(w_sq, u_sq, wu)
         # h_t = ‖g‖² + 2α⟨v_{t−1}, g⟩ with torch's dampened buffer rescaled to SMD's v
-        h = g_sq + 2.0 * momentum * vg / (1.0 - dampening)
+        h = g_sq + 2.0 * momentum * vg / (1.0 - dampening) if "buffer" in modes else g_sq
         unit_grad_sq = h * w_sq
         return torch.stack([delta, w_sq.sqrt(), unit_grad_sq])
 
