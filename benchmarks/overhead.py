@@ -1,0 +1,624 @@
+"""Overhead of SMDCallback on real Lightning training steps, side by side with a naive reference.
+
+    python benchmarks/overhead.py                 # default: resnet18 32×32 and resnet50 64×64, SGD-M and AdamW
+    python benchmarks/overhead.py --quick         # CI smoke test (< 60 s on a 2-core CPU)
+    python benchmarks/overhead.py --models resnet18:32:32 --optimizers adamw --rounds 9
+    python benchmarks/overhead.py --device cuda   # CUDA events instead of perf_counter
+
+For each model and optimizer, four variants train the same model on the same data with a real
+``Trainer.fit``; the fits are interleaved (A B C D, B C D A, ...) and repeated ``--rounds`` times:
+
+* ``none``: no callback;
+* ``smd_default``: ``SMDCallback()`` at its default cadence (the Trainer's ``log_every_n_steps``, 50);
+* ``smd_every``: ``SMDCallback(log_every_n_steps=1)``, measuring every step;
+* ``naive_every``: ``benchmarks/naive_reference.py``: clone + acos + ``.item()`` per tensor, every step.
+
+A step is timed from the first callback's ``on_train_batch_start`` to the last callback's
+``on_train_batch_end`` (forward, backward, optimizer step and every hook; not data loading), on CPU
+with ``time.perf_counter``, on CUDA with CUDA events. The first ``--warmup`` steps of every fit
+(the detection steps of SMDCallback among them) are not timed.
+
+Statistics: per fit the median step time; per round the overhead of a variant is its median over
+that of ``none`` in the same round; reported are the medians over rounds and their IQR. The default
+cadence measures one step in 50: its step time is amortized as ``((E−1)·U + M)/E`` with ``U`` the
+median unmeasured step of the ``smd_default`` fit and ``M`` the median (measured) step of the
+``smd_every`` fit of the same round, ``E`` = 50. The callback's *self time* (wall time spent inside
+its hooks, amortized the same way) is reported too: on CPU, where everything is synchronous, it is
+the callback's cost without the run-to-run noise of whole steps.
+
+Memory: "persistent" is the exact number of bytes of the tensors the callback holds between steps
+(found by walking the callback object; parameters, gradients and optimizer state excluded), next
+to the size of the tracked tensors. On CUDA the peak of ``torch.cuda.max_memory_allocated`` over
+the fit is reported as well. (On CPU, tracemalloc does not see torch's allocations and the process
+RSS peak is not attributable to one fit, so no CPU peak is reported.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository root, for lightning_smd without installing it
+sys.path.insert(0, str(HERE))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from pytorch_lightning.loggers import Logger  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_smd import SMDCallback  # noqa: E402
+from naive_reference import NaiveAngularUpdate  # noqa: E402
+
+VARIANTS = ("none", "smd_default", "smd_every", "naive_every")
+TRAINER_LOG_EVERY = 50  # Trainer's default log_every_n_steps: the callback's default cadence
+# Targets of the issue, for resnet18 at 32×32, batch 32, on a 2-core CPU.
+TARGETS = {("smd_default", "sgdm"): 1.0, ("smd_default", "adamw"): 1.0,
+           ("smd_every", "sgdm"): 10.0, ("smd_every", "adamw"): 20.0}
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+         "on_before_zero_grad", "on_train_batch_end")
+
+
+# ----------------------------------------------------------------------------- model and data
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    image: int
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        name, image, batch = (text.split(":") + ["", ""])[:3]
+        return cls(name, int(image or 32), int(batch or 32))
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.image}×{self.image} b{self.batch}"
+
+
+class BenchModule(pl.LightningModule):
+    def __init__(self, spec: ModelSpec, optimizer: str, num_batches: int = 16) -> None:
+        super().__init__()
+        import torchvision
+
+        torch.manual_seed(0)
+        self.model = getattr(torchvision.models, spec.name)(num_classes=10)
+        self.optimizer_name = optimizer
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(num_batches * spec.batch, 3, spec.image, spec.image, generator=gen)
+        self.y = torch.randint(0, 10, (num_batches * spec.batch,), generator=gen)
+        self.batch = spec.batch
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgdm":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05)
+        raise ValueError(f"unknown optimizer {self.optimizer_name!r}")
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch, shuffle=False, drop_last=True)
+
+
+class MemoryLogger(Logger):
+    """Keeps the last metrics in memory: the logging path runs, no I/O noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.last: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls += 1
+        self.last = dict(metrics)
+
+
+class BenchSMDCallback(SMDCallback):
+    """SMDCallback without the figures it renders at the end of fit (outside the timed steps anyway)."""
+
+    def _render_figures(self, *args, **kwargs):
+        return {}
+
+
+# ----------------------------------------------------------------------------- timing
+class StepClock:
+    """Per-step wall time (perf_counter, or CUDA events) and the time spent in the timed callback's hooks."""
+
+    def __init__(self, cuda: bool, warmup: int) -> None:
+        self.cuda = cuda
+        self.warmup = warmup
+        self.steps: list[tuple[int, Any, Any]] = []  # (batch_idx, start, end)
+        self.hook_time: dict[int, float] = {}
+        self._start: Any = None
+        self._batch = -1
+
+    def now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self, batch_idx: int) -> None:
+        self._batch = batch_idx
+        self._start = self.now() if batch_idx >= self.warmup else None
+
+    def end(self) -> None:
+        if self._start is not None:
+            self.steps.append((self._batch, self._start, self.now()))
+            self._start = None
+
+    def add_hook_time(self, seconds: float) -> None:
+        if self._batch >= self.warmup:
+            self.hook_time[self._batch] = self.hook_time.get(self._batch, 0.0) + seconds
+
+    def times(self) -> dict[int, float]:
+        """batch_idx → step time in seconds."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {b: s.elapsed_time(e) / 1e3 for b, s, e in self.steps}
+        return {b: e - s for b, s, e in self.steps}
+
+
+class _ClockStart(pl.Callback):
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.start(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+class _ClockEnd(pl.Callback):
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.end()
+
+
+def _time_hooks(callback: pl.Callback, clock: StepClock) -> None:
+    """Wrap the callback's hooks (instance attributes) to add their wall time to ``clock``."""
+    for name in HOOKS:
+        fn = getattr(callback, name)
+
+        def timed(*args, __fn=fn, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                clock.add_hook_time(time.perf_counter() - t0)
+
+        setattr(callback, name, timed)
+
+
+# ----------------------------------------------------------------------------- memory
+def _owned_storages(module: nn.Module, optimizers) -> set[int]:
+    ptrs = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptrs.add(t.untyped_storage().data_ptr())
+        if t.grad is not None:
+            ptrs.add(t.grad.untyped_storage().data_ptr())
+    for opt in optimizers:
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    ptrs.add(v.untyped_storage().data_ptr())
+    return ptrs
+
+
+def persistent_tensor_bytes(obj: Any, exclude: set[int]) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` that are not in ``exclude``."""
+    seen_obj: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen_obj or isinstance(o, (str, bytes, int, float, bool, type(None), type)):
+            continue
+        seen_obj.add(id(o))
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage()
+            if s.data_ptr() not in exclude and s.nbytes():
+                storages[s.data_ptr()] = s.nbytes()
+            continue
+        if isinstance(o, (pl.Trainer, nn.Module, torch.optim.Optimizer, Logger)):
+            continue
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif dataclasses.is_dataclass(o) or hasattr(o, "__dict__"):
+            stack.extend(vars(o).values() if hasattr(o, "__dict__") else ())
+            for slot in getattr(type(o), "__slots__", ()):
+                if hasattr(o, slot):
+                    stack.append(getattr(o, slot))
+    return sum(storages.values())
+
+
+def host_object_bytes(obj: Any) -> int:
+    """Approximate deep size (sys.getsizeof) of plain Python containers/numbers/strings."""
+    seen: set[int] = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack.extend(o)
+    return total
+
+
+# ----------------------------------------------------------------------------- one fit
+def run_fit(spec: ModelSpec, optimizer: str, variant: str, steps: int, warmup: int, device: str) -> dict[str, Any]:
+    cuda = device == "cuda"
+    module = BenchModule(spec, optimizer)
+    clock = StepClock(cuda, warmup)
+    callback: pl.Callback | None = None
+    if variant == "smd_default":
+        callback = BenchSMDCallback(verbose=False)
+    elif variant == "smd_every":
+        callback = BenchSMDCallback(log_every_n_steps=1, verbose=False)
+    elif variant == "naive_every":
+        callback = NaiveAngularUpdate(every=1)
+    callbacks: list[pl.Callback] = [_ClockStart(clock)]
+    if callback is not None:
+        _time_hooks(callback, clock)
+        callbacks.append(callback)
+    callbacks.append(_ClockEnd(clock))
+    trainer = pl.Trainer(
+        max_steps=warmup + steps,
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        logger=MemoryLogger(),
+        callbacks=callbacks,
+        log_every_n_steps=TRAINER_LOG_EVERY,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_epochs=-1,
+        deterministic=False,
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    trainer.fit(module)
+    times = clock.times()
+    out: dict[str, Any] = {"times": times, "hook": dict(clock.hook_time)}
+    if cuda:
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base_alloc
+    if callback is not None:
+        exclude = _owned_storages(module, trainer.optimizers)
+        out["persistent_bytes"] = persistent_tensor_bytes(callback, exclude)
+        if isinstance(callback, SMDCallback):
+            measurer = callback._measurer
+            tracked = [p for s in measurer.slices for p in s.params] if measurer else []
+            out["tracked_bytes"] = sum(p.numel() * p.element_size() for p in tracked)
+            out["tracked"] = len(tracked)
+            out["modes"] = sorted({s.mode for s in measurer.slices}) if measurer else []
+            out["records"] = len(callback.records)
+            first = min((step for step, _ in callback.records), default=None)
+            if variant == "smd_every" and steps > 2 and (first is None or first > warmup):
+                print(f"  warning: detection finished after the warm-up (first measured step {first}, "
+                      f"warm-up {warmup}): increase --warmup", flush=True)
+            out["records_bytes"] = host_object_bytes(callback.records)
+        else:
+            out["tracked_bytes"] = sum(p.numel() * p.element_size() for _, p in callback.params)
+            out["tracked"] = len(callback.params)
+    del trainer, module, callback
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+def _median(xs):
+    return statistics.median(xs) if xs else math.nan
+
+
+def _quartiles(xs):
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (math.nan, math.nan)
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
+    """Per-round step times (s) per variant, amortizing the default cadence; overheads in %."""
+    per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    self_time: dict[str, list[float]] = {v: [] for v in VARIANTS if v != "none"}
+    measured_default: list[float] = []
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in rounds:
+        med = {}
+        for v in VARIANTS:
+            times = r[v]["times"]
+            samples[v].extend(times.values())
+            if v == "smd_default":
+                unmeasured = [t for b, t in times.items() if (b + 1) % every != 0]
+                measured_default.extend(t for b, t in times.items() if (b + 1) % every == 0)
+                med[v] = _median(unmeasured)
+            else:
+                med[v] = _median(list(times.values()))
+            if v != "none":
+                hooks = r[v]["hook"]
+                if v == "smd_default":
+                    self_u = _median([h for b, h in hooks.items() if (b + 1) % every != 0] or [0.0])
+                    self_m = _median(list(r["smd_every"]["hook"].values()))
+                    self_time[v].append(((every - 1) * self_u + self_m) / every)
+                else:
+                    self_time[v].append(_median(list(hooks.values())))
+        # amortize: one measured step (cost as in the every-step fit) per `every` steps
+        med["smd_default"] = ((every - 1) * med["smd_default"] + med["smd_every"]) / every
+        for v in VARIANTS:
+            per_round[v].append(med[v])
+    base = per_round["none"]
+    result: dict[str, Any] = {"variants": {}}
+    for v in VARIANTS:
+        entry = {
+            "step_ms_median": 1e3 * _median(per_round[v]),
+            "step_ms_rounds": [1e3 * t for t in per_round[v]],
+            "step_ms_iqr_samples": [1e3 * q for q in _quartiles(samples[v])],
+        }
+        if v != "none":
+            overhead = [100.0 * (t / b - 1.0) for t, b in zip(per_round[v], base)]
+            entry["overhead_pct_median"] = _median(overhead)
+            entry["overhead_pct_iqr"] = list(_quartiles(overhead))
+            entry["overhead_pct_rounds"] = overhead
+            self_pct = [100.0 * s / b for s, b in zip(self_time[v], base)]
+            entry["self_ms_median"] = 1e3 * _median(self_time[v])
+            entry["self_pct_median"] = _median(self_pct)
+            first = rounds[0][v]
+            for key in ("persistent_bytes", "tracked_bytes", "tracked", "modes", "records", "records_bytes",
+                        "cuda_peak_bytes"):
+                if key in first:
+                    entry[key] = first[key]
+        if "cuda_peak_bytes" in rounds[0][v]:
+            entry["cuda_peak_bytes"] = rounds[0][v]["cuda_peak_bytes"]
+        result["variants"][v] = entry
+    if measured_default:
+        result["variants"]["smd_default"]["measured_step_ms_median"] = 1e3 * _median(measured_default)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average_start"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _fmt_mib(n: int | None) -> str:
+    if n is None:
+        return "–"
+    if n < 2**20:
+        return "0" if n == 0 else f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _fmt_pct(x: float) -> str:
+    return f"{x:+.1f} %"
+
+
+def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = ["# SMDCallback overhead", ""]
+    machine = f"{info['cpu']}, {info['cores']} cores, torch.set_num_threads({info['torch_threads']})"
+    if "gpu" in info:
+        machine = f"{info['gpu']} (host: {machine})"
+    lines.append(f"- machine: {machine}")
+    lines.append(f"- torch {info['torch']}, torchvision {info.get('torchvision', '?')}, "
+                 f"pytorch_lightning {info['pytorch_lightning']}, Python {info['python']}; {info['date']}")
+    if "load_average_start" in info:
+        la0 = ", ".join(f"{x:.2f}" for x in info["load_average_start"])
+        la1 = ", ".join(f"{x:.2f}" for x in info.get("load_average_end", ()))
+        lines.append(f"- load average (1, 5, 15 min) at start: {la0}; at end: {la1}")
+    lines.append(f"- command: `{' '.join(['python benchmarks/overhead.py', *args.argv])}`")
+    plan = "; ".join(sorted({f"{r['model']}: {r['rounds']} rounds × {r['warmup']} untimed + {r['steps']} timed steps"
+                             for r in results}))
+    lines.append(f"- {len(VARIANTS)} variants interleaved per round ({plan}); the untimed warm-up steps include "
+                 f"detection; default cadence = one measured step in {TRAINER_LOG_EVERY}, amortized")
+    lines.append("")
+    lines.append("Step time: median over rounds of the per-fit median (ms). Overhead: median over rounds of "
+                 "the step time relative to `none` of the same round, [IQR]. Self: time spent inside the "
+                 "callback's hooks per step, as % of the `none` step.")
+    lines.append("")
+    lines.append("| model | optimizer | SMD mode | none (ms) | SMD default cadence | SMD every step | "
+                 "naive every step | target default / every | met |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for res in results:
+        v = res["variants"]
+
+        def cell(name):
+            e = v[name]
+            lo, hi = e["overhead_pct_iqr"]
+            return (f"{e['step_ms_median']:.1f} ms, {_fmt_pct(e['overhead_pct_median'])} "
+                    f"[{lo:+.1f}, {hi:+.1f}]; self {e['self_pct_median']:.2f} %")
+
+        key_default = TARGETS.get(("smd_default", res["optimizer"]))
+        key_every = TARGETS.get(("smd_every", res["optimizer"]))
+        applies = res["model"].startswith("resnet18 32×32 b32") and info["device"] == "cpu"
+        if applies and key_default is not None:
+            target = f"≤ {key_default:g} % / ≤ {key_every:g} %"
+            ok_d = v["smd_default"]["overhead_pct_median"] <= key_default
+            ok_e = v["smd_every"]["overhead_pct_median"] <= key_every
+            met = f"{'yes' if ok_d else 'NO'} / {'yes' if ok_e else 'NO'}"
+        else:
+            target, met = "–", "–"
+        lines.append(f"| {res['model']} | {res['optimizer']} | {', '.join(v['smd_every'].get('modes', []))} | "
+                     f"{v['none']['step_ms_median']:.1f} | {cell('smd_default')} | {cell('smd_every')} | "
+                     f"{cell('naive_every')} | {target} | {met} |")
+    lines.append("")
+    lines.append("Memory the callback holds between steps (exact: bytes of the tensors reachable from the "
+                 "callback object, parameters/gradients/optimizer state excluded), next to the size of the "
+                 "tracked tensors; host: the Python records of logged values (`SMDCallback.records`) at the end "
+                 "of the fit.")
+    lines.append("")
+    header = "| model | optimizer | tracked tensors | SMD default: persistent | SMD every step: persistent | " \
+             "naive: persistent (transient: one clone per step) | SMD every step: host records |"
+    if info["device"] == "cuda":
+        header += " CUDA peak none / default / every / naive |"
+    lines.append(header)
+    lines.append("|" + "---|" * (header.count("|") - 1))
+    for res in results:
+        v = res["variants"]
+        e = v["smd_every"]
+        records = e.get("records", 0)
+        per = e.get("records_bytes", 0) / records if records else 0
+        row = (f"| {res['model']} | {res['optimizer']} | {e.get('tracked', 0)} ({_fmt_mib(e.get('tracked_bytes'))}) | "
+               f"{_fmt_mib(v['smd_default'].get('persistent_bytes'))} | {_fmt_mib(e.get('persistent_bytes'))} | "
+               f"{_fmt_mib(v['naive_every'].get('persistent_bytes'))} | "
+               f"{e.get('records_bytes', 0) / 1024:.0f} KiB for {records} steps ({per / 1024:.1f} KiB/step) |")
+        if info["device"] == "cuda":
+            row += " " + " / ".join(_fmt_mib(v[k].get("cuda_peak_bytes")) for k in VARIANTS) + " |"
+        lines.append(row)
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke test: resnet18 only, 2 short rounds (< 60 s)")
+    p.add_argument("--models", nargs="+", help="name:image:batch, torchvision names "
+                   "(default CPU: resnet18:32:32 resnet50:64:32; CUDA: resnet18:32:32 resnet50:224:64)")
+    p.add_argument("--optimizers", nargs="+", default=["sgdm", "adamw"], choices=["sgdm", "adamw"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, help="interleaved repetitions (default 5; models other than resnet18 "
+                   "on CPU 3; quick 2)")
+    p.add_argument("--steps", type=int, help="timed steps per fit (default 40; others on CPU 6; quick 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per fit, detection included "
+                   "(default 10; others on CPU and quick 6)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count())")
+    p.add_argument("--out", default=str(HERE / "results.md"), help="Markdown output ('' to skip); JSON next to it")
+    args = p.parse_args(argv)
+    args.argv = argv
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*weight_decay=0.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    if args.models:
+        specs = [ModelSpec.parse(m) for m in args.models]
+    elif args.quick:
+        specs = [ModelSpec("resnet18", 32, 32)]
+    elif args.device == "cuda":
+        specs = [ModelSpec("resnet18", 32, 32), ModelSpec("resnet50", 224, 64)]
+    else:
+        specs = [ModelSpec("resnet18", 32, 32), ModelSpec("resnet50", 64, 32)]
+
+    info = machine_info(args.device)
+    print(f"# {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
+          f"load {info.get('load_average_start')}", flush=True)
+    t_start = time.perf_counter()
+    results = []
+    for spec in specs:
+        heavy = args.device == "cpu" and spec.name not in ("resnet18",)
+        rounds = args.rounds or (2 if args.quick else 3 if heavy else 5)
+        steps = args.steps or (10 if args.quick else 6 if heavy else 40)
+        warmup = args.warmup if args.warmup is not None else (6 if args.quick or heavy else 10)
+        for opt in args.optimizers:
+            run_fit(spec, opt, "smd_every", 2, 1, args.device)  # process warm-up: kernels, allocator
+            rounds_data = []
+            for r in range(rounds):
+                order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+                data = {v: run_fit(spec, opt, v, steps, warmup, args.device) for v in order}
+                rounds_data.append(data)
+                meds = {v: 1e3 * _median(list(data[v]["times"].values())) for v in VARIANTS}
+                print(f"  {spec} {opt} round {r + 1}/{rounds}: " +
+                      ", ".join(f"{v} {meds[v]:.1f} ms" for v in VARIANTS) +
+                      f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
+            res = summarize(rounds_data, TRAINER_LOG_EVERY)
+            res.update(model=str(spec), optimizer=opt, rounds=rounds, steps=steps, warmup=warmup)
+            results.append(res)
+    try:
+        info["load_average_end"] = os.getloadavg()
+    except OSError:
+        pass
+    info["wall_s"] = round(time.perf_counter() - t_start, 1)
+    text = render(info, results, args)
+    text += f"\nTotal benchmark wall time: {info['wall_s']:.0f} s.\n"
+    print()
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
