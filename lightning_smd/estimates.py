@@ -11,9 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
-from torch import Tensor
-
 __all__ = ["RunningMean"]
 
 
@@ -28,11 +25,13 @@ class RunningMean:
         self._weight: dict[str, float] = {}
         self._last_step: dict[str, int] = {}
 
-    def update(self, names: Sequence[str], samples: Tensor, step: int) -> Tensor:
-        """Add one sample per name taken at optimizer step ``step``; return the estimates."""
-        values = samples.double().tolist()
+    def update(self, names: Sequence[str], samples: Sequence[float], step: int) -> list[float]:
+        """Add one sample per name taken at optimizer step ``step``; return the estimates.
+
+        Non-finite samples (NaN: not measured this step) leave a name's average unchanged.
+        """
         out = []
-        for name, value in zip(names, values):
+        for name, value in zip(names, samples):
             gap = max(step - self._last_step.get(name, step - 1), 1)
             keep = math.exp(-gap / self.time_constant)
             if math.isfinite(value):
@@ -40,7 +39,7 @@ class RunningMean:
                 self._weight[name] = keep * self._weight.get(name, 0.0) + (1.0 - keep)
                 self._last_step[name] = step
             out.append(self.get(name))
-        return torch.tensor(out, dtype=torch.float64)
+        return out
 
     def get(self, name: str) -> float:
         weight = self._weight.get(name, 0.0)

@@ -127,7 +127,13 @@ class StepRecorder:
     :meth:`finish` in the same order (they run in hooks called on every rank).
     """
 
+    #: The unit-gradient statistics (3 of the 7 passes over the tracked tensors with momentum)
+    #: are sampled at most every this many steps; the running L averages over ~200 steps anyway,
+    #: so measuring every step then costs only the passes Δ_t and ‖w_t‖ need.
+    UNIT_GRAD_MIN_GAP = 4
+
     def __init__(self, slices: list[GroupSlice], reduce_fn: Callable[[Tensor], Tensor] | None) -> None:
+        self._last_unit_grad: dict[int, int] = {}
         by_optimizer: dict[int, list[GroupSlice]] = {}
         for s in slices:
             by_optimizer.setdefault(id(s.optimizer), []).append(s)
@@ -151,7 +157,10 @@ class StepRecorder:
         scaler = grad_scaler(trainer)
         scale = _scale_tensor(scaler)
         grad_scale = scale if scale is not None and handles_unscaling(optimizer) and not _unscaled(scaler, optimizer) else None
-        slices = measurer.before_step(optimizer, grad_scale=grad_scale)
+        unit_grad = log_step - self._last_unit_grad.get(key, log_step - self.UNIT_GRAD_MIN_GAP) >= self.UNIT_GRAD_MIN_GAP
+        if unit_grad:
+            self._last_unit_grad[key] = log_step
+        slices = measurer.before_step(optimizer, grad_scale=grad_scale, unit_grad=unit_grad)
         theories = [theory.from_param_group(s.optimizer, s.group) for s in slices]
         self._pending[key] = _Pending(measurer, log_step, trainer.global_step, slices, theories,
                                       scale.clone() if scale is not None else None, scaler)
