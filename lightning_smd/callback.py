@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -25,6 +25,7 @@ from lightning_smd.detect import (
 from lightning_smd.distributed import check_supported, is_sharded, make_reduce_fn
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
+from lightning_smd.history import History
 from lightning_smd.measure import GroupSlice
 from lightning_smd.rescale import RescalePolicy, rescale_
 from lightning_smd.series import RunSeries
@@ -36,6 +37,14 @@ __all__ = ["SMDCallback"]
 _DETECT_MODES = ("auto", "structural", "numerical")
 _STATE_VERSION = 1
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+class _TensorKeys(NamedTuple):
+    angular_update: str
+    angular_update_theory: str
+    weight_norm: str
+    weight_norm_theory: str
+    unit_grad_sq: str
 
 
 @dataclass
@@ -148,9 +157,10 @@ class SMDCallback(pl.Callback):
         self._last_hparams: dict[str, tuple[float, float]] = {}
         self._peak_lr: dict[str, float] = {}
         self._saved_names: list[str] | None = None
+        self._deferred: dict[str, dict[str, Any]] = {}
 
         self.candidates: dict[str, Candidate] = {}
-        self.records: list[tuple[int, dict[str, float]]] = []
+        self.records = History()
         self._tracked: list[_Tracked] = []
         self._recorder: DataflowRecorder | None = None
         self._structural: dict[str, Candidate] | None = None
@@ -159,6 +169,7 @@ class SMDCallback(pl.Callback):
         self._measurer: StepRecorder | None = None
         self.skipped_steps = 0  # measured steps the GradScaler skipped (not logged)
         self._names: list[str] = []
+        self._key_cache: dict[str, _TensorKeys] = {}
         self._groups: list[str] = []
         self._measure_on_all_ranks = False
 
@@ -246,6 +257,8 @@ class SMDCallback(pl.Callback):
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.candidates = chosen
         self._build_measurer(trainer, [t for t in self._tracked if t.name in chosen])
+        # detection ends in on_before_optimizer_step: gradients exist and must follow the weights
+        self._apply_deferred_rescales(trainer, scale_grads=True)
         if self.verbose:
             rank_zero_info(self._detection_report(trainer, rejected))
 
@@ -259,6 +272,7 @@ class SMDCallback(pl.Callback):
         self._structural = {}
         self.candidates = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(names & known)}
         self._build_measurer(trainer, [t for t in self._tracked if t.name in self.candidates])
+        self._apply_deferred_rescales(trainer, scale_grads=False)  # at batch start: no gradients yet
 
     def _build_measurer(self, trainer: pl.Trainer, tracked: list[_Tracked]) -> None:
         by_group: dict[tuple[int, int], list[_Tracked]] = {}
@@ -323,12 +337,47 @@ class SMDCallback(pl.Callback):
                 if last is None or last == current:
                     continue
                 factor = self.policy.factor(last, current, self._peak_lr[key]) if self.policy else None
-                if factor is not None and not self._rescale_group(trainer, opt, oi, gi, factor, log_step, last, current,
-                                                                  scale_grads=optimizer is not None):
-                    factor = None  # the group holds no scale-invariant tensor: nothing to rescale
-                if factor is not None:
+                if factor is not None and not self._detected:
+                    self._defer_rescale(key, oi, gi, factor, last, current, log_step)
+                elif factor is not None and self._rescale_group(trainer, opt, oi, gi, factor, log_step, last, current,
+                                                                scale_grads=optimizer is not None):
                     factors[key] = factor
+                else:
+                    factor = None  # no rescale, or the group holds no scale-invariant tensor
                 self._start_stage(trainer, opt, gi, key, last, current, log_step, rescaled=factor is not None)
+        self._log_rescales(trainer, factors, log_step)
+
+    @property
+    def _detected(self) -> bool:
+        return self._measurer is not None or bool(self.candidates)
+
+    def _defer_rescale(self, key: str, oi: int, gi: int, factor: float, last: tuple[float, float],
+                       current: tuple[float, float], log_step: int) -> None:
+        """An LR change before detection finished: accumulate its factor, apply it once detection is done."""
+        deferred = self._deferred.get(key)
+        first = deferred["lr"][0] if deferred else last
+        self._deferred[key] = {"group": [oi, gi], "factor": factor * (deferred["factor"] if deferred else 1.0),
+                               "lr": [list(first), list(current)]}
+        if not deferred:
+            rank_zero_warn(
+                f"SMDCallback(rescale=...): group {key} changed lr {last[0]:g} → {current[0]:g} at step {log_step}, "
+                f"before detection of the scale-invariant tensors finished (detect_steps={self.detect_steps}); "
+                "the rescale is applied as soon as detection finishes."
+            )
+
+    def _apply_deferred_rescales(self, trainer: pl.Trainer, scale_grads: bool) -> None:
+        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        factors = {}
+        for key, d in sorted(self._deferred.items()):
+            oi, gi = d["group"]
+            first, current = tuple(d["lr"][0]), tuple(d["lr"][1])
+            if self._rescale_group(trainer, trainer.optimizers[oi], oi, gi, d["factor"], log_step, first, current,
+                                   scale_grads=scale_grads):
+                factors[key] = d["factor"]
+        self._deferred = {}
+        self._log_rescales(trainer, factors, log_step)
+
+    def _log_rescales(self, trainer: pl.Trainer, factors: dict[str, float], log_step: int) -> None:
         if factors and trainer.is_global_zero:
             metrics = {"smd/rescale_factor": min(factors.values())}
             if len(factors) > 1:
@@ -337,13 +386,7 @@ class SMDCallback(pl.Callback):
 
     def _rescale_group(self, trainer: pl.Trainer, opt: torch.optim.Optimizer, oi: int, gi: int, factor: float,
                        log_step: int, last: tuple[float, float], current: tuple[float, float], scale_grads: bool) -> bool:
-        if self._measurer is None and not self.candidates:
-            # Detection is not finished (an LR change in the first steps): never skip silently.
-            raise RuntimeError(
-                f"SMDCallback(rescale=...): the LR of optimizer {oi} group {gi} changed from {last[0]:g} to "
-                f"{current[0]:g} at step {log_step}, before detection of the scale-invariant tensors finished "
-                f"(detect_steps={self.detect_steps}). Delay the first LR drop or use detect='structural'."
-            )
+        """Rescale the group's scale-invariant tensors; ``False`` when it has none."""
         members = [t for t in self._tracked if t.name in self.candidates and (t.optimizer_index, t.group_index) == (oi, gi)]
         params = [t.param for t in members]
         if not params:
@@ -410,7 +453,7 @@ class SMDCallback(pl.Callback):
             self._render_figures(trainer)
 
     def _metrics(self, stats: Tensor, pending: Finished, step: int) -> dict[str, float]:
-        delta, w_norm, unit_grad_sample = stats.double()
+        delta, w_norm, unit_grad_sample = stats.double().tolist()
         index = [i for s in pending.slices for i in range(s.start, s.stop)]
         names = [self._names[i] for i in index]
         groups = [self._groups[i] for i in index]
@@ -421,16 +464,17 @@ class SMDCallback(pl.Callback):
         for s, group_theory in zip(pending.slices, pending.theories):
             delta_star = group_theory.angular_update
             for _ in s.params:
-                name, d = names[i], float(delta[i])
-                metrics[f"smd/angular_update/{name}"] = d
-                metrics[f"smd/weight_norm/{name}"] = float(w_norm[i])
-                metrics[f"smd/unit_grad_sq/{name}"] = float(unit_grad[i])
+                name, d = names[i], delta[i]
+                keys = self._keys(name)
+                metrics[keys.angular_update] = d
+                metrics[keys.weight_norm] = w_norm[i]
+                metrics[keys.unit_grad_sq] = unit_grad[i]
                 ratios.append(d / delta_star if delta_star else math.nan)
                 if delta_star is not None:
-                    metrics[f"smd/angular_update_theory/{name}"] = delta_star
+                    metrics[keys.angular_update_theory] = delta_star
                 # single h̃ samples can be negative with momentum; no prediction until the estimate is > 0
-                if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(float(unit_grad[i]))) is not None:
-                    metrics[f"smd/weight_norm_theory/{name}"] = math.sqrt(norm_sq)
+                if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(unit_grad[i])) is not None:
+                    metrics[keys.weight_norm_theory] = math.sqrt(norm_sq)
                 i += 1
         finite = [r for r in ratios if math.isfinite(r)]
         if finite:
@@ -445,9 +489,16 @@ class SMDCallback(pl.Callback):
             metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(self._groups, self._names)
         return metrics
 
+    def _keys(self, name: str) -> _TensorKeys:
+        """The metric keys of one tensor, built once (shared by every record)."""
+        keys = self._key_cache.get(name)
+        if keys is None:
+            keys = self._key_cache[name] = _TensorKeys(*(f"smd/{kind}/{name}" for kind in _TensorKeys._fields))
+        return keys
+
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         """Log through every logger (rank 0), and keep the record the figures are built from."""
-        self.records.append((step, metrics))
+        self.records.append(step, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -473,6 +524,7 @@ class SMDCallback(pl.Callback):
         figures = report.save_figures(series, self.figures_path(trainer))
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         wandb_extras.log_figures(trainer, figures, step)
+        wandb_extras.log_concern_charts(trainer, series, step)
         if summary_table:
             wandb_extras.log_summary_table(trainer, report.summary_rows(series), step)
         return figures
@@ -488,6 +540,7 @@ class SMDCallback(pl.Callback):
             "peak_lr": dict(self._peak_lr),
             "rescale_events": list(self.rescale_events),
             "tracked": names,
+            "deferred_rescales": dict(self._deferred),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -499,6 +552,7 @@ class SMDCallback(pl.Callback):
         self._peak_lr = dict(state_dict["peak_lr"])
         self.rescale_events = list(state_dict["rescale_events"])
         self._saved_names = state_dict["tracked"]
+        self._deferred = dict(state_dict.get("deferred_rescales", {}))
         self._measurer = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd import report, wandb_extras
 from lightning_smd.series import RunSeries, read_wandb_records
-from test_report import KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, tiny_loader
+from test_report import (KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, simulate_records,
+                         tiny_loader)
 
 wandb = pytest.importorskip("wandb")
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
@@ -52,6 +54,7 @@ class WandbReplay(ReplayRecords):
         figures = report.save_figures(series, self.figures_dir)
         wandb_extras.log_figures(trainer, figures, self.final_step)
         wandb_extras.log_summary_table(trainer, report.summary_rows(series), self.final_step)
+        wandb_extras.log_concern_charts(trainer, series, self.final_step)
 
 
 def fit(tmp_path: Path, callbacks: list[pl.Callback], prefix: str = "", module=None, loader=None,
@@ -107,7 +110,8 @@ def test_offline_run_metrics_figures_table(tmp_path: Path, offline_wandb) -> Non
     ours = [m for m in metrics if (m.name or m.glob_name).startswith("smd")]
     assert sorted(m.name or m.glob_name for m in ours) == [
         "smd/*", "smd/angular_update_ratio/max", "smd/angular_update_ratio/mean",
-        "smd/angular_update_ratio/min", "smd_figures/*", "smd_summary/*"]
+        "smd/angular_update_ratio/min", "smd_angular_update/*", "smd_equilibrium/*", "smd_figures/*",
+        "smd_rescale/*", "smd_summary/*", "smd_weight_norm/*"]
     assert all(m.step_metric == "trainer/global_step" and m.options.step_sync for m in ours)
     ratio_min = next(m for m in ours if m.name == "smd/angular_update_ratio/min")
     assert ratio_min.summary.min and ratio_min.summary.max and ratio_min.summary.last
@@ -162,6 +166,8 @@ def test_offline_run_with_prefix(tmp_path: Path, offline_wandb) -> None:
     keys = set().union(*history_rows(path))
     assert "exp-smd/angular_update/model.layer0.conv0.weight" in keys
     assert "exp-smd_figures/angular_update._type" in keys and "exp-smd_summary/layers._type" in keys
+    assert {"exp-smd_angular_update/per_tensor_table._type", "exp-smd_weight_norm/ratio_table._type"} <= keys
+    assert {"exp-smd_angular_update/*", "exp-smd_weight_norm/*", "exp-smd_rescale/*", "exp-smd_equilibrium/*"} <= names
     assert_same_series(RunSeries.from_wandb_offline(tmp_path), RunSeries.from_records(replay.logged))
 
 
@@ -170,6 +176,7 @@ def test_noop_without_wandb_logger(tmp_path: Path, offline_wandb) -> None:
     wandb_extras.setup(trainer)
     wandb_extras.log_figures(trainer, {"angular_update": tmp_path / "missing.png"}, 3)
     wandb_extras.log_summary_table(trainer, [{"tensor": "a.weight", "ratio": 1.0}], 3)
+    wandb_extras.log_concern_charts(trainer, RunSeries.from_records(short_records()), 3)
     assert wandb.run is None
     assert not (tmp_path / "wandb").exists()
 
@@ -179,6 +186,7 @@ def test_noop_on_other_ranks(tmp_path: Path, offline_wandb) -> None:
     trainer = SimpleNamespace(is_global_zero=False, loggers=[logger])
     wandb_extras.setup(trainer)
     wandb_extras.log_summary_table(trainer, [{"tensor": "a.weight", "ratio": 1.0}], 3)
+    wandb_extras.log_concern_charts(trainer, RunSeries.from_records(short_records()), 3)
     assert logger._experiment is None and wandb.run is None
 
 
@@ -247,3 +255,154 @@ def test_end_to_end_smd_callback(tmp_path: Path, offline_wandb, momentum: float)
     (table_row,) = [r for r in rows if "smd_summary/layers._type" in r]
     table = json.loads((path.parent / "files" / table_row["smd_summary/layers.path"]).read_text())
     assert [row[0] for row in table["data"]] == ["model.0.weight", "model.3.weight"]
+
+
+# ------------------------------------------------------- one W&B section per concern
+CONCERN_CHARTS = ("smd_angular_update/per_tensor", "smd_angular_update/ratio", "smd_weight_norm/layer",
+                  "smd_weight_norm/ratio", "smd_equilibrium/fraction")
+CONCERN_TABLES = ("smd_rescale/events", "smd_equilibrium/steps_to_equilibrium")
+
+
+def lines_of(table: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """A ``line_series`` table (``step, lineKey, lineVal``) as ``{line: [(step, value), ...]}``."""
+    assert table["columns"] == ["step", "lineKey", "lineVal"]
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, key, value in table["data"]:
+        out.setdefault(key, []).append((step, value))
+    return out
+
+
+def test_concern_sections_end_to_end(tmp_path: Path, offline_wandb) -> None:
+    """A real fit (LR ÷10 at step 40, rescale on): one W&B section per concern, read back."""
+    from lightning_smd import SMDCallback
+
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 1, 8, 8, generator=g), torch.randint(0, 4, (256,), generator=g)
+    # a short window and a wide tolerance so that both LR stages reach "equilibrium" in 80 steps
+    callback = SMDCallback(log_every_n_steps=2, rescale=True, equilibrium_window=4, equilibrium_tolerance=0.9,
+                           figures_dir=str(tmp_path / "smd"), verbose=False)
+    fit(tmp_path, [callback], module=BNConvNet(),
+        loader=DataLoader(TensorDataset(x, y), batch_size=16), max_epochs=5, max_steps=80)
+    expected = RunSeries.from_records(callback.records)
+    assert [e["step"] for e in callback.rescale_events] == [40]
+    path = run_file(tmp_path)
+    files = path.parent / "files"
+    by_type = records_by_type(path)
+
+    # every chart (its table) and table in one history row at the final step, on the Lightning axis
+    keys = [f"{k}_table" for k in CONCERN_CHARTS] + list(CONCERN_TABLES)
+    (row,) = [r for r in history_rows(path) if "smd_angular_update/per_tensor_table._type" in r]
+    assert row["trainer/global_step"] == 80
+    for key in keys:
+        assert row[f"{key}._type"] == "table-file", key
+        assert (files / row[f"{key}.path"]).is_file(), key
+    # one section (first key segment) per concern, none of them the raw ``smd`` section
+    sections = {key.split("/")[0] for key in keys}
+    assert sections == set(wandb_extras.CONCERN_SECTIONS) == {
+        "smd_angular_update", "smd_weight_norm", "smd_rescale", "smd_equilibrium"}
+    # the raw contract keys are untouched
+    assert "smd/angular_update/model.0.weight" in set().union(*history_rows(path))
+
+    # define_metric: each key falls under a glob of its own section on trainer/global_step
+    globs = {m.glob_name: m for m in by_type["metric"] if m.glob_name}
+    for key in keys:
+        glob = f"{key.split('/')[0]}/*"
+        assert fnmatch.fnmatch(key, glob) and globs[glob].step_metric == "trainer/global_step", key
+        assert globs[glob].options.step_sync
+
+    # the charts are line-series panels of the run config, each reading its own table
+    panels = {}
+    for config in by_type["config"]:
+        for item in config.update:
+            if list(item.nested_key[:2]) == ["_wandb", "visualize"]:
+                panels[item.nested_key[2]] = json.loads(item.value_json)
+    assert set(panels) == set(CONCERN_CHARTS)
+    for key, panel in panels.items():
+        assert panel["panel_config"]["panelDefId"] == "wandb/lineseries/v0"
+        query = panel["panel_config"]["userQuery"]["queryFields"][0]["fields"][3]
+        assert query["args"][0]["value"] == f"{key}_table"
+
+    def table(key: str) -> dict[str, Any]:
+        return json.loads((files / row[f"{key}.path"]).read_text())
+
+    # Δ_t per tensor, exactly as logged, and the theory Δ* line dropping by √10 at the LR change
+    lines = lines_of(table("smd_angular_update/per_tensor_table"))
+    assert set(lines) == {"Δ_t model.0.weight", "Δ_t model.3.weight", "Δ* theory"}
+    for name in expected.names:
+        steps, values = expected.series("angular_update", name)
+        assert lines[f"Δ_t {name}"] == list(zip(steps.tolist(), values.tolist()))
+    theory = dict(lines["Δ* theory"])
+    steps, values = expected.series("angular_update_theory", "model.0.weight")
+    assert theory == {s: v for s, v in zip(steps.tolist(), values.tolist()) if s in theory}
+    assert min(theory) == steps[0] and max(theory) == steps[-1]
+    levels = sorted(set(theory.values()))
+    assert len(levels) == 2 and levels[1] / levels[0] == pytest.approx(10 ** 0.5)
+    ratio = lines_of(table("smd_angular_update/ratio_table"))
+    assert set(ratio) == {"Δ_t/Δ* mean", "Δ_t/Δ* min", "Δ_t/Δ* max", "equilibrium (1)"}
+    assert [v for _, v in ratio["Δ_t/Δ* min"]] == [v for v in expected.ratio_stats["min"] if np.isfinite(v)]
+
+    # weight norms: a representative tensor with its prediction, the ratio for every tensor
+    layer = lines_of(table("smd_weight_norm/layer_table"))
+    assert set(layer) == {"‖w_t‖ model.0.weight", "predicted ‖w*‖ model.0.weight"}
+    assert [v for _, v in layer["predicted ‖w*‖ model.0.weight"]] == pytest.approx(
+        expected.series("weight_norm_theory", "model.0.weight")[1].tolist())
+    norm_ratio = lines_of(table("smd_weight_norm/ratio_table"))
+    assert set(norm_ratio) == {f"‖w_t‖/‖w*‖ {n}" for n in expected.names} | {"equilibrium (1)"}
+
+    # rescale and LR change (the callback's records hold no lr-*: no LR factor)
+    events = table("smd_rescale/events")
+    assert events["columns"] == ["step", "event", "factor"]
+    factor = callback.rescale_events[0]["factor"]
+    assert events["data"] == [[40, "lr_change", None], [40, "rescale", pytest.approx(factor)]]
+
+    # equilibrium: the fraction over time, and predicted vs measured per LR stage
+    fraction = lines_of(table("smd_equilibrium/fraction_table"))["fraction in equilibrium"]
+    logged = expected.extra["smd/equilibrium/fraction"]
+    assert dict(fraction) == {s: v for s, v in zip(expected.steps.tolist(), logged.tolist()) if s in dict(fraction)}
+    assert fraction[-1][1] == 1.0  # both tensors settled in the second stage
+    stages = table("smd_equilibrium/steps_to_equilibrium")
+    assert stages["columns"] == ["stage_start_step", "group", "rescaled", "predicted_steps", "measured_steps_median",
+                                 "measured_steps_min", "measured_steps_max", "tensors_reached"]
+    first, second = stages["data"]
+    assert first[:4] == [0, "", False, None] and first[-1] == 2
+    predicted = expected.extra["smd/steps_to_equilibrium/predicted/pg0"]
+    assert second[:4] == [40, "pg0", True, int(round(float(predicted[np.isfinite(predicted)][0])))]
+    assert second[-1] == 2
+    measured = sorted(s - 40 for s in (expected.equilibrium_step[n] for n in expected.names))
+    assert [second[5], second[6]] == [measured[0], measured[-1]]
+
+
+def test_concern_charts_stay_within_the_table_limit() -> None:
+    """Many tensors, many steps: at most 100 tensor lines + theory, under wandb.Table.MAX_ROWS,
+    and the piecewise-constant Δ* line kept exactly (only its change points)."""
+    series = RunSeries.from_records(simulate_records(n_layers=150, dim=8, steps=3000, drop_at=1500, log_every=1))
+    specs = wandb_extras._concern_specs(series)
+    assert set(specs) >= {"smd_angular_update/per_tensor", "smd_angular_update/ratio", "smd_weight_norm/layer",
+                          "smd_weight_norm/ratio", "smd_rescale/events"}
+    for key, spec in specs.items():
+        if spec["kind"] != "lines":
+            continue
+        rows = sum(len(x) for x in spec["xs"])
+        assert rows <= wandb_extras._MAX_ROWS < wandb.Table.MAX_ROWS, key
+        assert all(len(x) <= wandb_extras._MAX_POINTS for x in spec["xs"]), key
+    per_tensor = specs["smd_angular_update/per_tensor"]
+    assert len(per_tensor["keys"]) == 101 and per_tensor["keys"][-1] == "Δ* theory"
+    assert per_tensor["keys"][0] == f"Δ_t {series.names[0]}" and per_tensor["keys"][-2] == f"Δ_t {series.names[-1]}"
+    assert "100 of 150 tensors" in per_tensor["title"]
+    xs, ys = per_tensor["xs"][-1], per_tensor["ys"][-1]
+    assert len(xs) <= 6 and len(set(ys)) == 2  # two LR stages: a step down, drawn exactly
+    column = series.angular_update_theory[:, 0]
+    for x, y in zip(xs, ys):
+        assert column[list(series.steps).index(x)] == y
+
+
+def test_rescale_table_with_logged_lr() -> None:
+    """With ``lr-*`` in the series the LR change carries new/old LR; it is placed at the rescale step."""
+    records = [(step, {**m, "lr-SGD": 0.5 if step < 240 else 0.05}) for step, m in short_records()]
+    series = RunSeries.from_records(records)
+    assert [s for s, _ in series.rescale_events] == [240]
+    table = wandb_extras._concern_specs(series)["smd_rescale/events"]
+    assert table["data"] == [[240, "lr_change", pytest.approx(0.1)], [240, "rescale", series.rescale_events[0][1]]]
+    # nothing to show: no table
+    assert "smd_rescale/events" not in wandb_extras._concern_specs(RunSeries.from_records(short_records()[:12]))
