@@ -282,7 +282,6 @@ class SMDCallback(pl.Callback):
         self._names, self._groups = [], []
         for (oi, gi), members in sorted(by_group.items()):
             optimizer = trainer.optimizers[oi]
-            group = optimizer.param_groups[gi]
             params = [m.param for m in members]
             slices.append(GroupSlice(optimizer, gi, params, len(self._names), choose_mode(trainer, optimizer, gi, params)))
             self._names.extend(m.name for m in members)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

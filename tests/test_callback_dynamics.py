@@ -1,6 +1,5 @@
 """The callback on real fits: logged Δ_t and ‖w_t‖ reach the SMD theory (SMD_THEORY §3, §5)."""
 
-import math
 
 import pytest
 
@@ -50,6 +49,6 @@ def test_digits_bn_cnn_conv_weights_follow_theory(tmp_path):
         measured = mean_over(m[f"smd/angular_update/{name}"], 400)
         assert measured == pytest.approx(delta_star, rel=0.15), name
     # the step axis is Lightning's: logged where Lightning logs (every 5th step, 0-based 4, 9, ...)
-    steps = sorted(m[f"smd/angular_update/model.0.weight"])
+    steps = sorted(m["smd/angular_update/model.0.weight"])
     assert all((s + 1) % 5 == 0 for s in steps) and steps[-1] == 599
     assert set(steps) <= set(m["train_loss"])

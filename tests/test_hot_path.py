@@ -11,7 +11,6 @@ tensors computed from a transferred tensor are tracked through every torch call 
 from __future__ import annotations
 
 import sys
-import weakref
 from pathlib import Path
 
 import pytorch_lightning as pl
