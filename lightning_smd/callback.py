@@ -93,6 +93,8 @@ class SMDCallback(pl.Callback):
             |⟨g, w⟩|/(‖g‖‖w‖) is checked.
         radial_threshold: a tensor is numerically scale-invariant when its radial cosine stays below this.
         ema_steps: time constant, in optimizer steps, of the running estimate of L.
+        unit_grad_every: sample L at most every this many steps (the first measured step of each
+            block of this many); measuring every step then skips the 3 gradient passes in between.
         equilibrium_tolerance, equilibrium_window: equilibrium is reached when the mean of
             Δ_t/Δ* over ``equilibrium_window`` steps is within ``equilibrium_tolerance`` of 1.
         figures_every_n_steps: also render the figures periodically (rank 0); they are always
@@ -111,6 +113,7 @@ class SMDCallback(pl.Callback):
         detect_steps: int = 3,
         radial_threshold: float = 1e-4,
         ema_steps: float = 200.0,
+        unit_grad_every: int = 4,
         rescale_min_drop: float = 2.0,
         rescale_min_lr_ratio: float = 1e-3,
         rescale_on_increase: bool = False,
@@ -144,6 +147,9 @@ class SMDCallback(pl.Callback):
         self.include = include
         self.exclude = exclude
         self.detect = detect
+        if not isinstance(unit_grad_every, int) or unit_grad_every < 1:
+            raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {unit_grad_every!r}")
+        self.unit_grad_every = unit_grad_every
         self.detect_steps = detect_steps
         self.radial_threshold = radial_threshold
         self.figures_every_n_steps = figures_every_n_steps
@@ -288,7 +294,9 @@ class SMDCallback(pl.Callback):
             self._groups.extend([_group_label(trainer, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
         self._measure_on_all_ranks = is_sharded(trainer.strategy, params)
-        self._measurer = StepRecorder(slices, make_reduce_fn(trainer.strategy, params)) if slices else None
+        self._measurer = (
+            StepRecorder(slices, make_reduce_fn(trainer.strategy, params), self.unit_grad_every) if slices else None
+        )
         for t in tracked:
             if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
                 rank_zero_warn(
@@ -430,7 +438,7 @@ class SMDCallback(pl.Callback):
             return
         if not (self._measure_on_all_ranks or trainer.is_global_zero):
             return
-        self._measurer.begin(trainer, optimizer, log_step)
+        self._measurer.begin(trainer, optimizer, log_step, self._every(trainer))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._measurer is None:

@@ -127,13 +127,13 @@ class StepRecorder:
     :meth:`finish` in the same order (they run in hooks called on every rank).
     """
 
-    #: The unit-gradient statistics (3 of the 7 passes over the tracked tensors with momentum)
-    #: are sampled at most every this many steps; the running L averages over ~200 steps anyway,
-    #: so measuring every step then costs only the passes Δ_t and ‖w_t‖ need.
-    UNIT_GRAD_MIN_GAP = 4
-
-    def __init__(self, slices: list[GroupSlice], reduce_fn: Callable[[Tensor], Tensor] | None) -> None:
-        self._last_unit_grad: dict[int, int] = {}
+    def __init__(self, slices: list[GroupSlice], reduce_fn: Callable[[Tensor], Tensor] | None,
+                 unit_grad_every: int = 1) -> None:
+        # The unit-gradient statistics (3 of the 7 passes over the tracked tensors with momentum)
+        # are sampled at most every `unit_grad_every` steps: the running L averages over ~200 steps
+        # anyway. Which steps sample is a function of the step alone (samples_unit_grad), so a
+        # resumed run, every rank and every strategy sample the same ones.
+        self.unit_grad_every = unit_grad_every
         by_optimizer: dict[int, list[GroupSlice]] = {}
         for s in slices:
             by_optimizer.setdefault(id(s.optimizer), []).append(s)
@@ -148,7 +148,7 @@ class StepRecorder:
     def slices(self) -> list[GroupSlice]:
         return [s for m in self._measurers.values() for s in m.slices]
 
-    def begin(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, log_step: int) -> None:
+    def begin(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, log_step: int, every: int = 1) -> None:
         """Before ``optimizer`` steps (final, unscaled gradients): record ``w_t`` and ``g_t``."""
         key = id(optimizer)
         measurer = self._measurers.get(key)
@@ -157,9 +157,7 @@ class StepRecorder:
         scaler = grad_scaler(trainer)
         scale = _scale_tensor(scaler)
         grad_scale = scale if scale is not None and handles_unscaling(optimizer) and not _unscaled(scaler, optimizer) else None
-        unit_grad = log_step - self._last_unit_grad.get(key, log_step - self.UNIT_GRAD_MIN_GAP) >= self.UNIT_GRAD_MIN_GAP
-        if unit_grad:
-            self._last_unit_grad[key] = log_step
+        unit_grad = samples_unit_grad(log_step, every, self.unit_grad_every)
         slices = measurer.before_step(optimizer, grad_scale=grad_scale, unit_grad=unit_grad)
         theories = [theory.from_param_group(s.optimizer, s.group) for s in slices]
         self._pending[key] = _Pending(measurer, log_step, trainer.global_step, slices, theories,
@@ -190,6 +188,15 @@ class StepRecorder:
 
     def reset(self) -> None:
         self._pending = {}
+
+
+def samples_unit_grad(log_step: int, every: int, min_gap: int) -> bool:
+    """Whether measured step ``log_step`` (one in ``every``) also samples the unit gradient.
+
+    The first measured step of each block of ``min_gap`` steps does: every measured step when
+    ``every >= min_gap``, one in ``ceil(min_gap / every)`` otherwise. Stateless on purpose.
+    """
+    return log_step // min_gap != (log_step - every) // min_gap
 
 
 def _scale_tensor(scaler: Any | None) -> Tensor | None:

@@ -135,7 +135,8 @@ def run_setup(root: Path, name: str, *, strategy: Any = "auto", devices: int = 1
 
         strategy = ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
         model_kwargs = {**(model_kwargs or {}), "fsdp2": True}
-    cb = SMDCallback(**{"log_every_n_steps": 1, "verbose": False, **(callback_kwargs or {})})
+    # every step's unit gradient: the matrix compares every sample across setups
+    cb = SMDCallback(**{"log_every_n_steps": 1, "unit_grad_every": 1, "verbose": False, **(callback_kwargs or {})})
     module = (module_cls or TinyNet)(steps=steps, accumulate=accumulate, **(model_kwargs or {}))
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,

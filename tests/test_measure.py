@@ -120,3 +120,12 @@ def test_reduce_fn_receives_partial_sums_once():
     opt.step()
     measurer.after_step()
     assert calls == [torch.Size([5, 2])]
+
+
+def test_unit_gradient_sampling_depends_on_the_step_alone():
+    from lightning_smd.steps import samples_unit_grad
+
+    assert [s for s in range(20) if samples_unit_grad(s, 1, 4)] == [0, 4, 8, 12, 16]
+    assert [s for s in range(1, 20, 2) if samples_unit_grad(s, 2, 4)] == [1, 5, 9, 13, 17]
+    every_50 = range(49, 500, 50)
+    assert all(samples_unit_grad(s, 50, 4) for s in every_50)  # the default cadence samples every time
