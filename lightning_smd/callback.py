@@ -29,7 +29,7 @@ from lightning_smd.history import History
 from lightning_smd.measure import GroupSlice
 from lightning_smd.rescale import RescalePolicy, rescale_
 from lightning_smd.series import RunSeries
-from lightning_smd.steps import Finished, StepRecorder, choose_mode, is_real_step, radial_floor
+from lightning_smd.steps import Finished, StepRecorder, choose_mode, radial_floor
 from lightning_smd.summary import DetectionRow, format_detection_report
 
 __all__ = ["SMDCallback"]
@@ -428,8 +428,6 @@ class SMDCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not pl_module.automatic_optimization:
             self._check_hparams(trainer, optimizer)  # a scheduler may have stepped inside training_step
-        if not is_real_step(trainer):
-            return  # a DeepSpeed micro-batch inside an accumulation window
         if self._measurer is None:
             self._detection_step(trainer, optimizer)
             return

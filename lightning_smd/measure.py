@@ -154,19 +154,10 @@ class StepMeasurer:
     ``[K, N]`` tensor of partial sums across shards (identity when nothing is sharded).
     """
 
-    # rows of the partial-sum tensor
-    _W_SQ, _G_SQ, _VG, _D, _E = range(5)
-
     def __init__(self, slices: list[GroupSlice], reduce_fn: ReduceFn | None = None) -> None:
         self.slices = slices
-        self.num_tensors = sum(len(s.params) for s in slices)
         self.reduce_fn = reduce_fn
         self._pre: list[Tensor] | None = None
-        self._device: torch.device | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self._pre is not None
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
                     grad_scale: Tensor | float | None = None, unit_grad: bool = True) -> list[GroupSlice]:
@@ -203,7 +194,6 @@ class StepMeasurer:
                     s.snapshot = [torch.empty_like(w) for w in weights]
                 torch._foreach_copy_(s.snapshot, weights)
             pre.append(torch.stack([w_sq, g_sq, vg]))
-            self._device = w_sq.device
         self._pre = pre
         self._active = [s for s in self.slices if optimizer is None or s.optimizer is optimizer]
         return self._active

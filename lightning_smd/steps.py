@@ -18,8 +18,9 @@ with the setup, and is handled here:
 * **Low-precision parameters** (``bf16-true``, ``16-true``): the applied update is the rounded
   difference of two low-precision tensors, not ``−η·buf``; such groups are measured from a
   snapshot (statistics are accumulated in fp32 either way).
-* **DeepSpeed**: ``on_before_optimizer_step`` fires on every micro-batch; only gradient
-  accumulation boundaries are real steps (:func:`is_real_step`).
+
+DeepSpeed (whose hook fires on every micro-batch) is refused at fit start, see
+:func:`lightning_smd.distributed.check_supported`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 from lightning_smd import theory
 from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
 
-__all__ = ["StepRecorder", "choose_mode", "grad_scaler", "is_deepspeed", "is_real_step", "radial_floor"]
+__all__ = ["StepRecorder", "choose_mode", "grad_scaler", "radial_floor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -50,23 +51,6 @@ def grad_scaler(trainer: pl.Trainer) -> Any | None:
 def handles_unscaling(optimizer: torch.optim.Optimizer) -> bool:
     """Fused optimizers unscale inside ``step()``: their gradients are still scaled in the hook."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-
-
-def is_deepspeed(trainer: pl.Trainer) -> bool:
-    return type(trainer.strategy).__name__ == "DeepSpeedStrategy"
-
-
-def is_real_step(trainer: pl.Trainer) -> bool:
-    """Whether this ``on_before_optimizer_step`` precedes a real parameter update.
-
-    False for DeepSpeed micro-batches inside a gradient accumulation window (Lightning calls the
-    hook on every micro-batch there); True everywhere else.
-    """
-    if is_deepspeed(trainer):
-        engine = getattr(trainer.strategy, "model", None)
-        boundary = getattr(engine, "is_gradient_accumulation_boundary", None)
-        return bool(boundary()) if boundary is not None else True
-    return True
 
 
 def radial_floor(trainer: pl.Trainer) -> float:
@@ -141,10 +125,6 @@ class StepRecorder:
         self._pending: dict[int, _Pending] = {}
 
     @property
-    def pending(self) -> bool:
-        return bool(self._pending)
-
-    @property
     def slices(self) -> list[GroupSlice]:
         return [s for m in self._measurers.values() for s in m.slices]
 
@@ -185,9 +165,6 @@ class StepRecorder:
                     skipped = dropped if skipped is None else skipped | dropped
         first = pending[0]
         return Finished(first.log_step, first.global_step, torch.cat(stats, dim=1), slices, theories, skipped)
-
-    def reset(self) -> None:
-        self._pending = {}
 
 
 def samples_unit_grad(log_step: int, every: int, min_gap: int) -> bool:
