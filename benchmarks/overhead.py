@@ -18,13 +18,21 @@ A step is timed from the first callback's ``on_train_batch_start`` to the last c
 with ``time.perf_counter``, on CUDA with CUDA events. The first ``--warmup`` steps of every fit
 (the detection steps of SMDCallback among them) are not timed.
 
-Statistics: per fit the median step time; per round the overhead of a variant is its median over
+Statistics: per fit the mean step time (total time over steps: what throughput sees, including
+the steps that also sample the unit gradient); per round the overhead of a variant is its mean over
 that of ``none`` in the same round; reported are the medians over rounds and their IQR. The default
 cadence measures one step in 50: its step time is amortized as ``((E−1)·U + M)/E`` with ``U`` the
-median unmeasured step of the ``smd_default`` fit and ``M`` the median (measured) step of the
+mean unmeasured step of the ``smd_default`` fit and ``M`` the mean (measured) step of the
 ``smd_every`` fit of the same round, ``E`` = 50. The callback's *self time* (wall time spent inside
 its hooks, amortized the same way) is reported too: on CPU, where everything is synchronous, it is
 the callback's cost without the run-to-run noise of whole steps.
+
+Allocator: on Linux/glibc the benchmark first pins malloc's mmap threshold (32 MiB) and trim
+threshold (1 GiB) with ``mallopt`` (``--malloc default`` leaves glibc alone). With glibc's dynamic
+thresholds, whether a step's large temporaries (AdamW's on CPU) come from already-mapped heap pages or
+from freshly faulted ones depends on the heap's history: the same fit then runs at 60 or 90 ms per
+step, with or without a callback, as thousands of page faults per step come and go. The minor page
+faults per step are reported for every variant, so the steady state can be checked.
 
 Memory: "persistent" is the exact number of bytes of the tensors the callback holds between steps
 (found by walking the callback object; parameters, gradients and optimizer state excluded), next
@@ -36,6 +44,7 @@ RSS peak is not attributable to one fit, so no CPU peak is reported.)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime as _dt
 import gc
@@ -44,6 +53,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -157,7 +167,9 @@ class StepClock:
         self.warmup = warmup
         self.steps: list[tuple[int, Any, Any]] = []  # (batch_idx, start, end)
         self.hook_time: dict[int, float] = {}
+        self.page_faults: list[int] = []  # minor page faults of the process per timed step
         self._start: Any = None
+        self._faults = 0
         self._batch = -1
 
     def now(self):
@@ -170,10 +182,12 @@ class StepClock:
     def start(self, batch_idx: int) -> None:
         self._batch = batch_idx
         self._start = self.now() if batch_idx >= self.warmup else None
+        self._faults = _minor_faults()
 
     def end(self) -> None:
         if self._start is not None:
             self.steps.append((self._batch, self._start, self.now()))
+            self.page_faults.append(_minor_faults() - self._faults)
             self._start = None
 
     def add_hook_time(self, seconds: float) -> None:
@@ -186,6 +200,21 @@ class StepClock:
             torch.cuda.synchronize()
             return {b: s.elapsed_time(e) / 1e3 for b, s, e in self.steps}
         return {b: e - s for b, s, e in self.steps}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def pin_malloc() -> str:
+    """Fix glibc's mmap/trim thresholds (see the module docstring); returns what was done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 2**30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "default (mallopt unavailable)"
 
 
 class _ClockStart(pl.Callback):
@@ -322,7 +351,7 @@ def run_fit(spec: ModelSpec, optimizer: str, variant: str, steps: int, warmup: i
         base_alloc = torch.cuda.memory_allocated()
     trainer.fit(module)
     times = clock.times()
-    out: dict[str, Any] = {"times": times, "hook": dict(clock.hook_time)}
+    out: dict[str, Any] = {"times": times, "hook": dict(clock.hook_time), "page_faults": clock.page_faults}
     if cuda:
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - base_alloc
     if callback is not None:
@@ -355,6 +384,10 @@ def _median(xs):
     return statistics.median(xs) if xs else math.nan
 
 
+def _mean(xs):
+    return statistics.fmean(xs) if xs else math.nan
+
+
 def _quartiles(xs):
     if len(xs) < 2:
         return (xs[0], xs[0]) if xs else (math.nan, math.nan)
@@ -368,25 +401,27 @@ def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
     self_time: dict[str, list[float]] = {v: [] for v in VARIANTS if v != "none"}
     measured_default: list[float] = []
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    faults: dict[str, list[int]] = {v: [] for v in VARIANTS}
     for r in rounds:
         med = {}
         for v in VARIANTS:
             times = r[v]["times"]
             samples[v].extend(times.values())
+            faults[v].extend(r[v].get("page_faults", []))
             if v == "smd_default":
                 unmeasured = [t for b, t in times.items() if (b + 1) % every != 0]
                 measured_default.extend(t for b, t in times.items() if (b + 1) % every == 0)
-                med[v] = _median(unmeasured)
+                med[v] = _mean(unmeasured)
             else:
-                med[v] = _median(list(times.values()))
+                med[v] = _mean(list(times.values()))
             if v != "none":
                 hooks = r[v]["hook"]
                 if v == "smd_default":
-                    self_u = _median([h for b, h in hooks.items() if (b + 1) % every != 0] or [0.0])
-                    self_m = _median(list(r["smd_every"]["hook"].values()))
+                    self_u = _mean([h for b, h in hooks.items() if (b + 1) % every != 0] or [0.0])
+                    self_m = _mean(list(r["smd_every"]["hook"].values()))
                     self_time[v].append(((every - 1) * self_u + self_m) / every)
                 else:
-                    self_time[v].append(_median(list(hooks.values())))
+                    self_time[v].append(_mean(list(hooks.values())))
         # amortize: one measured step (cost as in the every-step fit) per `every` steps
         med["smd_default"] = ((every - 1) * med["smd_default"] + med["smd_every"]) / every
         for v in VARIANTS:
@@ -398,6 +433,7 @@ def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
             "step_ms_median": 1e3 * _median(per_round[v]),
             "step_ms_rounds": [1e3 * t for t in per_round[v]],
             "step_ms_iqr_samples": [1e3 * q for q in _quartiles(samples[v])],
+            "page_faults_per_step_median": _median(faults[v]),
         }
         if v != "none":
             overhead = [100.0 * (t / b - 1.0) for t, b in zip(per_round[v], base)]
@@ -486,8 +522,14 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
     lines.append(f"- {len(VARIANTS)} variants interleaved per round ({plan}); the untimed warm-up steps include "
                  f"detection; default cadence = one measured step in {TRAINER_LOG_EVERY}, amortized")
     lines.append("")
-    lines.append("Step time: median over rounds of the per-fit median (ms). Overhead: median over rounds of "
-                 "the step time relative to `none` of the same round, [IQR]. Self: time spent inside the "
+    lines.append(f"- allocator: {info.get('malloc', 'default')}; minor page faults per step (median), "
+                 "none / default / every / naive: " + "; ".join(
+                     f"{r['model']} {r['optimizer']}: " + " / ".join(
+                         f"{r['variants'][v].get('page_faults_per_step_median', math.nan):.0f}" for v in VARIANTS)
+                     for r in results))
+    lines.append("")
+    lines.append("Step time: median over rounds of the per-fit mean step time (ms). Overhead: median over rounds "
+                 "of the step time relative to `none` of the same round, [IQR]. Self: time spent inside the "
                  "callback's hooks per step, as % of the `none` step.")
     lines.append("")
     lines.append("| model | optimizer | SMD mode | none (ms) | SMD default cadence | SMD every step | "
@@ -558,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per fit, detection included "
                    "(default 10; others on CPU and quick 6)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count())")
+    p.add_argument("--malloc", default="pinned", choices=["pinned", "default"],
+                   help="pin glibc's malloc thresholds first (default; see the module docstring) or not")
     p.add_argument("--out", default=str(HERE / "results.md"), help="Markdown output ('' to skip); JSON next to it")
     args = p.parse_args(argv)
     args.argv = argv
@@ -582,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [ModelSpec("resnet18", 32, 32), ModelSpec("resnet50", 64, 32)]
 
     info = machine_info(args.device)
+    info["malloc"] = pin_malloc() if args.malloc == "pinned" else "default (glibc dynamic thresholds)"
     print(f"# {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
           f"load {info.get('load_average_start')}", flush=True)
     t_start = time.perf_counter()
@@ -598,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
                 data = {v: run_fit(spec, opt, v, steps, warmup, args.device) for v in order}
                 rounds_data.append(data)
-                meds = {v: 1e3 * _median(list(data[v]["times"].values())) for v in VARIANTS}
+                meds = {v: 1e3 * _mean(list(data[v]["times"].values())) for v in VARIANTS}
                 print(f"  {spec} {opt} round {r + 1}/{rounds}: " +
                       ", ".join(f"{v} {meds[v]:.1f} ms" for v in VARIANTS) +
                       f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)

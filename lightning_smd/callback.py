@@ -94,7 +94,7 @@ class SMDCallback(pl.Callback):
         radial_threshold: a tensor is numerically scale-invariant when its radial cosine stays below this.
         ema_steps: time constant, in optimizer steps, of the running estimate of L.
         unit_grad_every: sample L at most every this many steps (the first measured step of each
-            block of this many); measuring every step then skips the 3 gradient passes in between.
+            block of this many); measuring every step then skips the gradient reads in between.
         equilibrium_tolerance, equilibrium_window: equilibrium is reached when the mean of
             Δ_t/Δ* over ``equilibrium_window`` steps is within ``equilibrium_tolerance`` of 1.
         figures_every_n_steps: also render the figures periodically (rank 0); they are always

@@ -43,6 +43,7 @@ class EquilibriumTracker:
         self.stages: list[Stage] = []
         self._current: dict[str, Stage] = {}  # group -> its current stage
         self._points: dict[str, deque[tuple[int, float]]] = {}
+        self._sums: dict[str, float] = {}  # running sum of each window's ratios
 
     def start_stage(self, group: str, step: int, predicted_steps: int | None, rescaled: bool, names: Sequence[str]) -> None:
         stage = Stage(group, step, predicted_steps, rescaled)
@@ -50,6 +51,7 @@ class EquilibriumTracker:
         self._current[group] = stage
         for name in names:
             self._points.pop(name, None)
+            self._sums.pop(name, None)
 
     def update(self, step: int, groups: Sequence[str], names: Sequence[str], ratios: Sequence[float]) -> dict[str, int]:
         """Add one measured ratio per tensor; return the tensors that just reached equilibrium."""
@@ -64,10 +66,12 @@ class EquilibriumTracker:
                 continue
             points = self._points.setdefault(name, deque())
             points.append((step, ratio))
+            total = self._sums.get(name, 0.0) + ratio
             while points and points[0][0] <= step - self.window:
-                points.popleft()
+                total -= points.popleft()[1]
+            self._sums[name] = total
             covered = step - stage.start_step >= self.window and points[0][0] >= stage.start_step
-            mean = sum(r for _, r in points) / len(points)
+            mean = total / len(points)
             if covered and abs(mean - 1.0) <= self.tolerance:
                 stage.reached[name] = newly[name] = max(step - self.window + 1, stage.start_step)
         return newly
@@ -103,3 +107,4 @@ class EquilibriumTracker:
         self.stages = [Stage(**s) for s in state.get("stages", [])]
         self._current = {g: self.stages[i] for g, i in state.get("current", {}).items()}
         self._points = {n: deque((int(s), float(r)) for s, r in p) for n, p in state.get("points", {}).items()}
+        self._sums = {n: math.fsum(r for _, r in p) for n, p in self._points.items()}

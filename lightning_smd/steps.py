@@ -113,7 +113,7 @@ class StepRecorder:
 
     def __init__(self, slices: list[GroupSlice], reduce_fn: Callable[[Tensor], Tensor] | None,
                  unit_grad_every: int = 1) -> None:
-        # The unit-gradient statistics (3 of the 7 passes over the tracked tensors with momentum)
+        # The unit-gradient statistics (with momentum: 3 reads of the tracked tensors' size, on top of 4)
         # are sampled at most every `unit_grad_every` steps: the running L averages over ~200 steps
         # anyway. Which steps sample is a function of the step alone (samples_unit_grad), so a
         # resumed run, every rank and every strategy sample the same ones.

@@ -201,7 +201,7 @@ def test_recorder_sees_syncs_from_lightning_smd_frames():
 
 
 def test_unit_grad_false_skips_gradient_statistics_only():
-    """``before_step(unit_grad=False)`` (3 of 7 passes fewer in buffer mode): Δ_t and ‖w_t‖ unchanged,
+    """``before_step(unit_grad=False)`` (no read at all before the step in buffer mode): Δ_t and ‖w_t‖ unchanged,
     the unit-gradient row NaN (which RunningMean skips)."""
     from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
 

@@ -129,3 +129,50 @@ def test_unit_gradient_sampling_depends_on_the_step_alone():
     assert [s for s in range(1, 20, 2) if samples_unit_grad(s, 2, 4)] == [1, 5, 9, 13, 17]
     every_50 = range(49, 500, 50)
     assert all(samples_unit_grad(s, 50, 4) for s in every_50)  # the default cadence samples every time
+
+
+def test_cpu_fast_path_equals_the_generic_path(monkeypatch):
+    """The CPU/fp32 path (back-to-back BLAS dots) and the generic one (foreach norms, CUDA, 16-bit)
+    agree, for dense, channels_last and missing (``None``) partners, with and without ``subtract``."""
+    from lightning_smd import measure
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 8, 3, 3, generator=gen), torch.randn(32, 16, generator=gen),
+          torch.randn(8, 4, 5, 5, generator=gen).to(memory_format=torch.channels_last)]
+    ys = [torch.randn(16, 8, 3, 3, generator=gen), None, torch.randn_like(xs[2])]
+    assert ys[2].stride() == xs[2].stride()
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setattr(measure, "_fp32_cpu", lambda ts, fast=fast: fast)
+        for y_sq in (True, False):
+            results[fast, y_sq] = measure._pair_sums(xs, ys, y_sq=y_sq)
+        copies = [y.clone() if y is not None else None for y in ys]
+        results[fast, "subtract"] = measure._pair_sums(xs, copies, subtract=True)
+        results[fast, "subtracted"] = copies
+    for k in (True, False, "subtract"):
+        torch.testing.assert_close(results[True, k], results[False, k], rtol=1e-5, atol=1e-6)
+    expected = torch.tensor([[float(x.double().square().sum()) for x in xs],
+                             [float(ys[0].double().square().sum()), 0.0, float(ys[2].double().square().sum())],
+                             [float((xs[0].double() * ys[0].double()).sum()), 0.0,
+                              float((xs[2].double() * ys[2].double()).sum())]])
+    torch.testing.assert_close(results[True, True], expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[True, False], expected[[0, 2]].float(), rtol=1e-5, atol=1e-5)
+    for fast in (True, False):
+        torch.testing.assert_close(results[fast, "subtracted"][0], ys[0] - xs[0])
+        torch.testing.assert_close(results[fast, "subtracted"][2], ys[2] - xs[2])
+
+
+def test_tensor_without_gradient_reads_zero_angle():
+    """A tracked tensor that got no gradient has no momentum buffer after the step: Δ = 0, ‖w‖ exact."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    unused = torch.nn.Parameter(torch.randn(4, 4, 3, 3))
+    opt.add_param_group({"params": [unused], "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+    measurer = StepMeasurer([GroupSlice(opt, 0, [model[0].weight], 0, "buffer"),
+                             GroupSlice(opt, 1, [unused], 1, "buffer")])
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    measurer.before_step()
+    opt.step()
+    stats, _ = measurer.after_step()
+    assert float(stats[0, 0]) > 0 and float(stats[0, 1]) == 0.0
+    assert float(stats[1, 1]) == pytest.approx(float(unused.detach().double().norm()), rel=1e-6)

@@ -1,0 +1,54 @@
+"""EquilibriumTracker: the windowed mean of Δ_t/Δ*, kept as a running sum, against a brute-force reference."""
+
+import math
+import random
+
+from lightning_smd.equilibrium import EquilibriumTracker
+
+
+def _reference(steps_ratios, start, window, tolerance):
+    """The first step at which the mean over the last `window` steps is within tolerance (brute force)."""
+    for i, (step, _) in enumerate(steps_ratios):
+        if step - start < window:
+            continue
+        points = [r for s, r in steps_ratios[: i + 1] if s > step - window]
+        if abs(sum(points) / len(points) - 1.0) <= tolerance:
+            return max(step - window + 1, start)
+    return None
+
+
+def test_running_window_mean_matches_brute_force_and_survives_a_checkpoint():
+    rng = random.Random(0)
+    # Δ/Δ* relaxing from 0.3 to 1 with noise, measured every 3rd step; a NaN (skipped) on the way
+    series = [(s, 1.0 - 0.7 * math.exp(-s / 400.0) + rng.gauss(0.0, 0.05)) for s in range(0, 3000, 3)]
+    series[10] = (series[10][0], math.nan)
+    finite = [(s, r) for s, r in series if math.isfinite(r)]
+    expected = _reference(finite, 0, 200, 0.1)
+    assert expected is not None and expected > 500
+
+    tracker = EquilibriumTracker(0.1, 200)
+    tracker.start_stage("pg0", 0, None, False, ["w"])
+    reached = None
+    for i, (step, ratio) in enumerate(series):
+        if i == len(series) // 4:  # round-trip through the checkpoint state mid-way
+            state = tracker.state_dict()
+            tracker = EquilibriumTracker(0.1, 200)
+            tracker.load_state_dict(state)
+        newly = tracker.update(step, ["pg0"], ["w"], [ratio])
+        if newly:
+            assert reached is None
+            reached = newly["w"]
+    assert reached == expected
+    assert tracker.fraction_reached(["pg0"], ["w"]) == 1.0
+
+
+def test_new_stage_forgets_the_previous_window():
+    tracker = EquilibriumTracker(0.1, 10)
+    tracker.start_stage("pg0", 0, None, False, ["w"])
+    for step in range(20):
+        tracker.update(step, ["pg0"], ["w"], [0.2])  # far from equilibrium
+    tracker.start_stage("pg0", 20, None, False, ["w"])
+    newly = {}
+    for step in range(20, 31):
+        newly.update(tracker.update(step, ["pg0"], ["w"], [1.0]))
+    assert newly == {"w": 21}  # the 0.2s of the old stage do not count
