@@ -5,13 +5,15 @@
     python benchmarks/overhead.py --models resnet18:32:32 --optimizers adamw --rounds 9
     python benchmarks/overhead.py --device cuda   # CUDA events instead of perf_counter
 
-For each model and optimizer, four variants train the same model on the same data with a real
-``Trainer.fit``; the fits are interleaved (A B C D, B C D A, ...) and repeated ``--rounds`` times:
+For each model and optimizer, five variants train the same model on the same data with a real
+``Trainer.fit``; the fits are interleaved (A B C D E, B C D E A, ...) and repeated ``--rounds`` times:
 
 * ``none``: no callback;
 * ``smd_default``: ``SMDCallback()`` at its default cadence (the Trainer's ``log_every_n_steps``, 50);
 * ``smd_every``: ``SMDCallback(log_every_n_steps=1)``, measuring every step;
-* ``naive_every``: ``benchmarks/naive_reference.py``: clone + acos + ``.item()`` per tensor, every step.
+* ``naive_every``: ``benchmarks/naive_reference.py``: clone + acos + ``.item()`` per tensor, every step;
+* ``none_again``: no callback again: its "overhead" over ``none`` (an A/A comparison) is the
+  run-to-run noise of whole fits on this machine, the resolution of the end-to-end figures.
 
 A step is timed from the first callback's ``on_train_batch_start`` to the last callback's
 ``on_train_batch_end`` (forward, backward, optimizer step and every hook; not data loading), on CPU
@@ -74,7 +76,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from lightning_smd import SMDCallback  # noqa: E402
 from naive_reference import NaiveAngularUpdate  # noqa: E402
 
-VARIANTS = ("none", "smd_default", "smd_every", "naive_every")
+VARIANTS = ("none", "smd_default", "smd_every", "naive_every", "none_again")
+WITH_CALLBACK = ("smd_default", "smd_every", "naive_every")
 TRAINER_LOG_EVERY = 50  # Trainer's default log_every_n_steps: the callback's default cadence
 # Targets of the issue, for resnet18 at 32×32, batch 32, on a 2-core CPU.
 TARGETS = {("smd_default", "sgdm"): 1.0, ("smd_default", "adamw"): 1.0,
@@ -398,7 +401,7 @@ def _quartiles(xs):
 def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
     """Per-round step times (s) per variant, amortizing the default cadence; overheads in %."""
     per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    self_time: dict[str, list[float]] = {v: [] for v in VARIANTS if v != "none"}
+    self_time: dict[str, list[float]] = {v: [] for v in WITH_CALLBACK}
     measured_default: list[float] = []
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     faults: dict[str, list[int]] = {v: [] for v in VARIANTS}
@@ -414,7 +417,7 @@ def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
                 med[v] = _mean(unmeasured)
             else:
                 med[v] = _mean(list(times.values()))
-            if v != "none":
+            if v in WITH_CALLBACK:
                 hooks = r[v]["hook"]
                 if v == "smd_default":
                     self_u = _mean([h for b, h in hooks.items() if (b + 1) % every != 0] or [0.0])
@@ -440,6 +443,7 @@ def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
             entry["overhead_pct_median"] = _median(overhead)
             entry["overhead_pct_iqr"] = list(_quartiles(overhead))
             entry["overhead_pct_rounds"] = overhead
+        if v in WITH_CALLBACK:
             self_pct = [100.0 * s / b for s, b in zip(self_time[v], base)]
             entry["self_ms_median"] = 1e3 * _median(self_time[v])
             entry["self_pct_median"] = _median(self_pct)
@@ -525,16 +529,16 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
     lines.append(f"- allocator: {info.get('malloc', 'default')}; minor page faults per step (median), "
                  "none / default / every / naive: " + "; ".join(
                      f"{r['model']} {r['optimizer']}: " + " / ".join(
-                         f"{r['variants'][v].get('page_faults_per_step_median', math.nan):.0f}" for v in VARIANTS)
+                         f"{r['variants'][v].get('page_faults_per_step_median', math.nan):.0f}" for v in ("none", *WITH_CALLBACK))
                      for r in results))
     lines.append("")
     lines.append("Step time: median over rounds of the per-fit mean step time (ms). Overhead: median over rounds "
                  "of the step time relative to `none` of the same round, [IQR]. Self: time spent inside the "
                  "callback's hooks per step, as % of the `none` step.")
     lines.append("")
-    lines.append("| model | optimizer | SMD mode | none (ms) | SMD default cadence | SMD every step | "
-                 "naive every step | target default / every | met |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| model | optimizer | SMD mode | none (ms) | A/A noise (`none` again) | SMD default cadence | "
+                 "SMD every step | naive every step | target default / every | met |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         v = res["variants"]
 
@@ -554,8 +558,10 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
             met = f"{'yes' if ok_d else 'NO'} / {'yes' if ok_e else 'NO'}"
         else:
             target, met = "–", "–"
+        aa = v["none_again"]
+        noise = f"{_fmt_pct(aa['overhead_pct_median'])} [{aa['overhead_pct_iqr'][0]:+.1f}, {aa['overhead_pct_iqr'][1]:+.1f}]"
         lines.append(f"| {res['model']} | {res['optimizer']} | {', '.join(v['smd_every'].get('modes', []))} | "
-                     f"{v['none']['step_ms_median']:.1f} | {cell('smd_default')} | {cell('smd_every')} | "
+                     f"{v['none']['step_ms_median']:.1f} | {noise} | {cell('smd_default')} | {cell('smd_every')} | "
                      f"{cell('naive_every')} | {target} | {met} |")
     lines.append("")
     lines.append("Memory the callback holds between steps (exact: bytes of the tensors reachable from the "
@@ -579,7 +585,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
                f"{_fmt_mib(v['naive_every'].get('persistent_bytes'))} | "
                f"{e.get('records_bytes', 0) / 1024:.0f} KiB for {records} steps ({per / 1024:.1f} KiB/step) |")
         if info["device"] == "cuda":
-            row += " " + " / ".join(_fmt_mib(v[k].get("cuda_peak_bytes")) for k in VARIANTS) + " |"
+            row += " " + " / ".join(_fmt_mib(v[k].get("cuda_peak_bytes")) for k in ("none", *WITH_CALLBACK)) + " |"
         lines.append(row)
     lines.append("")
     return "\n".join(lines)
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default CPU: resnet18:32:32 resnet50:64:32; CUDA: resnet18:32:32 resnet50:224:64)")
     p.add_argument("--optimizers", nargs="+", default=["sgdm", "adamw"], choices=["sgdm", "adamw"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rounds", type=int, help="interleaved repetitions (default 5; models other than resnet18 "
+    p.add_argument("--rounds", type=int, help="interleaved repetitions (default 7; models other than resnet18 "
                    "on CPU 3; quick 2)")
     p.add_argument("--steps", type=int, help="timed steps per fit (default 40; others on CPU 6; quick 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per fit, detection included "
@@ -633,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for spec in specs:
         heavy = args.device == "cpu" and spec.name not in ("resnet18",)
-        rounds = args.rounds or (2 if args.quick else 3 if heavy else 5)
+        rounds = args.rounds or (2 if args.quick else 3 if heavy else 7)
         steps = args.steps or (10 if args.quick else 6 if heavy else 40)
         warmup = args.warmup if args.warmup is not None else (6 if args.quick or heavy else 10)
         for opt in args.optimizers:
