@@ -146,6 +146,8 @@ def test_cpu_fast_path_equals_the_generic_path(monkeypatch):
         monkeypatch.setattr(measure, "_fp32_cpu", lambda ts, fast=fast: fast)
         for y_sq in (True, False):
             results[fast, y_sq] = measure._pair_sums(xs, ys, y_sq=y_sq)
+            reversed_visit = measure._pair_sums(xs, ys, y_sq=y_sq, last_first=True)
+            torch.testing.assert_close(reversed_visit, results[fast, y_sq], rtol=0, atol=0)
         copies = [y.clone() if y is not None else None for y in ys]
         results[fast, "subtract"] = measure._pair_sums(xs, copies, subtract=True)
         results[fast, "subtracted"] = copies
