@@ -113,7 +113,7 @@ class SMDCallback(pl.Callback):
         detect_steps: int = 3,
         radial_threshold: float = 1e-4,
         ema_steps: float = 200.0,
-        unit_grad_every: int = 4,
+        unit_grad_every: int = 8,
         rescale_min_drop: float = 2.0,
         rescale_min_lr_ratio: float = 1e-3,
         rescale_on_increase: bool = False,
