@@ -12,9 +12,8 @@ source (below), taken back to back; ``w_t`` is never read, its norm follows from
 (``w_t = w_{t+1} − u``). Before the step only the unit-gradient sums are taken, on the steps that
 sample it, and the snapshot is copied (snapshot mode). With momentum that is 4 reads of the tracked
 tensors per measured step (7 when L is sampled). On CPU every sum is one BLAS ``dot``, which streams
-at the memory bandwidth; torch's CPU ``vector_norm`` (what ``_foreach_norm`` loops over there) is
-~35 % slower. On resnet18 (2-core CPU) this takes a measured SGD + momentum step's own cost from
-5.2 ms to 3.7 ms.
+at the memory bandwidth; torch's CPU ``vector_norm`` (what ``_foreach_norm`` loops over there) takes
+~1.7× as long (``benchmarks/measure_step.py``).
 
 How the update ``u = w_{t+1} − w_t`` is known, per param group (the *mode*):
 
@@ -132,7 +131,7 @@ def _sq_norms(tensors: Sequence[Tensor]) -> Tensor:
     tensors = list(tensors)
     if _fp32_cpu(tensors):
         # one BLAS dot per tensor reads it at the memory bandwidth; CPU foreach_norm is a loop of
-        # vector_norm, ~35 % slower on resnet18's tensors
+        # vector_norm, which takes ~1.7x as long (benchmarks/measure_step.py)
         return torch.stack([torch.dot(v, v) for v in (_flat(t) for t in tensors)])
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)  # CUDA: one multi-tensor kernel
     return torch.stack(norms).square()
