@@ -200,8 +200,7 @@ def _pair_sums(xs: Sequence[Tensor], ys: Sequence[Tensor | None], y_sq: bool = T
         torch._foreach_sub_([y for y in ys if y is not None], [x for x, y in zip(xs, ys) if y is not None])
     rows = [_sq_norms(xs)]
     if y_sq:
-        rows.append(torch.stack([_sq_norms([y])[0] if y is not None else torch.zeros((), device=x.device)
-                                 for x, y in zip(xs, ys)]) if any(y is None for y in ys) else _sq_norms(ys))
+        rows.append(_sq_norms([y if y is not None else x.new_zeros(()) for x, y in zip(xs, ys)]))
     rows.append(_dots(xs, ys))
     return torch.stack(rows)
 
