@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
+from lightning_smd.detect import clean_name
 from lightning_smd.measure import local
 
-__all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_"]
+__all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_", "rescale_averaged_models"]
 
 FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg"})
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
@@ -105,3 +106,22 @@ def rescale_(
             else:
                 untouched.add(key)
     return untouched
+
+
+def rescale_averaged_models(callbacks: Iterable[Any], names: list[str], factor: float) -> int:
+    """Rescale the matching tensors of EMA/SWA copies kept by weight-averaging callbacks.
+
+    Their averages would otherwise mix weights from both sides of the rescale, weighting the
+    larger, older ones more. Returns how many averaged models were rescaled.
+    """
+    wanted = set(names)
+    count = 0
+    for cb in callbacks:
+        averaged = getattr(cb, "_average_model", None)
+        if not isinstance(averaged, torch.optim.swa_utils.AveragedModel):
+            continue
+        params = [p for n, p in averaged.module.named_parameters() if clean_name(n) in wanted]
+        if params:
+            rescale_(params, factor)
+            count += 1
+    return count

@@ -102,6 +102,13 @@ class Finished:
     theories: list[theory.GroupTheory]
     skipped: Tensor | None  # device bool: the GradScaler skipped (one of) the step(s)
 
+    def to_host(self) -> tuple[Tensor, bool]:
+        """``(stats on the host, whether the GradScaler skipped the step)``: one transfer."""
+        if self.skipped is None:
+            return self.stats.cpu(), False
+        both = torch.cat([self.stats.reshape(-1), self.skipped.reshape(-1).to(self.stats.dtype)]).cpu()
+        return both[:-1].reshape(self.stats.shape), bool(both[-1])
+
 
 class StepRecorder:
     """Measured optimizer steps in flight, one :class:`StepMeasurer` per optimizer.

@@ -7,8 +7,28 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
+#: mean and standard deviation of the digits' pixels scaled to [0, 1] (all 1797 images)
+PIXEL_MEAN, PIXEL_STD = 0.3053, 0.3761
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 images as standardized ``[N, 1, 8, 8]`` float32, and their labels (int64)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return (x - PIXEL_MEAN) / PIXEL_STD, torch.tensor(digits.target, dtype=torch.long)
+
+
+def with_label_noise(labels: torch.Tensor, fraction: float, seed: int, num_classes: int = 10) -> torch.Tensor:
+    """``labels`` with a ``fraction`` of them (chosen by ``seed``) replaced by fixed random labels."""
+    gen = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(labels), generator=gen) < fraction
+    return torch.where(flip, torch.randint(0, num_classes, labels.shape, generator=gen), labels)
+
+
 class DigitsDataModule(pl.LightningDataModule):
-    """``sklearn.datasets.load_digits`` as 1×8×8 float tensors scaled to [0, 1], then standardized.
+    """``sklearn.datasets.load_digits`` as 1×8×8 float tensors, standardized (:func:`load_digits_tensors`).
 
     A fixed split (``split_seed``) keeps ``val_fraction`` of the images for validation.
     Nothing is downloaded: the data ships with scikit-learn.
@@ -44,19 +64,11 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        x = (x - 0.3) / 0.38
-        y = torch.tensor(digits.target, dtype=torch.long)
+        x, y = load_digits_tensors()
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = int(round(self.val_fraction * len(y)))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
-        y_train = y[train_idx]
-        noise = torch.Generator().manual_seed(self.split_seed + 1)
-        flip = torch.rand(len(y_train), generator=noise) < self.label_noise
-        y_train = torch.where(flip, torch.randint(0, 10, y_train.shape, generator=noise), y_train)
+        y_train = with_label_noise(y[train_idx], self.label_noise, seed=self.split_seed + 1)
         self.train_set = TensorDataset(x[train_idx], y_train)
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
 

@@ -6,28 +6,36 @@ import torchvision
 from torch import nn
 
 
-class DigitsCNN(nn.Module):
-    """Small BatchNorm CNN for the 8×8 grey sklearn digits.
+def digits_cnn_layers(num_classes: int = 10, width: int = 32, in_channels: int = 1) -> list[nn.Module]:
+    """The small BatchNorm CNN for 8×8 images, as a flat list of layers.
 
-    Three 3×3 conv → BN → ReLU blocks (the convs are scale-invariant through their BN),
-    a 2×2 max-pool after the second, global average pooling and a linear classifier.
+    Three 3×3 conv → BN → ReLU blocks (the convs are scale-invariant through their BN), of
+    ``width``, ``2·width`` and ``2·width`` channels, a 2×2 max-pool after the second, global
+    average pooling and a linear classifier (the last layer).
     """
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    return [
+        *block(in_channels, width),
+        *block(width, 2 * width),
+        nn.MaxPool2d(2),
+        *block(2 * width, 2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    ]
+
+
+class DigitsCNN(nn.Module):
+    """:func:`digits_cnn_layers` as ``features`` (everything up to the pooled vector) and ``fc``."""
 
     def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1) -> None:
         super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        self.features = nn.Sequential(
-            *block(in_channels, width),
-            *block(width, 2 * width),
-            nn.MaxPool2d(2),
-            *block(2 * width, 2 * width),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.fc = nn.Linear(2 * width, num_classes)
+        *features, fc = digits_cnn_layers(num_classes, width, in_channels)
+        self.features = nn.Sequential(*features)
+        self.fc = fc
 
     def forward(self, x):
         return self.fc(self.features(x))

@@ -1,0 +1,145 @@
+"""Detection during fit: record the first forward, check radial cosines over a few steps, decide once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_smd import theory
+from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, decide, select
+from lightning_smd.distributed import make_reduce_fn
+from lightning_smd.steps import radial_floor
+from lightning_smd.summary import DetectionRow, format_detection_report
+from lightning_smd.tracking import Tracked, group_label
+
+__all__ = ["Decision", "DetectionSession", "detection_report"]
+
+
+@dataclass
+class Decision:
+    """The outcome of detection: the chosen tensors (name → why) and the rejected structural ones."""
+
+    chosen: dict[str, Candidate]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class DetectionSession:
+    """Decides, once per fit, which of the trained tensors are scale-invariant.
+
+    The structural evidence comes from the dataflow of the first training forward (no extra
+    forward pass); the numerical evidence from the radial cosines of the gradients of the
+    following ``detect_steps`` updates of each optimizer. :meth:`step` returns the
+    :class:`Decision` on the step it is made (rank 0 decides, every rank gets it), ``None`` before.
+    """
+
+    def __init__(self, detect: str, detect_steps: int, radial_threshold: float, include: Any, exclude: Any) -> None:
+        self.detect = detect
+        self.detect_steps = detect_steps
+        self.radial_threshold = radial_threshold
+        self.include = include
+        self.exclude = exclude
+        self.tracked: list[Tracked] = []
+        self._recorder: DataflowRecorder | None = None
+        self._structural: dict[str, Candidate] | None = None
+        self._radial: dict[int, RadialCosineCheck] = {}  # one per optimizer
+        self._hook_calls: dict[int, int] = {}
+        self.done = False
+
+    def reset(self, tracked: list[Tracked]) -> None:
+        """A new fit: forget all evidence."""
+        self.stop_recording()
+        self.tracked = tracked
+        self._structural = None if self.detect != "numerical" else {}
+        self._radial, self._hook_calls = {}, {}
+        self.done = not tracked
+
+    def start_recording(self, pl_module: pl.LightningModule) -> None:
+        """Record the dataflow of the forward about to run (the first training batch only)."""
+        if not self.done and self._structural is None and self._recorder is None:
+            self._recorder = DataflowRecorder(pl_module)
+            self._recorder.start()
+
+    def stop_recording(self) -> None:
+        if self._recorder is not None:
+            recorder, self._recorder = self._recorder, None
+            self._structural = recorder.stop()
+
+    def step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Decision | None:
+        """Advance by one step of ``optimizer`` (gradients final, weights not yet updated).
+
+        Radial cosines are checked per optimizer, on that optimizer's own tensors and steps (with
+        several optimizers, e.g. a GAN's, the others' gradients are stale or absent).
+        """
+        self.stop_recording()
+        if self.done or self._structural is None:
+            return None
+        if self.detect == "structural":
+            return self._decide(trainer, {})
+        key = id(optimizer)
+        calls = self._hook_calls[key] = self._hook_calls.get(key, 0) + 1
+        if calls == 1:  # radial cosines are only trustworthy after this optimizer's first update
+            return None
+        if key not in self._radial:
+            params = [(t.name, t.param) for t in self.tracked if trainer.optimizers[t.optimizer_index] is optimizer]
+            self._radial[key] = RadialCosineCheck(params, reduce_fn=make_reduce_fn(trainer.strategy, [p for _, p in params]))
+        self._radial[key].update()
+        stepping = {id(trainer.optimizers[t.optimizer_index]) for t in self.tracked}
+        counts = [self._radial[k].steps if k in self._radial else 0 for k in stepping]
+        # all optimizers checked, or one of them for long (another one may step rarely, or never)
+        if min(counts) >= self.detect_steps or max(counts) >= 4 * self.detect_steps:
+            cosines: dict[str, float] = {}
+            for check in self._radial.values():
+                cosines.update(check.result())
+            self._radial = {}
+            return self._decide(trainer, cosines)
+        return None
+
+    def _decide(self, trainer: pl.Trainer, cosines: dict[str, float]) -> Decision:
+        tracked_names = {t.name for t in self.tracked}
+        structural = {n: c for n, c in (self._structural or {}).items() if n in tracked_names}
+        norm_affine = [t.name for t in self.tracked if t.norm_affine]
+        # 16-bit gradients: structure is confirmed at the precision's floor, discoveries stay strict
+        confirm = max(self.radial_threshold, radial_floor(trainer))
+        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm)
+        keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
+        chosen = {n: c for n, c in chosen.items() if n in keep}
+        # Every rank must track the same tensors: rank 0 decides.
+        chosen = trainer.strategy.broadcast(chosen, src=0)
+        self.done = True
+        return Decision(chosen, rejected)
+
+    def restore(self, names: list[str]) -> tuple[Decision, list[str]]:
+        """After a resume: exactly the tensors the checkpointed run tracked (and those now missing)."""
+        self.stop_recording()
+        self._structural, self.done = {}, True
+        wanted, known = set(names), {t.name for t in self.tracked}
+        chosen = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(wanted & known)}
+        return Decision(chosen), sorted(wanted - known)
+
+
+def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision) -> str:
+    """The table printed once detection is decided (rank 0)."""
+    rows = []
+    for t in tracked:
+        if t.name not in decision.chosen:
+            continue
+        optimizer = trainer.optimizers[t.optimizer_index]
+        rows.append(
+            DetectionRow(
+                name=t.name,
+                shape=tuple(t.param.shape),
+                reason=decision.chosen[t.name].reason,
+                group=group_label(trainer, t.optimizer_index, t.group_index),
+                theory=theory.from_param_group(optimizer, optimizer.param_groups[t.group_index]),
+            )
+        )
+    decayed_other = sum(
+        1
+        for t in tracked
+        if t.name not in decision.chosen
+        and float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) > 0
+    )
+    return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other, total=len(tracked))

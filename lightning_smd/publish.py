@@ -1,0 +1,55 @@
+"""Where results go on rank 0: every logger of the Trainer, the compact record history, figures and W&B extras."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from lightning_smd import report, wandb_extras
+from lightning_smd.history import History
+from lightning_smd.series import RunSeries
+
+__all__ = ["Publisher", "log_dir"]
+
+
+def log_dir(trainer: pl.Trainer) -> str | None:
+    """``trainer.log_dir`` without its broadcast: safe inside rank-zero-only code."""
+    loggers = trainer.loggers
+    if not loggers:
+        return None
+    logger = loggers[0]
+    if isinstance(logger, (pl.loggers.TensorBoardLogger, pl.loggers.CSVLogger)):
+        return logger.log_dir
+    return logger.save_dir
+
+
+class Publisher:
+    """Logs metric dicts through every logger (keeping :attr:`records`, what the figures are drawn
+    from) and renders the figures into ``figures_dir`` (default ``<log dir>/smd``). Rank 0 only."""
+
+    def __init__(self, figures_dir: str | None = None) -> None:
+        self.figures_dir = figures_dir
+        self.records = History()
+
+    def log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        self.records.append(step, metrics)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def figures_path(self, trainer: pl.Trainer) -> Path:
+        if self.figures_dir is not None:
+            return Path(self.figures_dir)
+        # not trainer.log_dir: it broadcasts (a collective) and this runs on rank 0 only
+        return Path(log_dir(trainer) or trainer.default_root_dir) / "smd"
+
+    def render_figures(self, trainer: pl.Trainer, summary_table: bool = False) -> dict[str, Path]:
+        """Write the figures and hand them, and at the end the per-layer table, to W&B."""
+        series = RunSeries.from_records(self.records)
+        figures = report.save_figures(series, self.figures_path(trainer))
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        wandb_extras.log_figures(trainer, figures, step)
+        wandb_extras.log_concern_charts(trainer, series, step)
+        if summary_table:
+            wandb_extras.log_summary_table(trainer, report.summary_rows(series), step)
+        return figures

@@ -1,0 +1,100 @@
+"""Which parameters the optimizers train, where each lives, and the step recorder for the chosen ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_smd.detect import clean_name, normalization_parameters
+from lightning_smd.distributed import is_sharded, make_reduce_fn
+from lightning_smd.measure import GroupSlice
+from lightning_smd.steps import StepRecorder, choose_mode
+
+__all__ = ["Tracked", "TrackedSet", "group_label", "trainable"]
+
+
+@dataclass
+class Tracked:
+    """A trainable parameter and where it lives."""
+
+    name: str
+    param: Tensor
+    optimizer_index: int
+    group_index: int
+    norm_affine: bool = False  # γ/β of a normalization layer: never discovered numerically
+
+    @property
+    def group_key(self) -> tuple[int, int]:
+        return self.optimizer_index, self.group_index
+
+
+def group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> str:
+    """The name a param group goes by in metric keys and reports: its ``"name"``, else ``pg{i}``."""
+    group = trainer.optimizers[optimizer_index].param_groups[group_index]
+    label = str(group["name"]) if "name" in group else f"pg{group_index}"
+    return f"opt{optimizer_index}_{label}" if len(trainer.optimizers) > 1 else label
+
+
+def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracked]:
+    """Every parameter an optimizer updates, with its clean name and (optimizer, group) indices."""
+    names = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
+    norm_affine = normalization_parameters(pl_module)
+    tracked: list[Tracked] = []
+    seen: set[int] = set()
+    for oi, optimizer in enumerate(trainer.optimizers):
+        for gi, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                name = names.get(id(p))
+                if name is None:
+                    rank_zero_warn(
+                        f"SMDCallback: optimizer {oi} group {gi} holds a parameter of shape {tuple(p.shape)} "
+                        "that is not a parameter of the LightningModule; it is not tracked."
+                    )
+                    continue
+                tracked.append(Tracked(name, p, oi, gi, name in norm_affine))
+    return tracked
+
+
+class TrackedSet:
+    """The scale-invariant tensors chosen by detection, in measurement order, and their recorder.
+
+    Tensors are ordered by (optimizer, group) then by the optimizer's own order; ``names[i]`` and
+    ``groups[i]`` label column ``i`` of the statistics the :class:`StepRecorder` produces.
+    """
+
+    def __init__(self, trainer: pl.Trainer, chosen: list[Tracked], unit_grad_every: int) -> None:
+        by_group: dict[tuple[int, int], list[Tracked]] = {}
+        for t in chosen:
+            by_group.setdefault(t.group_key, []).append(t)
+        self.by_group = dict(sorted(by_group.items()))
+        slices: list[GroupSlice] = []
+        self.names: list[str] = []
+        self.groups: list[str] = []
+        for (oi, gi), members in self.by_group.items():
+            optimizer = trainer.optimizers[oi]
+            params = [m.param for m in members]
+            slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(trainer, optimizer, gi, params)))
+            self.names.extend(m.name for m in members)
+            self.groups.extend([group_label(trainer, oi, gi)] * len(members))
+        params = [p for s in slices for p in s.params]
+        # sharded tensors: every rank holds a part of each sum and must take part in the reduction
+        self.measure_on_all_ranks = is_sharded(trainer.strategy, params)
+        self.recorder = StepRecorder(slices, make_reduce_fn(trainer.strategy, params), unit_grad_every) if slices else None
+        for t in chosen:
+            if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
+                rank_zero_warn(
+                    f"SMDCallback: {t.name} is scale-invariant but its param group has weight_decay=0: "
+                    "it has no equilibrium, its norm grows and its angular update decays."
+                )
+
+    def members(self, optimizer_index: int, group_index: int) -> list[Tracked]:
+        return self.by_group.get((optimizer_index, group_index), [])
+
+    def names_of(self, group: str) -> list[str]:
+        return [n for n, g in zip(self.names, self.groups) if g == group]
