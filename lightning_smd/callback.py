@@ -15,13 +15,13 @@ from torch import Tensor
 
 from lightning_smd import wandb_extras
 from lightning_smd.detect import Candidate, select
-from lightning_smd.detection_session import Decision, DetectionSession, detection_report
+from lightning_smd.detection_session import Decision, DetectionSession, check_filters, detection_report
 from lightning_smd.distributed import check_supported
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.history import History
 from lightning_smd.metrics import MetricsBuilder
-from lightning_smd.publish import Publisher
+from lightning_smd.publish import Publisher, check_writable
 from lightning_smd.rescale import RescalePolicy
 from lightning_smd.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.steps import StepRecorder
@@ -114,6 +114,15 @@ class SMDCallback(pl.Callback):
         if not isinstance(unit_grad_every, int) or unit_grad_every < 1:
             raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {unit_grad_every!r}")
         select([], include=include, exclude=exclude)  # validates the filters now, not at fit start
+        # what a resume compares against the checkpointed run's (callables by their repr)
+        self._arguments = {
+            "log_every_n_steps": log_every_n_steps, "rescale": rescale, "include": _plain(include),
+            "exclude": _plain(exclude), "detect": detect, "detect_steps": detect_steps,
+            "radial_threshold": radial_threshold, "ema_steps": ema_steps, "unit_grad_every": unit_grad_every,
+            "rescale_min_drop": rescale_min_drop, "rescale_min_lr_ratio": rescale_min_lr_ratio,
+            "rescale_on_increase": rescale_on_increase, "equilibrium_tolerance": equilibrium_tolerance,
+            "equilibrium_window": equilibrium_window,
+        }
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
         self.policy = (
@@ -145,7 +154,9 @@ class SMDCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, detect=self.detect)
+        # By class only: a resume with other arguments must still find (and restore) this state.
+        # It also makes Lightning refuse a second instance when the Trainer is built.
+        return type(self).__qualname__
 
     @property
     def records(self) -> History:
@@ -173,9 +184,23 @@ class SMDCallback(pl.Callback):
         return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        others = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback) and cb is not self]
+        if others:
+            raise ValueError(
+                f"SMDCallback: found two SMDCallback instances in the Trainer's callbacks ({len(others) + 1} in all). "
+                "Both would measure (twice the cost) and, with rescale, both would rescale at an LR drop "
+                "(weights × k^(-1/2) instead of k^(-1/4)). Keep one SMDCallback."
+            )
+        if self.figures_dir is not None and trainer.is_global_zero:
+            check_writable(self.figures_dir, "SMDCallback(figures_dir=...)")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer)
         self._trainable = trainable(trainer, pl_module)
+        check_filters([t.name for t in self._trainable], self.include, self.exclude)
         self._tracked = None
         self.detection.reset(self._trainable)
         if not self._trainable:
@@ -233,6 +258,10 @@ class SMDCallback(pl.Callback):
         if self.figures_every_n_steps and (finished.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self.publisher.render_figures(trainer)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for owed in self.schedule.pending(trainer, self._tracked):
+            rank_zero_warn(f"SMDCallback: a rescale was still pending when training ended: {owed}.")
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.detection.stop_recording()
         if not trainer.is_global_zero:
@@ -256,7 +285,20 @@ class SMDCallback(pl.Callback):
             "equilibrium": self.equilibrium.state_dict(),
             **self.schedule.state_dict(),
             "tracked": names,
+            "arguments": dict(self._arguments),
         }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Find the state of checkpoints written before the state key was the class name alone
+        (it held ``log_every_n_steps`` and ``detect``), so that such a resume restores it too."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        legacy = [k for k in states if isinstance(k, str) and k.startswith(self.state_key + "{")]
+        if len(legacy) == 1:
+            state = dict(states[legacy[0]])
+            state.setdefault("arguments", _legacy_arguments(legacy[0], self.state_key))
+            states[self.state_key] = state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
@@ -266,3 +308,30 @@ class SMDCallback(pl.Callback):
         self.schedule.load_state_dict(state_dict)
         self._saved_names = state_dict["tracked"]
         self._tracked = None
+        saved = state_dict.get("arguments") or {}
+        changed = [f"{k}={saved[k]!r} → {v!r}" for k, v in self._arguments.items() if k in saved and saved[k] != v]
+        if changed:
+            rank_zero_warn(
+                "SMDCallback: resumed with other arguments than the checkpointed run: " + ", ".join(changed) + ". "
+                "Restored all the same: the tracked tensors, the running L, the equilibrium stages and the rescale "
+                "history (a rescale is neither repeated nor skipped)."
+            )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it can be checkpointed and compared: strings, numbers, lists, else its repr."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return repr(value)
+
+
+def _legacy_arguments(key: str, prefix: str) -> dict[str, Any]:
+    import ast
+
+    try:
+        arguments = ast.literal_eval(key[len(prefix):])
+    except (ValueError, SyntaxError):
+        return {}
+    return arguments if isinstance(arguments, dict) else {}

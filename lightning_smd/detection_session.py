@@ -15,7 +15,7 @@ from lightning_smd.steps import radial_floor
 from lightning_smd.summary import DetectionRow, format_detection_report
 from lightning_smd.tracking import Tracked, group_label
 
-__all__ = ["Decision", "DetectionSession", "detection_report"]
+__all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
 
 
 @dataclass
@@ -118,6 +118,22 @@ class DetectionSession:
         wanted, known = set(names), {t.name for t in self.tracked}
         chosen = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(wanted & known)}
         return Decision(chosen), sorted(wanted - known)
+
+
+def check_filters(names: list[str], include: Any, exclude: Any) -> None:
+    """Run the ``include``/``exclude`` filters over every name now (before the first step), so a
+    callable that raises is reported with the parameter it failed on."""
+    for name in names:
+        for argument, pattern in (("include", include), ("exclude", exclude)):
+            if not callable(pattern):
+                continue
+            try:
+                select([name], **{argument: pattern})
+            except Exception as err:
+                raise ValueError(
+                    f"SMDCallback({argument}=...) failed on parameter {name!r}: {type(err).__name__}: {err}. "
+                    "It is called with every trainable parameter's name and must return True or False."
+                ) from err
 
 
 def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision) -> str:

@@ -221,6 +221,8 @@ class StepMeasurer:
         self.slices = slices
         self.reduce_fn = reduce_fn
         self._pre: list[Tensor] | None = None
+        self._missing: tuple[bool, ...] | None = None  # per active column: no gradient this step
+        self._mask_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
                     grad_scale: Tensor | float | None = None, unit_grad: bool = True) -> list[GroupSlice]:
@@ -235,9 +237,12 @@ class StepMeasurer:
         in buffer and grad mode, and only the snapshot is copied in snapshot mode.
         """
         pre = []
+        missing: list[bool] = []
         for s in self.slices:
             if optimizer is not None and s.optimizer is not optimizer:
                 continue
+            # torch's optimizers skip a tensor without gradient: no decay, no momentum, no move
+            missing.extend(p.grad is None for p in s.params)
             group = s.group
             s.lr = float(group["lr"])
             s.weight_decay = float(group.get("weight_decay", 0.0))
@@ -264,6 +269,7 @@ class StepMeasurer:
             pre.append(sums)
         self._pre = pre
         self._active = [s for s in self.slices if optimizer is None or s.optimizer is optimizer]
+        self._missing = tuple(missing) if any(missing) else None
         return self._active
 
     def after_step(self) -> tuple[Tensor, list[GroupSlice]]:
@@ -338,7 +344,27 @@ class StepMeasurer:
         # h_t = ‖g‖² + 2α⟨v_{t−1}, g⟩ with torch's dampened buffer rescaled to SMD's v
         h = g_sq + 2.0 * momentum * vg / (1.0 - dampening) if "buffer" in modes else g_sq
         unit_grad_sq = h * w_sq
-        return torch.stack([delta, w_sq.sqrt(), unit_grad_sq])
+        w_norm = w_sq.sqrt()
+        if self._missing is not None:
+            # No gradient: the optimizer skipped the tensor. Its buffer (and the gradient-mode
+            # reconstruction) would describe an update that did not happen: Δ = 0, ‖w_t‖ = ‖w_{t+1}‖
+            # (a snapshot measured what happened anyway), and no unit-gradient sample.
+            unmoved, unsampled = self._masks(sums.device)
+            delta = torch.where(unmoved, torch.zeros_like(delta), delta)
+            w_norm = torch.where(unmoved, a.sqrt(), w_norm)
+            unit_grad_sq = torch.where(unsampled, torch.full_like(unit_grad_sq, math.nan), unit_grad_sq)
+        return torch.stack([delta, w_norm, unit_grad_sq])
+
+    def _masks(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Device masks (not measured by a snapshot, no gradient) of the columns without gradient;
+        cached per pattern, so a branch used every other step builds two, not one per step."""
+        key = (device, self._missing, tuple(s.mode for s in self._active))
+        cache = self._mask_cache
+        if key not in cache:
+            modes = [s.mode for s in self._active for _ in s.params]
+            unmoved = [m and mode != "snapshot" for m, mode in zip(self._missing, modes)]
+            cache[key] = (torch.tensor(unmoved, device=device), torch.tensor(self._missing, device=device))
+        return cache[key]
 
 
 _MODE_CODE = {"buffer": 0.0, "grad": 1.0, "snapshot": 2.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_smd.equilibrium import EquilibriumTracker
@@ -37,6 +38,7 @@ class MetricsBuilder:
         self.unit_grad = unit_grad
         self.equilibrium = equilibrium
         self._key_cache: dict[str, TensorKeys] = {}
+        self._warned_not_finite = False
 
     def keys(self, name: str) -> TensorKeys:
         """The metric keys of one tensor, built once (shared by every record)."""
@@ -51,9 +53,13 @@ class MetricsBuilder:
         index = [i for s in finished.slices for i in range(s.start, s.stop)]
         names = [tracked.names[i] for i in index]
         groups = [tracked.groups[i] for i in index]
+        # a sample from a step with NaN/inf weights or update is not evidence about L
+        unit_grad_sample = [u if math.isfinite(d) and math.isfinite(w) else math.nan
+                            for u, d, w in zip(unit_grad_sample, delta, w_norm)]
         unit_grad = self.unit_grad.update(names, unit_grad_sample, step)
         metrics: dict[str, float] = {}
         ratios: list[float] = []
+        not_finite: list[str] = []
         i = 0
         for s, group_theory in zip(finished.slices, finished.theories):
             delta_star = group_theory.angular_update
@@ -62,14 +68,29 @@ class MetricsBuilder:
                 keys = self.keys(name)
                 metrics[keys.angular_update] = d
                 metrics[keys.weight_norm] = w_norm[i]
-                metrics[keys.unit_grad_sq] = unit_grad[i]
                 ratios.append(d / delta_star if delta_star else math.nan)
                 if delta_star is not None:
                     metrics[keys.angular_update_theory] = delta_star
+                if not (math.isfinite(d) and math.isfinite(w_norm[i])):
+                    # NaN/inf weights or update: the running L (which skipped the sample) and ‖w*‖
+                    # would be stale values that describe no step of this run
+                    not_finite.append(name)
+                    i += 1
+                    continue
+                metrics[keys.unit_grad_sq] = unit_grad[i]
                 # single h̃ samples can be negative with momentum; no prediction until the estimate is > 0
                 if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(unit_grad[i])) is not None:
                     metrics[keys.weight_norm_theory] = math.sqrt(norm_sq)
                 i += 1
+        if not_finite and not self._warned_not_finite:
+            self._warned_not_finite = True
+            more = f" and {len(not_finite) - 3} more" if len(not_finite) > 3 else ""
+            rank_zero_warn(
+                f"SMDCallback: step {finished.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
+                f"{', '.join(not_finite[:3])}{more}: the weights or their update hold NaN/inf and no GradScaler "
+                "skipped the step. Their running L and ‖w*‖ are neither updated nor logged until they are finite "
+                "again. Check the loss, the learning rate, or train with a GradScaler (precision='16-mixed')."
+            )
         finite = [r for r in ratios if math.isfinite(r)]
         if finite:
             metrics["smd/angular_update_ratio/mean"] = sum(finite) / len(finite)

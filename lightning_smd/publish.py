@@ -10,7 +10,7 @@ from lightning_smd import report, wandb_extras
 from lightning_smd.history import History
 from lightning_smd.series import RunSeries
 
-__all__ = ["Publisher", "log_dir"]
+__all__ = ["Publisher", "check_writable", "log_dir"]
 
 
 def log_dir(trainer: pl.Trainer) -> str | None:
@@ -22,6 +22,18 @@ def log_dir(trainer: pl.Trainer) -> str | None:
     if isinstance(logger, (pl.loggers.TensorBoardLogger, pl.loggers.CSVLogger)):
         return logger.log_dir
     return logger.save_dir
+
+
+def check_writable(directory: str | Path, argument: str) -> None:
+    """Create ``directory`` and write a probe file in it now, so a bad path fails before training."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".smd_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{argument}: cannot write figures to {str(path)!r} ({err}); pass a writable directory.") from err
 
 
 class Publisher:

@@ -44,6 +44,7 @@ class ScheduleWatcher:
         self.last_hparams: dict[str, HParams] = {}
         self.peak_lr: dict[str, float] = {}
         self.deferred: dict[str, dict[str, Any]] = {}
+        self.reference: dict[str, HParams] = {}  # per group: the last (η, λ) with η·λ > 0
 
     def check(self, trainer: pl.Trainer, tracked: TrackedSet | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Look at every group (of ``optimizer`` only, when given: inside its step, gradients exist).
@@ -61,9 +62,26 @@ class ScheduleWatcher:
                 last = self.last_hparams.get(key)
                 self.last_hparams[key] = current
                 self.peak_lr[key] = max(self.peak_lr.get(key, 0.0), current[0])
+                reference = self.reference.get(key)
+                if current[0] * current[1] > 0:
+                    self.reference[key] = current
                 if last is None or last == current:
                     continue
-                factor = self.policy.factor(last, current, self.peak_lr[key]) if self.policy else None
+                if current[0] * current[1] <= 0:
+                    # η·λ = 0 has no equilibrium: decide when it is non-zero again, against `reference`
+                    if reference is not None and last[0] * last[1] > 0:
+                        rank_zero_warn(
+                            f"SMDCallback: group {key}: lr·weight_decay is 0 from step {log_step} (lr {current[0]:g}, "
+                            f"weight decay {current[1]:g}): there is no equilibrium while it is. A rescale is decided "
+                            f"when it is non-zero again, against the last non-zero lr {reference[0]:g} and weight decay "
+                            f"{reference[1]:g}."
+                        )
+                    factor = None
+                elif reference is None:
+                    factor = None  # the first non-zero (η, λ) of the run (e.g. a warmup from 0): nothing to compare
+                else:
+                    last = reference  # through zero: compare with the last non-zero (η, λ)
+                    factor = self.policy.factor(last, current, self.peak_lr[key]) if self.policy else None
                 if factor is not None and tracked is None:
                     self._defer(key, oi, gi, factor, last, current, log_step)
                 elif factor is not None and self._rescale_group(trainer, tracked, oi, gi, factor, log_step, last, current,
@@ -85,6 +103,27 @@ class ScheduleWatcher:
                 factors[key] = d["factor"]
         self.deferred = {}
         self._log_rescales(trainer, factors, log_step)
+
+    def pending(self, trainer: pl.Trainer, tracked: TrackedSet | None) -> list[str]:
+        """The rescales owed but not applied (deferred, or an (η, λ) change after the last step seen)."""
+        owed = [f"group {key} (factor {d['factor']:.4f}, lr {d['lr'][0][0]:g} → {d['lr'][1][0]:g}): detection had "
+                "not decided which tensors to rescale" for key, d in sorted(self.deferred.items())]
+        if self.policy is None:
+            return owed
+        for oi, opt in enumerate(trainer.optimizers):
+            for gi, group in enumerate(opt.param_groups):
+                key = group_label(trainer, oi, gi)
+                current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
+                last, reference = self.last_hparams.get(key), self.reference.get(key)
+                if last is None or last == current or reference is None or key in self.deferred:
+                    continue
+                if tracked is not None and not tracked.members(oi, gi):
+                    continue
+                factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]))
+                if factor is not None:
+                    owed.append(f"group {key} (factor {factor:.4f}, lr {reference[0]:g} → {current[0]:g}): the lr changed "
+                                "after the last step; a run resumed from a checkpoint taken now applies it at its first step")
+        return owed
 
     def _defer(self, key: str, oi: int, gi: int, factor: float, last: HParams, current: HParams, log_step: int) -> None:
         """An LR change before detection finished: accumulate its factor, apply it once detection is done."""
@@ -131,7 +170,7 @@ class ScheduleWatcher:
                      key: str, last: HParams, current: HParams, log_step: int, rescaled: bool) -> None:
         new = theory.from_param_group(opt, opt.param_groups[gi])
         predicted = None
-        if new.family in ("sgd", "sgdm") and min(last) > 0:
+        if new.family in ("sgd", "sgdm") and min(last) > 0 and min(current) > 0:
             predicted = theory.steps_to_equilibrium(last[0] * (1 - new.dampening), new.effective_lr, last[1],
                                                     new.weight_decay, new.momentum)
         names = tracked.names_of(key) if tracked is not None else []
@@ -146,6 +185,7 @@ class ScheduleWatcher:
             "peak_lr": dict(self.peak_lr),
             "rescale_events": list(self.rescale_events),
             "deferred_rescales": dict(self.deferred),
+            "reference_hparams": {k: list(v) for k, v in self.reference.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,3 +193,7 @@ class ScheduleWatcher:
         self.peak_lr = dict(state["peak_lr"])
         self.rescale_events = list(state["rescale_events"])
         self.deferred = dict(state.get("deferred_rescales", {}))
+        # checkpoints from before 0.2 have no reference: the last non-zero (η, λ) seen is the best guess
+        self.reference = {k: (float(v[0]), float(v[1])) for k, v in
+                          state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()
+                                                          if v[0] * v[1] > 0}).items()}
