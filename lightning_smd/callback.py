@@ -13,8 +13,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_smd import wandb_extras
-from lightning_smd.detect import Candidate, select
+from lightning_smd import arguments, wandb_extras
+from lightning_smd.detect import Candidate
 from lightning_smd.detection_session import Decision, DetectionSession, check_filters, detection_report
 from lightning_smd.distributed import check_supported
 from lightning_smd.equilibrium import EquilibriumTracker
@@ -25,11 +25,10 @@ from lightning_smd.publish import Publisher, check_writable
 from lightning_smd.rescale import RescalePolicy
 from lightning_smd.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.steps import StepRecorder
-from lightning_smd.tracking import Tracked, TrackedSet, trainable
+from lightning_smd.tracking import Tracked, TrackedSet, param_counts, trainable
 
 __all__ = ["SMDCallback"]
 
-_DETECT_MODES = ("auto", "structural", "numerical")
 _STATE_VERSION = 1
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -99,30 +98,16 @@ class SMDCallback(pl.Callback):
         figures_dir: str | None = None,
         verbose: bool = True,
     ) -> None:
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"SMDCallback(log_every_n_steps=...) must be a positive int or None, got {log_every_n_steps!r}")
-        if detect not in _DETECT_MODES:
-            raise ValueError(f"SMDCallback(detect=...) must be one of {_DETECT_MODES}, got {detect!r}")
-        if not isinstance(detect_steps, int) or detect_steps < 1:
-            raise ValueError(f"SMDCallback(detect_steps=...) must be an int >= 1, got {detect_steps!r}")
-        if not radial_threshold > 0:
-            raise ValueError(f"SMDCallback(radial_threshold=...) must be > 0, got {radial_threshold!r}")
-        if figures_every_n_steps is not None and figures_every_n_steps < 1:
-            raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be >= 1 or None, got {figures_every_n_steps!r}")
-        if rescale not in (False, True, "drop", "continuous"):
-            raise ValueError(f"SMDCallback(rescale=...) must be False, True, 'drop' or 'continuous', got {rescale!r}")
-        if not isinstance(unit_grad_every, int) or unit_grad_every < 1:
-            raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {unit_grad_every!r}")
-        select([], include=include, exclude=exclude)  # validates the filters now, not at fit start
-        # what a resume compares against the checkpointed run's (callables by their repr)
-        self._arguments = {
-            "log_every_n_steps": log_every_n_steps, "rescale": rescale, "include": _plain(include),
-            "exclude": _plain(exclude), "detect": detect, "detect_steps": detect_steps,
-            "radial_threshold": radial_threshold, "ema_steps": ema_steps, "unit_grad_every": unit_grad_every,
-            "rescale_min_drop": rescale_min_drop, "rescale_min_lr_ratio": rescale_min_lr_ratio,
-            "rescale_on_increase": rescale_on_increase, "equilibrium_tolerance": equilibrium_tolerance,
-            "equilibrium_window": equilibrium_window,
-        }
+        given = dict(
+            log_every_n_steps=log_every_n_steps, rescale=rescale, include=include, exclude=exclude, detect=detect,
+            detect_steps=detect_steps, radial_threshold=radial_threshold, ema_steps=ema_steps,
+            unit_grad_every=unit_grad_every, rescale_min_drop=rescale_min_drop, rescale_min_lr_ratio=rescale_min_lr_ratio,
+            rescale_on_increase=rescale_on_increase, equilibrium_tolerance=equilibrium_tolerance,
+            equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
+            verbose=verbose,
+        )
+        arguments.validate(given)
+        self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
         self.policy = (
@@ -151,6 +136,8 @@ class SMDCallback(pl.Callback):
         self._trainable: list[Tracked] = []
         self._tracked: TrackedSet | None = None  # None until detection decided
         self._saved_names: list[str] | None = None  # tracked names from a checkpoint, until restored
+        self._param_counts: tuple[int, ...] = ()  # tensors per param group when detection last decided
+        self._added_at = 0
 
     @property
     def state_key(self) -> str:
@@ -211,12 +198,16 @@ class SMDCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._tracked is None and self._saved_names is not None:
+            # param groups other callbacks restored in their on_fit_start (e.g. BackboneFinetuning) count too
+            self._trainable = trainable(trainer, pl_module)
             decision, missing = self.detection.restore(self._saved_names)
             if missing:
                 rank_zero_warn(f"SMDCallback: {len(missing)} tensors tracked before the resume are gone: {missing[:5]}")
             self._saved_names = None
             self._start_tracking(trainer, decision, scale_grads=False)  # at batch start: no gradients yet
         else:
+            if self._tracked is not None and param_counts(trainer) != self._param_counts:
+                self._detect_added_tensors(trainer, pl_module)
             self.detection.start_recording(pl_module)
         self.schedule.check(trainer, self._tracked)
 
@@ -237,6 +228,10 @@ class SMDCallback(pl.Callback):
                 if self.verbose:
                     rank_zero_info(detection_report(trainer, self._trainable, decision))
             return
+        if not self.detection.done:  # tensors added to the optimizers after fit start
+            decision = self.detection.step(trainer, optimizer)
+            if decision is not None:
+                self._add_tracking(trainer, decision)
         log_step = log_step_of(trainer)
         if self._measurer is None or (log_step + 1) % self._every(trainer) != 0:
             return
@@ -274,7 +269,35 @@ class SMDCallback(pl.Callback):
     def _start_tracking(self, trainer: pl.Trainer, decision: Decision, scale_grads: bool) -> None:
         self.candidates = decision.chosen
         self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in decision.chosen], self.unit_grad_every)
+        self._param_counts = param_counts(trainer)
         self.schedule.apply_deferred(trainer, self._tracked, scale_grads=scale_grads)
+
+    def _detect_added_tensors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The optimizers hold more tensors than when detection decided (``add_param_group``, e.g.
+        ``BackboneFinetuning`` unfreezing a backbone): detect among the new ones, from this batch on."""
+        self._param_counts = param_counts(trainer)
+        known = {id(t.param) for t in self._trainable}
+        self._trainable = trainable(trainer, pl_module)
+        added = [t for t in self._trainable if id(t.param) not in known]
+        if added:
+            self._added_at = log_step_of(trainer)
+            self.detection.reset(added)
+
+    def _add_tracking(self, trainer: pl.Trainer, decision: Decision) -> None:
+        """Track the scale-invariant ones among the added tensors from now on, next to the others."""
+        self.candidates = {**self.candidates, **decision.chosen}
+        self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in self.candidates], self.unit_grad_every)
+        step = log_step_of(trainer)
+        for group in sorted({g for n, g in zip(self._tracked.names, self._tracked.groups) if n in decision.chosen}):
+            if self.equilibrium.current_stage(group) is None:  # a new param group: its first stage starts now
+                self.equilibrium.start_stage(group, step, None, False, self._tracked.names_of(group))
+        if self.verbose:
+            added = self.detection.tracked
+            rank_zero_info(
+                f"SMD: {len(added)} tensors were added to the optimizers at step {self._added_at}; "
+                f"from step {step} on, the scale-invariant ones among them are tracked too.\n"
+                + detection_report(trainer, added, decision)
+            )
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -297,7 +320,7 @@ class SMDCallback(pl.Callback):
         legacy = [k for k in states if isinstance(k, str) and k.startswith(self.state_key + "{")]
         if len(legacy) == 1:
             state = dict(states[legacy[0]])
-            state.setdefault("arguments", _legacy_arguments(legacy[0], self.state_key))
+            state.setdefault("arguments", arguments.from_legacy_state_key(legacy[0], self.state_key))
             states[self.state_key] = state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -308,30 +331,9 @@ class SMDCallback(pl.Callback):
         self.schedule.load_state_dict(state_dict)
         self._saved_names = state_dict["tracked"]
         self._tracked = None
-        saved = state_dict.get("arguments") or {}
-        changed = [f"{k}={saved[k]!r} → {v!r}" for k, v in self._arguments.items() if k in saved and saved[k] != v]
-        if changed:
+        if changed := arguments.changes(state_dict.get("arguments") or {}, self._arguments):
             rank_zero_warn(
                 "SMDCallback: resumed with other arguments than the checkpointed run: " + ", ".join(changed) + ". "
                 "Restored all the same: the tracked tensors, the running L, the equilibrium stages and the rescale "
                 "history (a rescale is neither repeated nor skipped)."
             )
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as it can be checkpointed and compared: strings, numbers, lists, else its repr."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    return repr(value)
-
-
-def _legacy_arguments(key: str, prefix: str) -> dict[str, Any]:
-    import ast
-
-    try:
-        arguments = ast.literal_eval(key[len(prefix):])
-    except (ValueError, SyntaxError):
-        return {}
-    return arguments if isinstance(arguments, dict) else {}

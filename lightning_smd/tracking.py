@@ -13,7 +13,7 @@ from lightning_smd.distributed import is_sharded, make_reduce_fn
 from lightning_smd.measure import GroupSlice
 from lightning_smd.steps import StepRecorder, choose_mode
 
-__all__ = ["Tracked", "TrackedSet", "group_label", "trainable"]
+__all__ = ["Tracked", "TrackedSet", "group_label", "param_counts", "trainable"]
 
 
 @dataclass
@@ -36,6 +36,11 @@ def group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> 
     group = trainer.optimizers[optimizer_index].param_groups[group_index]
     label = str(group["name"]) if "name" in group else f"pg{group_index}"
     return f"opt{optimizer_index}_{label}" if len(trainer.optimizers) > 1 else label
+
+
+def param_counts(trainer: pl.Trainer) -> tuple[int, ...]:
+    """How many tensors each param group holds: a change means tensors were added (cheap, per batch)."""
+    return tuple(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
 
 
 def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracked]:
