@@ -1,0 +1,68 @@
+"""The user-facing helper: ``find_scale_invariant(model, batch)`` runs both detections and decides."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from lightning_smd.detect.candidate import Candidate, clean_name
+from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
+from lightning_smd.detect.numerics import _radial_cosines
+from lightning_smd.detect.structure import structural_candidates
+
+__all__ = ["find_scale_invariant"]
+
+
+def find_scale_invariant(
+    module: nn.Module,
+    *args: Any,
+    include: Any = None,
+    exclude: Any = None,
+    detect: str = "auto",
+    threshold: float = 1e-4,
+    **kwargs: Any,
+) -> list[Candidate]:
+    """Find the scale-invariant parameter tensors of ``module`` for the input ``*args, **kwargs``.
+
+    Args:
+        module: the model; left unchanged (train/eval modes, buffers and RNG are restored; the
+            numerical check runs on a deep copy).
+        *args, **kwargs: one input batch, passed as ``module(*args, **kwargs)``. BatchNorm
+            runs in train mode, so use a batch of at least 2.
+        include, exclude: filters on parameter names, see :func:`select`.
+        detect: ``"structural"``: dataflow rules only (:func:`structural_candidates`);
+            ``"numerical"``: radial cosine below ``threshold`` after one backward of a fixed
+            random projection of the outputs (dicts of scalar losses are summed);
+            ``"auto"``: structural candidates confirmed numerically (unconfirmed ones are
+            dropped with a warning) plus numerically invariant tensors that the structure
+            could not explain.
+        threshold: radial cosine under which a tensor counts as invariant.
+
+    Returns:
+        Candidates in parameter order.
+
+    Note:
+        Numerical discoveries measured at initialisation can be false positives: e.g. a
+        BatchNorm γ whose β is still zero feeds a ReLU and then another normalization, which
+        makes it invariant *until β moves*. Normalization layers' own parameters are therefore
+        never discovered numerically (see :func:`decide`), and ``SMDCallback`` runs its
+        numerical check over several steps after the first optimizer update.
+    """
+    if detect not in DETECT_MODES:
+        allowed = ", ".join(map(repr, DETECT_MODES))
+        raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
+    structural = structural_candidates(module, *args, **kwargs) if detect != "numerical" else {}
+    cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
+    found, rejected = decide(structural, cosines, detect, threshold, normalization_parameters(module))
+    if rejected:
+        warnings.warn(
+            "structural scale-invariance candidates not confirmed numerically, dropped: "
+            + "; ".join(f"{n}: {why}" for n, why in rejected.items()),
+            stacklevel=2,
+        )
+    order = [clean_name(n) for n, _ in module.named_parameters()]
+    names = select([n for n in order if n in found], include, exclude)
+    return [found[n] for n in names]
+

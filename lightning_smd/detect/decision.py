@@ -1,0 +1,106 @@
+"""Decision: combine structural and numerical evidence into the chosen tensors, and filter names."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from lightning_smd.detect.candidate import Candidate, clean_name
+from lightning_smd.detect.modules import is_norm_module
+
+__all__ = ["DETECT_MODES", "decide", "normalization_parameters", "select"]
+
+DETECT_MODES = ("auto", "structural", "numerical")
+
+
+def _matcher(pattern: Any, argument: str) -> Callable[[str], bool] | None:
+    if pattern is None:
+        return None
+    if callable(pattern):
+        return lambda name: bool(pattern(name))
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(
+            f"{argument} must be None, a regex string, a list of regex strings or a callable, "
+            f"got {pattern!r}"
+        )
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as err:
+        raise ValueError(f"invalid regular expression in {argument}: {err}") from err
+    return lambda name: any(c.search(name) for c in compiled)
+
+
+def select(names: Iterable[str], include: Any = None, exclude: Any = None) -> list[str]:
+    """Filter ``names``.
+
+    ``include``/``exclude`` are each ``None``, a regex (``re.search``), a list of regexes (any
+    matches) or a callable ``name -> bool``. ``include`` keeps only matching names, ``exclude``
+    drops matching names. Raises ``ValueError`` naming the argument on an invalid regex or type.
+    """
+    keep = _matcher(include, "include")
+    drop = _matcher(exclude, "exclude")
+    return [
+        n for n in names if (keep is None or keep(n)) and (drop is None or not drop(n))
+    ]
+
+
+
+def normalization_parameters(module: nn.Module) -> set[str]:
+    """Clean names of the normalization layers' own parameters (γ, β) inside ``module``."""
+    return {
+        clean_name(f"{prefix}.{name}" if prefix else name)
+        for prefix, sub in module.named_modules()
+        if is_norm_module(sub)
+        for name, _ in sub.named_parameters(recurse=False)
+    }
+
+
+def decide(
+    structural: dict[str, Candidate],
+    cosines: dict[str, float],
+    detect: str,
+    threshold: float,
+    never_numerical: Iterable[str] = (),
+    confirm_threshold: float | None = None,
+) -> tuple[dict[str, Candidate], dict[str, str]]:
+    """Combine the two kinds of evidence; returns ``(chosen, rejected)`` (rejected: name → why).
+
+    * ``"structural"``: the structural candidates.
+    * ``"numerical"``: tensors whose radial cosine is below ``threshold``.
+    * ``"auto"``: structural candidates the radial cosine does not contradict (unmeasured ones,
+      e.g. without a gradient, are kept), plus numerically invariant tensors structure missed.
+
+    ``never_numerical`` (normally :func:`normalization_parameters`) is never *discovered*
+    numerically: a norm layer's γ whose β is still ≈0, followed by ReLU → conv → BN, is
+    invariant jointly with β only, yet its radial cosine in the first steps is as small as a
+    true invariant's (1e-6 on torchvision ResNets).
+
+    ``confirm_threshold`` (default ``threshold``) is the bar a *structural* candidate must pass:
+    16-bit gradients put true invariants at radial cosines of 1e-4 to 1e-3, so the callback
+    confirms structure more loosely there while numerical discoveries keep the strict bar.
+    """
+    if detect not in DETECT_MODES:
+        allowed = ", ".join(map(repr, DETECT_MODES))
+        raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
+    if detect == "structural":
+        return dict(structural), {}
+    chosen: dict[str, Candidate] = {}
+    rejected: dict[str, str] = {}
+    confirm = threshold if confirm_threshold is None else confirm_threshold
+    if detect == "auto":
+        for name, candidate in structural.items():
+            cos = cosines.get(name, math.nan)
+            if cos >= confirm:
+                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {confirm:g}"
+            else:
+                chosen[name] = candidate
+    skip = set(never_numerical) | set(structural)
+    for name, cos in cosines.items():
+        if name not in skip and cos < threshold:  # NaN (never measured) compares False
+            chosen[name] = Candidate(name, f"numerical: radial cosine {cos:.1e}", "numerical")
+    return chosen, rejected
