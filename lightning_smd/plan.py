@@ -23,8 +23,8 @@ How a schedule is cut into stages (:func:`split_stages`):
    milestone, a per-step cosine one segment per step).
 2. A new *stage* starts at the first segment whose equilibrium ratio k = (η·λ')/(η'·λ) against the
    stage's first segment reaches ``min_drop`` in either direction (default 2, the rescale policy's
-   ``rescale_min_drop``: the changes the rescale reacts to), or where the optimizer family changes
-   (e.g. η = 0). A piecewise-constant schedule gets one stage per value; a continuous one (cosine,
+   ``rescale_min_drop``: the changes the rescale reacts to), or where η or λ becomes 0 (no
+   formula). A group without weight decay is cut on η alone. A piecewise-constant schedule gets one stage per value; a continuous one (cosine,
    OneCycle, polynomial) one stage per factor ``min_drop`` of ηλ.
 3. A stage shorter than ``min_stage_fraction`` of the planned steps (default 1 %) absorbs the
    next one (a short final stage joins the previous one), so a cosine tail near η = 0 does not
@@ -211,8 +211,10 @@ class Stage:
         return f"stage {self.index} ({where}, η {_lr_text(self)})"
 
 
-def _arrays(schedule: GroupSchedule, end: int) -> tuple[Any, Any, Any, Any]:
-    """Durations, validity (η > 0 and λ > 0, finite) and log(η/λ) of the change points before ``end``."""
+def _arrays(schedule: GroupSchedule, end: int) -> tuple[Any, ...]:
+    """Per change point before ``end``: durations, validity (η > 0 and λ > 0, finite), log(η/λ), η,
+    and for cutting stages a kind (2: η, λ > 0; 1: η > 0 only, no decay; 0: η ≤ 0) with the log of
+    the quantity compared within that kind (η/λ, η)."""
     import numpy as np
 
     steps = np.asarray(schedule.steps, dtype=np.int64)
@@ -222,9 +224,13 @@ def _arrays(schedule: GroupSchedule, end: int) -> tuple[Any, Any, Any, Any]:
     wd = np.asarray(schedule.weight_decay[:n], dtype=np.float64)
     durations = np.diff(np.append(steps, end))
     with np.errstate(divide="ignore", invalid="ignore"):
-        valid = (lr > 0) & (wd > 0) & np.isfinite(lr) & np.isfinite(wd)
-        q = np.where(valid, np.log(np.where(valid, lr, 1.0)) - np.log(np.where(valid, wd, 1.0)), 0.0)
-    return durations, valid, q, lr
+        positive = (lr > 0) & np.isfinite(lr)
+        valid = positive & (wd > 0) & np.isfinite(wd)
+        log_lr = np.log(np.where(positive, lr, 1.0))
+        q = np.where(valid, log_lr - np.log(np.where(valid, wd, 1.0)), 0.0)
+    kind = np.where(valid, 2, np.where(positive, 1, 0))
+    cut = np.where(valid, q, np.where(positive, log_lr, 0.0))
+    return durations, valid, q, lr, kind, cut
 
 
 def split_stages(
@@ -242,7 +248,7 @@ def split_stages(
 
     if not min_drop > 1:
         raise ValueError(f"min_drop must be > 1, got {min_drop!r}")
-    durations, valid, q, _ = _arrays(schedule, end)
+    durations, _, _, _, kind, cut = _arrays(schedule, end)
     n = len(durations)
     if n == 0:
         return []
@@ -253,10 +259,9 @@ def split_stages(
         j, window, found = i + 1, 256, None
         while j < n and found is None:
             stop = min(n, j + window)
-            if valid[i]:
-                breaks = ~valid[j:stop] | (np.abs(q[j:stop] - q[i]) >= threshold)
-            else:
-                breaks = valid[j:stop]
+            breaks = kind[j:stop] != kind[i]
+            if kind[i]:
+                breaks |= np.abs(cut[j:stop] - cut[i]) >= threshold
             if breaks.any():
                 found = j + int(np.argmax(breaks))
             j, window = stop, window * 2
@@ -266,7 +271,8 @@ def split_stages(
         i = found
     # rule 4: leading stages that only rise (a warm-up) join the first one that does not
     lead = 0
-    while lead + 1 < len(raw) and valid[raw[lead]] and valid[raw[lead + 1]] and q[raw[lead + 1]] > q[raw[lead]]:
+    while (lead + 1 < len(raw) and kind[raw[lead]] and kind[raw[lead + 1]] == kind[raw[lead]]
+           and cut[raw[lead + 1]] > cut[raw[lead]]):
         lead += 1
     if lead:
         raw = [0] + raw[lead + 1:]
@@ -342,7 +348,7 @@ def build_plan(
         label = schedule.label
         if not planned:
             continue
-        durations, valid, q, lr = _arrays(schedule, end_step)
+        durations, valid, q, lr, _, _ = _arrays(schedule, end_step)
         previous: GroupTheory | None = None
         for index, (a, b) in enumerate(split_stages(schedule, end_step, min_drop, min_steps)):
             values = schedule.theory_at(_representative(durations[a:b], valid[a:b], q[a:b], lr[a:b]) + a)

@@ -542,3 +542,30 @@ def test_uncopyable_scheduler_and_unknown_length_do_not_crash() -> None:
     # ... with max_steps the plan needs no epoch length
     plan = plan_from_trainer(_FakeTrainer([], opt, batches=float("inf"), max_steps=40, max_epochs=-1))
     assert plan.end_step == 40 and plan.steps_per_epoch is None and "epochs" not in plan.format().splitlines()[1]
+
+
+def test_norm_weight_decay_group_is_planned_without_numbers(tmp_path: Path) -> None:
+    plan, _, _, _ = plan_preset("quickstart", tmp_path, ("model.norm_weight_decay=0.0",))
+    assert plan.groups == ["all", "norm"]
+    norm = plan.stages_of("norm")
+    assert [s.start for s in norm] == [0, 440] and all(s.angular_update is None for s in norm)
+    assert [s.start for s in plan.stages_of("all")] == [0, 440]
+    (warning,) = [w for w in plan.warnings if "'norm'" in w]
+    assert "weight_decay=0" in warning and "without SMD numbers" in warning
+
+
+def test_resumed_fit_plans_from_the_restored_step(tmp_path: Path) -> None:
+    def make(m, o):
+        return {"scheduler": torch.optim.lr_scheduler.MultiStepLR(o, [2], 0.1), "interval": "epoch"}
+
+    first = pl.Trainer(max_epochs=1, **QUIET)
+    first.fit(SchedModule(make), _loader(7))
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    recorder, planner = LRRecorder(), PlanAtTrainStart(stop=False)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[planner, recorder], **QUIET)
+    trainer.fit(SchedModule(make), _loader(7), ckpt_path=tmp_path / "epoch1.ckpt")
+    plan = planner.plan
+    assert (plan.start_step, plan.end_step) == (7, 21) and any("resumed" in n for n in plan.notes)
+    assert [(s.start, s.end) for s in plan.stages] == [(7, 14), (14, 21)]
+    predicted = plan.schedules[0].values_per_step(21)
+    assert predicted == recorder.values and len(recorder.values) == 14
