@@ -569,3 +569,35 @@ def test_resumed_fit_plans_from_the_restored_step(tmp_path: Path) -> None:
     assert [(s.start, s.end) for s in plan.stages] == [(7, 14), (14, 21)]
     predicted = plan.schedules[0].values_per_step(21)
     assert predicted == recorder.values and len(recorder.values) == 14
+
+
+@pytest.mark.parametrize("kind", ["cyclic", "warm_restarts", "polynomial", "exponential", "chained", "constant",
+                                  "multiplicative"])
+def test_other_torch_schedulers_match_manual_stepping(kind: str) -> None:
+    """No Trainer: the plan of a step-interval scheduler equals stepping the real one after each step."""
+    from pytorch_lightning.core.optimizer import LRSchedulerConfig
+    from torch.optim import lr_scheduler as lrs
+
+    make = {
+        "cyclic": lambda o: lrs.CyclicLR(o, 0.01, 0.1, step_size_up=3),  # cycles the momentum too
+        "warm_restarts": lambda o: lrs.CosineAnnealingWarmRestarts(o, 4),
+        "polynomial": lambda o: lrs.PolynomialLR(o, 15, 2.0),
+        "exponential": lambda o: lrs.ExponentialLR(o, 0.9),
+        "chained": lambda o: lrs.ChainedScheduler([lrs.ExponentialLR(o, 0.9), lrs.StepLR(o, 5, 0.5)]),
+        "constant": lambda o: lrs.ConstantLR(o, 0.5, total_iters=7),
+        "multiplicative": lambda o: lrs.MultiplicativeLR(o, lambda epoch: 0.95),
+    }[kind]
+    opt = _opt()
+    sched = make(opt)
+    plan = plan_from_trainer(_FakeTrainer([LRSchedulerConfig(sched, interval="step")], opt, batches=5, max_epochs=4),
+                             min_stage_fraction=0.0)
+    assert plan.predictable and plan.end_step == 20
+    used = []
+    for _ in range(20):
+        group = opt.param_groups[0]
+        used.append((group["lr"], group["weight_decay"], group["momentum"]))
+        opt.step()
+        sched.step()
+    predicted = plan.schedules[0].values_per_step(20)
+    assert [p[0] for p in predicted] == pytest.approx([u[0] for u in used], rel=1e-12)
+    assert [p[1:] for p in predicted] == [u[1:] for u in used]
