@@ -10,6 +10,9 @@ weight decay ``weight_decay`` (λ), heavy-ball momentum ``momentum`` (α), Adam/
   weight norm ‖w*‖² from the unit-gradient statistic ``L``.
 * :func:`relaxation_steps`, :func:`steps_to_equilibrium`: how fast the norm approaches equilibrium
   and how many steps an LR change costs (Corollary 3.1).
+* :func:`equilibrium_ratio`: the factor k by which an (η, λ) change moves the equilibrium
+  (‖w*‖⁴ divided by k); :func:`settling_steps`: steps to settle from an unknown start (the first
+  stage of a fit).
 * :func:`rescale_factor`: the factor that puts a tensor at its new equilibrium at once.
 * :func:`from_param_group`: recognise the optimizer family of one param group and return a
   :class:`GroupTheory` that evaluates all of the above for it.
@@ -29,9 +32,11 @@ __all__ = [
     "angular_update_sgdm",
     "equilibrium_norm_sq_sgd",
     "equilibrium_norm_sq_sgdm",
+    "equilibrium_ratio",
     "from_param_group",
     "relaxation_steps",
     "rescale_factor",
+    "settling_steps",
     "steps_to_equilibrium",
 ]
 
@@ -121,6 +126,34 @@ def steps_to_equilibrium(
     if math.isclose(k, 1.0, rel_tol=1e-12):
         return 0
     return math.ceil(abs(math.log(k)) * (1.0 - momentum) / (4.0 * weight_decay_new * lr_new))
+
+
+def equilibrium_ratio(
+    lr_old: float, lr_new: float, weight_decay_old: float, weight_decay_new: float | None = None
+) -> float:
+    """k = (η·λ')/(η'·λ): an (η, λ) → (η', λ') change divides the equilibrium ‖w*‖⁴ (∝ η/λ) by k.
+
+    k > 1 is a drop (η ÷ k at fixed λ), k < 1 a rise. It is the k of Corollary 3.1
+    (:func:`steps_to_equilibrium` costs ``⌈|log k|·(1 − α)/(4λ'η')⌉`` steps) and of the rescale
+    (:func:`rescale_factor` is ``k^(-1/4)``).
+    """
+    weight_decay_new = weight_decay_old if weight_decay_new is None else weight_decay_new
+    _check_positive(lr_old=lr_old, lr_new=lr_new, weight_decay_old=weight_decay_old, weight_decay_new=weight_decay_new)
+    return (lr_old * weight_decay_new) / (lr_new * weight_decay_old)
+
+
+def settling_steps(lr: float, weight_decay: float, momentum: float = 0.0, time_constants: float = 3.0) -> int:
+    """``⌈n·(1 − α)/(4λη)⌉``: steps for the norm to settle from a start of unknown distance.
+
+    From the initialisation the distance to ‖w*‖ is not known before L has been measured, so
+    Corollary 3.1 has no k. The approach is exponential with the time constant
+    :func:`relaxation_steps`; ``time_constants`` = n of them shrink the initial deviation by
+    e^(−n) (n = 3: 95 % of the way). This is Corollary 3.1's count for k = e^n (≈ 20 for n = 3).
+    """
+    if not (time_constants > 0 and math.isfinite(time_constants)):
+        raise ValueError(f"time_constants must be a positive finite number, got {time_constants!r}")
+    steps = time_constants * relaxation_steps(lr, weight_decay, momentum)
+    return math.ceil(steps * (1.0 - 1e-12))  # 7500.000000000001 from rounding is 7500 steps
 
 
 def rescale_factor(lr_old: float, lr_new: float, weight_decay_old: float, weight_decay_new: float | None = None) -> float:

@@ -56,10 +56,11 @@ import numpy as np
 if TYPE_CHECKING:
     from lightning_smd.series import RunSeries
 
-__all__ = ["log_concern_charts", "log_figures", "log_summary_table", "setup", "wandb_key"]
+__all__ = ["log_concern_charts", "log_figures", "log_plan_table", "log_summary_table", "setup", "wandb_key"]
 
 FIGURES_SECTION = "smd_figures"
 TABLE_KEY = "smd_summary/layers"
+PLAN_TABLE_KEY = "smd_equilibrium/plan"  # next to the measured steps_to_equilibrium table
 _STEP_METRIC = "trainer/global_step"
 _RATIO_KEYS = ("smd/angular_update_ratio/mean", "smd/angular_update_ratio/min", "smd/angular_update_ratio/max")
 #: One W&B section (first key segment) per concern, filled by :func:`log_concern_charts`.
@@ -165,6 +166,24 @@ def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> No
     def make() -> dict[str, Any]:
         data = [[row.get(col) for col in columns] for row in rows]
         return {TABLE_KEY: wandb.Table(columns=columns, data=data)}
+
+    _log(trainer, make, step)
+
+
+def log_plan_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
+    """Log ``rows`` (:meth:`lightning_smd.plan.Plan.rows`, one per predicted LR stage and group) as a
+    ``wandb.Table`` under ``smd_equilibrium/plan`` at ``step`` (the fit's first step): the
+    prediction that ``smd_equilibrium/steps_to_equilibrium`` measures. Rank 0; nothing without a
+    ``WandbLogger``."""
+    if not rows or not _wandb_loggers(trainer):
+        return
+    import wandb
+
+    columns = list(rows[0])
+
+    def make() -> dict[str, Any]:
+        data = [[row.get(col) for col in columns] for row in rows]
+        return {PLAN_TABLE_KEY: wandb.Table(columns=columns, data=data)}
 
     _log(trainer, make, step)
 

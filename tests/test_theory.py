@@ -160,3 +160,39 @@ def test_group_theory_steps_between_stages():
     opt.param_groups[0]["lr"] = 0.01
     after = theory.from_param_group(opt, opt.param_groups[0])
     assert after.steps_to_equilibrium_from(before) == theory.steps_to_equilibrium(0.1, 0.01, 1e-4, momentum=0.9)
+
+
+def test_equilibrium_ratio_is_corollary_k():
+    # LR ÷10: k = 10; a λ doubling at fixed η also moves ‖w*‖⁴ ∝ η/λ: k = 2
+    assert theory.equilibrium_ratio(0.1, 0.01, 1e-4) == pytest.approx(10.0)
+    assert theory.equilibrium_ratio(0.1, 0.1, 1e-4, 2e-4) == pytest.approx(2.0)
+    assert theory.equilibrium_ratio(0.01, 0.1, 1e-4) == pytest.approx(0.1)  # a rise
+    for lr_old, lr_new, wd_old, wd_new in [(0.1, 0.01, 1e-4, 1e-4), (0.2, 0.05, 1e-3, 5e-4), (0.02, 0.002, 1e-4, 1e-4)]:
+        k = theory.equilibrium_ratio(lr_old, lr_new, wd_old, wd_new)
+        assert theory.rescale_factor(lr_old, lr_new, wd_old, wd_new) == pytest.approx(k ** -0.25)
+        assert theory.steps_to_equilibrium(lr_old, lr_new, wd_old, wd_new, 0.9) == math.ceil(
+            math.log(k) * 0.1 / (4 * wd_new * lr_new))
+    with pytest.raises(ValueError, match="lr_new"):
+        theory.equilibrium_ratio(0.1, 0.0, 1e-4)
+
+
+def test_settling_steps():
+    assert theory.settling_steps(0.1, 1e-4, 0.9) == 7500  # 3 × (1 − 0.9)/(4·1e-4·0.1), no float overshoot
+    assert theory.settling_steps(0.2, 5e-3, 0.0, time_constants=1.0) == 250
+    assert theory.settling_steps(0.3, 1e-3, 0.0) == math.ceil(3 / (4 * 1e-3 * 0.3) - 1e-6)  # 2500
+    # = Corollary 3.1 for k = e^n
+    n, lr, wd, mom = 2.5, 0.05, 1e-3, 0.5
+    assert abs(theory.settling_steps(lr, wd, mom, n)
+               - theory.steps_to_equilibrium(lr * math.exp(n), lr, wd, momentum=mom)) <= 1  # ceil of a rounded log
+    with pytest.raises(ValueError, match="time_constants"):
+        theory.settling_steps(0.1, 1e-4, time_constants=0)
+    # the SGD norm recursion from a start 2x off: within ~e^-3 of the initial distance after 3τ, not after 1τ
+    lr, wd, L = 0.1, 1e-3, 4.0
+    target = theory.equilibrium_norm_sq_sgd(L, lr, wd)
+    for x0 in (2 * target, 0.5 * target):
+        x, dist = x0, []
+        for _ in range(theory.settling_steps(lr, wd)):
+            x = (1 - 2 * wd * lr) * x + L * lr**2 / x
+            dist.append(abs(x - target) / abs(x0 - target))
+        assert dist[-1] < 2 * math.exp(-3)
+        assert dist[len(dist) // 3] > math.exp(-3)
