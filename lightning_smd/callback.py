@@ -21,6 +21,7 @@ from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.history import History
 from lightning_smd.metrics import MetricsBuilder
+from lightning_smd.plan import Plan, plan_from_trainer
 from lightning_smd.publish import Publisher, check_writable
 from lightning_smd.rescale import RescalePolicy
 from lightning_smd.schedule import ScheduleWatcher, log_step_of
@@ -136,6 +137,8 @@ class SMDCallback(pl.Callback):
         self._trainable: list[Tracked] = []
         self._tracked: TrackedSet | None = None  # None until detection decided
         self._saved_names: list[str] | None = None  # tracked names from a checkpoint, until restored
+        self.rescale_min_drop = rescale_min_drop
+        self.plan: Plan | None = None  # the LR stages of the fit, predicted at train start (rank 0)
         self._param_counts: tuple[int, ...] = ()  # tensors per param group when detection last decided
         self._added_at = 0
 
@@ -196,6 +199,19 @@ class SMDCallback(pl.Callback):
         if trainer.is_global_zero:
             wandb_extras.setup(trainer)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the schedule through the whole fit, known now (epoch length included); no collective
+        if not trainer.is_global_zero:
+            return
+        try:
+            self.plan = plan_from_trainer(trainer, rescale=self.rescale, min_drop=self.rescale_min_drop)
+        except Exception as err:  # a prediction must never stop a training run
+            rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
+                           "training and measurement go on without a plan.")
+            return
+        self.plan.write_csv(self.figures_path(trainer) / "plan.csv")
+        wandb_extras.log_plan_table(trainer, self.plan.rows(), trainer.global_step)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._tracked is None and self._saved_names is not None:
             # param groups other callbacks restored in their on_fit_start (e.g. BackboneFinetuning) count too
@@ -227,6 +243,8 @@ class SMDCallback(pl.Callback):
                 self._start_tracking(trainer, decision, scale_grads=True)
                 if self.verbose:
                     rank_zero_info(detection_report(trainer, self._trainable, decision))
+                    if self.plan is not None:
+                        rank_zero_info(self.plan.format())
             return
         if not self.detection.done:  # tensors added to the optimizers after fit start
             decision = self.detection.step(trainer, optimizer)
