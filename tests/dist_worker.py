@@ -125,7 +125,8 @@ def main() -> None:
         info = {"rank": pl.utilities.rank_zero.rank_zero_only.rank}
         if cb is not None:
             info.update(candidates=sorted(cb.candidates), records=len(cb.records), skipped=getattr(cb, "skipped_steps", 0),
-                        global_step=trainer.global_step)
+                        global_step=trainer.global_step,
+                        reasons={n: str(getattr(c, "reason", "")) for n, c in cb.candidates.items()})
         if counter is not None:
             info["collectives"] = counter.calls
         (out / f"{name}.rank{info['rank']}.json").write_text(json.dumps(info))

@@ -9,7 +9,9 @@ CPU), each equal to a single-process run on the same global batches, a rescale a
 * FSDP × TP: ``parallelize_module`` column-wise (``Shard(0)``) and row-wise (``Shard(1)``) over
   ``tensor_parallel``, ``fully_shard`` over ``data_parallel``, a third hidden layer FSDP only: two
   layout groups (all 4 ranks; the 2 data-parallel ranks), one all-reduce each per measured step
-  and none on the others (counted around torch.distributed's collectives).
+  and none on the others (counted around torch.distributed's collectives);
+* the QK-norm transformer example (``tests.test_qknorm.QKNormNet``, AdamW) under FSDP × TP, heads
+  split across the tensor-parallel ranks: exactly the q and k projections are tracked.
 
 The 1-vs-N equality model is ``tests.setups_common.TinyNet`` (LayerNorm only, contiguous batch
 halves: the data-parallel gradient is the full-batch gradient up to float reassociation).
@@ -28,6 +30,7 @@ STEPS = 12
 DROP = 8  # MultiStepLR ×0.1 at this step, rescaled by (1/10)^(1/4)
 REL = 1e-4  # the issue's bar; the runs agree to ~1e-6
 RESCALE = {"milestones": [DROP]}
+QKNORM = "tests.test_qknorm:QKNormNet"
 
 
 def _setup(name, layout, devices, hidden=2, every=1, count=False):
@@ -41,18 +44,22 @@ FOUR = [
     _setup("hsdp", "hsdp", 4),
     # every other step measured: the collective count sees unmeasured steps too
     _setup("fsdp2-tp", "fsdp2_tp", 4, hidden=3, every=2, count=True),
+    {**_setup("qknorm-fsdp2-tp", "fsdp2_tp", 4), "module_cls": QKNORM, "model_kwargs": RESCALE},
 ]
-REFERENCE = {"fsdp2-default-mesh": "hidden2", "hsdp": "hidden2", "fsdp2-tp": "hidden3-every2"}
-TRACKED = {"hidden2": ["net.0.weight", "net.3.weight"], "hidden3-every2": ["net.0.weight", "net.3.weight", "net.6.weight"]}
+REFERENCE = {"fsdp2-default-mesh": "hidden2", "hsdp": "hidden2", "fsdp2-tp": "hidden3-every2",
+             "qknorm-fsdp2-tp": "qknorm"}
+QK = [f"model.blocks.{i}.attn.{p}_proj.weight" for i in range(2) for p in ("k", "q")]
+TRACKED = {"hidden2": ["net.0.weight", "net.3.weight"], "hidden3-every2": ["net.0.weight", "net.3.weight", "net.6.weight"],
+           "qknorm": QK}
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    runs = {"hidden2": {"hidden_layers": 2}, "hidden3-every2": {"hidden_layers": 3}}
+    runs = {"hidden2": {"hidden_layers": 2}, "hidden3-every2": {"hidden_layers": 3}, "qknorm": {}}
     for name, kw in runs.items():
         every = 2 if name.endswith("every2") else 1
-        run_setup(root, name, steps=STEPS, model_kwargs={**RESCALE, **kw},
+        run_setup(root, name, steps=STEPS, model_kwargs={**RESCALE, **kw}, module_cls=QKNORM if name == "qknorm" else None,
                   callback_kwargs={"rescale": True, "log_every_n_steps": every})
     return {name: metrics_of(root, name) for name in runs}
 
@@ -82,7 +89,7 @@ def _check_equal(runs, single, setup):
     assert_same_series(metrics[setup], single[REFERENCE[setup]], rel=REL, what=setup)
     # the rescale happened, on every rank's shards (the series after step 8 would differ otherwise)
     assert metrics[setup]["smd/rescale_factor"] == pytest.approx({DROP: 0.1**0.25})
-    after = smd_series(metrics[setup])["smd/angular_update/net.0.weight"]
+    after = smd_series(metrics[setup])[f"smd/angular_update/{want[0]}"]
     assert max(after) == STEPS - 1 and min(after) < DROP
 
 
@@ -102,6 +109,26 @@ def test_hsdp_equals_single_process(four, single):
 def test_fsdp2_tensor_parallel_equals_single_process(four, single):
     """Column-wise and row-wise TP under FSDP, plus an FSDP-only layer: mixed placements and meshes."""
     _check_equal(four, single, "fsdp2-tp")
+
+
+@pytest.mark.slow
+def test_qknorm_transformer_fsdp2_tp_equals_single_process(four, single):
+    """AdamW on the QK-norm transformer, q/k/v column-wise (2 of 4 heads per rank), o row-wise, the
+    q/k norms SequenceParallel over the heads, FSDP over data_parallel: only q and k are tracked,
+    on every rank, and every series equals one process."""
+    _check_equal(four, single, "qknorm-fsdp2-tp")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "detect: DataflowRecorder's forward pre-hooks run after SequenceParallel's (registered first by "
+    "parallelize_module), which already replaced the q/k norm's input by DTensor.from_local(...): the "
+    "'Linear → RMSNorm' rule does not see the norm; q/k are found by the numerical check only. Fix: "
+    "register the recorder's pre-hooks with prepend=True."))
+def test_qknorm_tensor_parallel_found_by_the_structural_rule(four):
+    _, ranks = four
+    reasons = ranks["qknorm-fsdp2-tp"][0]["reasons"]
+    assert all(r.startswith("Linear → RMSNorm") for r in reasons.values()), reasons
 
 
 def _after_detection(calls):
