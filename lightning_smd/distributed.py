@@ -1,7 +1,9 @@
 """Reductions of per-shard partial sums, and which ranks need to measure at all.
 
 Norms and dot products are sums over elements, so a sharded tensor's value is the sum of its
-shards' partial sums: one ``all_reduce(SUM)`` of the stacked ``[K, N]`` tensor per measured step.
+shards' partial sums: one ``all_reduce(SUM)`` of the stacked ``[K, N]`` tensor per measured step
+and layout group (one group for FSDP2 and HSDP; FSDP × TP adds one per other sharding), a few
+floats per tracked tensor whatever the model size.
 
 * Replicated parameters (single device, DDP, ddp_spawn, multi-node DDP): every rank holds the same
   values; no collective is needed and only global rank 0 measures and logs.
