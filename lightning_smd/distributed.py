@@ -153,27 +153,20 @@ class _Group:
         return index
 
 
-_FLAT_GROUPS: dict[tuple, Any] = {}
-
-
 def _process_groups(mesh: Any, dims: tuple[int, ...]) -> list[Any]:
     """Process groups whose ranks hold the shards of a tensor sharded over mesh ``dims``: one
     group (the mesh dimension's, or the flattened group of several) wherever possible."""
     if len(dims) == 1:
         return [mesh.get_group(dims[0])]
     names = mesh.mesh_dim_names
-    cache_key = (mesh, dims)
-    if cache_key in _FLAT_GROUPS:
-        return [_FLAT_GROUPS[cache_key]]
     if names:
-        try:  # a collective (new_group) the first time: make_reduce_fn runs on every rank, in the same order
+        # a collective (new_group) the first time, cached by the root mesh afterwards: make_reduce_fn
+        # runs on every rank, in the same order
+        try:
             sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
-            group = sub._flatten().get_group()
+            return [sub._flatten().get_group()]
         except Exception:  # noqa: BLE001 - private API, or a name clash: reduce dimension by dimension
-            group = None
-        if group is not None:
-            _FLAT_GROUPS[cache_key] = group
-            return [group]
+            pass
     return [mesh.get_group(d) for d in dims]
 
 

@@ -161,3 +161,58 @@ def test_one_all_reduce_per_layout_group_per_measured_step(two, four):
     for info in ranks["fsdp2-default-mesh"]:
         measured, detected_at = _after_detection([tuple(c) for c in info["collectives"]])
         assert [c[1:] for c in measured] == [("all_reduce", [0, 1], 2)] * (STEPS - 1 - detected_at)
+
+
+# ------------------------------------------------------------------ in process: layout grouping
+@pytest.fixture
+def fake_world():
+    """A 4-rank world in this process (torch's "fake" backend: collectives return at once), seen
+    from rank 1 of a (data_parallel=2, tensor_parallel=2) mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=1, world_size=4, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (2, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layout_groups_and_one_collective_each(fake_world, monkeypatch):
+    """FSDP × TP placements (``_StridedShard`` is not a ``Shard`` and its ``is_shard()`` is False),
+    an FSDP-only tensor, a replicated DTensor and a plain tensor: two groups, reduced once each in
+    the order of their first column, results scattered back to their columns."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lightning_smd.distributed import LayoutReduce
+
+    mesh = fake_world
+    col = DTensor.from_local(torch.ones(2, 4), mesh, [_StridedShard(0, split_factor=2), Shard(0)], run_check=False)
+    row = DTensor.from_local(torch.ones(4, 2), mesh, [Shard(0), Shard(1)], run_check=False)
+    fsdp_only = DTensor.from_local(torch.ones(2, 4), mesh["data_parallel"], [Shard(0)], run_check=False)
+    replicated = DTensor.from_local(torch.ones(4), mesh, [Replicate(), Replicate()], run_check=False)
+    reduce = LayoutReduce([col, fsdp_only, row, replicated, torch.ones(3)])
+    assert [(g.key, g.columns) for g in reduce.groups] == [((0, 1, 2, 3), [0, 2]), ((1, 3), [1])]
+    assert reduce.collectives_per_call == 2
+
+    calls = []
+
+    def all_reduce(tensor, op=None, group=None, **kw):  # stands for the sum: ×10 over 4 ranks, ×100 over 2
+        ranks = dist.get_process_group_ranks(group)
+        calls.append((tuple(tensor.shape), ranks))
+        tensor.mul_(10 if len(ranks) == 4 else 100)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    out = reduce(torch.ones(5, 5))
+    assert calls == [((5, 2), [0, 1, 2, 3]), ((5, 1), [1, 3])]
+    assert out[0].tolist() == [10.0, 100.0, 10.0, 1.0, 1.0]  # replicated and plain columns: untouched
+    with pytest.raises(RuntimeError, match="partial sums of 3 tensors.*5 tracked tensors in 2 layouts"):
+        reduce(torch.ones(5, 3))
+    # one layout (FSDP2 / HSDP): in place, whatever the number of columns (detection skips gradless tensors)
+    single = LayoutReduce([row, col])
+    calls.clear()
+    assert single(torch.ones(3, 1)).tolist() == [[10.0]] * 3 and calls == [((3, 1), [0, 1, 2, 3])]
