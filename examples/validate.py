@@ -103,6 +103,13 @@ def check_strategy(cfg: DictConfig) -> None:
                 "support it. Use a classification model (digits_cnn, resnet18_cifar, resnet50, "
                 "mobilenet_v2) or strategy=ddp"
             )
+        params = inspect.signature(cls.__init__).parameters
+        for key, strategy in (("tensor_parallel", "fsdp2_tp"), ("hsdp_shard_size", "hsdp")):
+            if cfg.model.get(key) and key not in params:
+                raise ConfigError(
+                    f"strategy={strategy} sets model.{key}, which model={cls.__name__} does not take; "
+                    "use model=qknorm_transformer, or strategy=fsdp2"
+                )
     if target.endswith("DDPStrategy") and cfg.strategy.get("start_method", "popen") == "popen":
         _check_ddp_multirun(cfg)
 

@@ -1,12 +1,17 @@
 """Reductions of per-shard partial sums, and which ranks need to measure at all.
 
 Norms and dot products are sums over elements, so a sharded tensor's value is the sum of its
-shards' partial sums: one ``all_reduce(SUM)`` of the stacked ``[K, N]`` tensor per measured step.
+shards' partial sums: one ``all_reduce(SUM)`` of the stacked ``[K, N]`` tensor per measured step
+and layout group (one group for FSDP2 and HSDP; FSDP × TP adds one per other sharding), a few
+floats per tracked tensor whatever the model size.
 
 * Replicated parameters (single device, DDP, ddp_spawn, multi-node DDP): every rank holds the same
   values; no collective is needed and only global rank 0 measures and logs.
-* FSDP2 / ``ModelParallelStrategy``: parameters are ``DTensor``s; sums are reduced over the mesh
-  dimensions on which they are sharded (``Shard`` placements); ``Replicate`` dimensions hold copies.
+* FSDP2 / HSDP / tensor parallelism (``ModelParallelStrategy``): parameters are ``DTensor``s; each
+  tensor's sums are reduced over the mesh dimensions on which it is sharded (``Shard``, and
+  ``_StridedShard`` under FSDP × TP); ``Replicate`` dimensions hold copies and are not summed.
+  Tensors are grouped by the ranks their shards live on: one ``all_reduce`` per group and measured
+  step, in the same order on every rank (:class:`LayoutReduce`).
 * FSDP1 (``FSDPStrategy`` with ``use_orig_params=True``): parameters are 1-D views of each rank's
   flat shard (possibly empty); sums are reduced over the strategy's process group.
 
@@ -16,13 +21,15 @@ run on all ranks, never under ``trainer.is_global_zero``.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["check_supported", "is_sharded", "make_reduce_fn"]
+__all__ = ["LayoutReduce", "check_supported", "is_sharded", "make_reduce_fn"]
 
 
 def _dtensor_cls():
@@ -83,16 +90,17 @@ def is_sharded(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> bo
 
 
 def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> Callable[[Tensor], Tensor] | None:
-    """A function summing ``[K, N]`` partial sums across the shards of ``params``, or ``None``."""
+    """A function summing ``[K, N]`` partial sums across the shards of ``params``, or ``None``.
+
+    Column ``j`` of the argument holds partial sums of ``params[j]``. Under DTensor layouts each
+    column is summed over the ranks that hold the *other shards of its tensor* (see
+    :class:`LayoutReduce`); under FSDP1 over the strategy's process group.
+    """
     if not is_sharded(strategy, params):
         return None
     dtensor = _dtensor_cls()
-    dparams = [p for p in params if dtensor is not None and isinstance(p, dtensor)]
-    if dparams:
-        if len(dparams) != len(params):
-            names = "some tracked tensors are DTensors and some are not"
-            raise RuntimeError(f"SMDCallback: {names}; shard all normalized layers with fully_shard or none of them.")
-        return _dtensor_reduce_fn(dparams)
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        return LayoutReduce(params)
     group = getattr(strategy, "process_group", None) or dist.group.WORLD
 
     def reduce(sums: Tensor) -> Tensor:
@@ -102,24 +110,133 @@ def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -
     return reduce
 
 
-def _dtensor_reduce_fn(dparams: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
-    from torch.distributed.tensor import Shard
+# ----------------------------------------------------------------------------- DTensor layouts
+def _placement_kind(placement: Any) -> str:
+    """``"replicate"``, ``"shard"`` (``Shard`` and ``_StridedShard``: FSDP over TP) or ``"partial"``."""
+    if placement.is_replicate():
+        return "replicate"
+    if placement.is_partial():
+        return "partial"
+    return "shard"  # Shard(d), _StridedShard(d, sf) (not a Shard subclass, is_shard() is False) and the like
 
-    mesh = dparams[0].device_mesh
-    layouts = {(id(p.device_mesh), tuple(p.placements)) for p in dparams}
-    if len(layouts) != 1:
-        raise RuntimeError(
-            "SMDCallback: tracked DTensor parameters differ in device mesh or placements "
-            f"({len(layouts)} layouts); shard every normalized layer the same way, or leave the others out "
-            "with SMDCallback(exclude=...)."
-        )
-    (_, placements), = layouts
-    shard_dims = [d for d, placement in enumerate(placements) if isinstance(placement, Shard)]
-    groups = [mesh.get_group(d) for d in shard_dims]
 
-    def reduce(sums: Tensor) -> Tensor:
-        for group in groups:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+def _shard_dims(param: Tensor) -> tuple[int, ...]:
+    """The mesh dimensions (of size > 1) over which ``param``'s elements are split."""
+    mesh = param.device_mesh
+    dims = []
+    for d, placement in enumerate(param.placements):
+        kind = _placement_kind(placement)
+        if kind == "partial":
+            raise RuntimeError(
+                f"SMDCallback: a tracked parameter has a Partial placement ({param.placements}); parameters must be "
+                "sharded or replicated on every mesh dimension."
+            )
+        if kind == "shard" and mesh.size(d) > 1:
+            dims.append(d)
+    return tuple(dims)
+
+
+@dataclass
+class _Group:
+    """Tracked tensors whose shards live on the same ranks: one all-reduce over ``process_groups``."""
+
+    key: tuple  # global ranks summed over (this rank's group), the same partition of columns on every rank
+    columns: list[int]
+    process_groups: list[Any]  # one group, or (no flattened group available) one per mesh dimension
+    description: str = ""
+    _index: dict = field(default_factory=dict)  # device -> LongTensor of columns
+
+    def index(self, device: torch.device) -> Tensor:
+        index = self._index.get(device)
+        if index is None:
+            index = self._index[device] = torch.tensor(self.columns, dtype=torch.long, device=device)
+        return index
+
+
+def _process_groups(mesh: Any, dims: tuple[int, ...]) -> list[Any]:
+    """Process groups whose ranks hold the shards of a tensor sharded over mesh ``dims``: one
+    group (the mesh dimension's, or the flattened group of several) wherever possible."""
+    if len(dims) == 1:
+        return [mesh.get_group(dims[0])]
+    names = mesh.mesh_dim_names
+    if names:
+        # a collective (new_group) the first time, cached by the root mesh afterwards: make_reduce_fn
+        # runs on every rank, in the same order
+        try:
+            sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
+            return [sub._flatten().get_group()]
+        except Exception:  # noqa: BLE001 - private API, or a name clash: reduce dimension by dimension
+            pass
+    return [mesh.get_group(d) for d in dims]
+
+
+def _group_ranks(mesh: Any, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Global ranks of this rank's shard group: same coordinates as this rank outside ``dims``."""
+    coordinate = mesh.get_coordinate()
+    ranks = mesh.mesh
+    index = tuple(slice(None) if d in dims else coordinate[d] for d in range(mesh.ndim))
+    return tuple(sorted(int(r) for r in ranks[index].reshape(-1).tolist()))
+
+
+class LayoutReduce:
+    """Sums ``[K, N]`` partial sums of DTensor parameters, each column over its own tensor's shards.
+
+    Tensors are grouped by the ranks their shards live on (equal meshes compare equal, whatever
+    object they are: ``fully_shard`` without ``mesh=`` builds a new one per call; different
+    placements on the same ranks, e.g. column- and row-wise tensor parallelism under FSDP, share a
+    group). Per call: one ``all_reduce(SUM)`` per group that spans more than one rank, in the order
+    of the groups' first columns (the same on every rank); replicated dimensions are never summed
+    over, so replicas (HSDP's replicate dimension, TP-replicated tensors) are not double counted.
+    Plain tensors mixed in (a module left unsharded) are replicated: their columns are kept.
+
+    With one group (FSDP2, HSDP: every tracked tensor sharded the same way) the argument is reduced
+    in place, whatever its number of columns; with several, ``N`` must be ``len(params)``.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        dtensor = _dtensor_cls()
+        self.num_columns = len(params)
+        by_key: dict[tuple, _Group] = {}
+        for j, p in enumerate(params):
+            if dtensor is None or not isinstance(p, dtensor):
+                continue  # replicated: nothing to sum
+            mesh, dims = p.device_mesh, _shard_dims(p)
+            if not dims:
+                continue
+            ranks = _group_ranks(mesh, dims)
+            group = by_key.get(ranks)
+            if group is None:
+                group = by_key[ranks] = _Group(ranks, [], _process_groups(mesh, dims),
+                                               f"{tuple(p.placements)} on mesh dims {dims}")
+            group.columns.append(j)
+        self.groups: list[_Group] = sorted(by_key.values(), key=lambda g: g.columns[0])
+        self.calls = 0  # how many times this function ran (collectives = calls × collectives_per_call)
+
+    @property
+    def collectives_per_call(self) -> int:
+        return sum(len(g.process_groups) for g in self.groups)
+
+    def __call__(self, sums: Tensor) -> Tensor:
+        self.calls += 1
+        if not self.groups:
+            return sums
+        if len(self.groups) == 1 and len(self.groups[0].columns) == self.num_columns:
+            for pg in self.groups[0].process_groups:  # every column reduced the same way: in place
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
+            return sums
+        if sums.shape[-1] != self.num_columns:
+            raise RuntimeError(
+                f"SMDCallback: partial sums of {sums.shape[-1]} tensors given to the reduction of {self.num_columns} "
+                f"tracked tensors in {len(self.groups)} layouts; the columns cannot be matched to their layouts."
+            )
+        for group in self.groups:
+            index = group.index(sums.device)
+            chunk = sums.index_select(-1, index)
+            for pg in group.process_groups:
+                dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=pg)
+            sums.index_copy_(-1, index, chunk)
         return sums
 
-    return reduce
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{len(g.columns)} tensors over ranks {list(g.key)}" for g in self.groups)
+        return f"LayoutReduce({self.num_columns} columns: {parts or 'replicated'})"

@@ -54,36 +54,34 @@ class TinyNet(pl.LightningModule):
         accumulate: the Trainer's ``accumulate_grad_batches`` (the per-batch size shrinks so one
             optimizer step always sees the same 16 samples).
         fsdp2: shard the layers with ``fully_shard`` in ``configure_model`` (ModelParallelStrategy).
+        layout: how ``configure_model`` shards under ``ModelParallelStrategy`` (see :data:`LAYOUTS`);
+            ``fsdp2=True`` is ``layout="fsdp2"``. Without a process group the layout is ignored, so
+            the same module is the single-process reference.
+        hidden_layers: Linear → LayerNorm → ReLU blocks (2: ``net.0``, ``net.3``; 3 adds ``net.6``).
         compile: ``torch.compile`` the network (backend ``aot_eager``: a real Dynamo/AOT trace, fast).
         milestones: LR drops (MultiStepLR ×0.1, step interval).
     """
 
     def __init__(self, optimizer: str = "sgdm", steps: int = 12, accumulate: int = 1, fsdp2: bool = False,
                  compile: bool = False, milestones: tuple[int, ...] = (), fused: bool = False,
-                 step_indexed: bool = False) -> None:
+                 step_indexed: bool = False, layout: str | None = None, hidden_layers: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Linear(DIM, 16, bias=False), nn.LayerNorm(16), nn.ReLU(),
-            nn.Linear(16, 16, bias=False), nn.LayerNorm(16), nn.ReLU(),
-            nn.Linear(16, 4),
-        )
+        blocks = []
+        for i in range(hidden_layers):
+            blocks += [nn.Linear(DIM if i == 0 else 16, 16, bias=False), nn.LayerNorm(16), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(16, 4))
+        self.hidden_names = tuple(f"{3 * i}.weight" for i in range(hidden_layers))
         self.optimizer, self.steps, self.accumulate = optimizer, steps, accumulate
+        self.layout = layout or ("fsdp2" if fsdp2 else None)
         self.fsdp2, self.milestones, self.fused, self.step_indexed = fsdp2, list(milestones), fused, step_indexed
         if compile:
             self.net = torch.compile(self.net, backend="aot_eager")
 
     def configure_model(self) -> None:
-        if not self.fsdp2:
+        if not self.layout or not torch.distributed.is_initialized():
             return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        net = getattr(self.net, "_orig_mod", self.net)
-        for layer in net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_layouts(self, self.layout)
 
     def forward(self, x):
         return self.net(x)
@@ -95,8 +93,8 @@ class TinyNet(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        hidden = [p for n, p in self.named_parameters() if n.endswith(("0.weight", "3.weight"))]
-        rest = [p for n, p in self.named_parameters() if not n.endswith(("0.weight", "3.weight"))]
+        hidden = [p for n, p in self.named_parameters() if n.endswith(self.hidden_names)]
+        rest = [p for n, p in self.named_parameters() if not n.endswith(self.hidden_names)]
         if self.optimizer == "adamw":
             opt = torch.optim.AdamW([{"params": hidden, "name": "hidden"}, {"params": rest, "weight_decay": 0.0}],
                                     lr=1e-2, weight_decay=0.1, fused=self.fused or None)
@@ -111,13 +109,75 @@ class TinyNet(pl.LightningModule):
 
     def train_dataloader(self):
         data = dataset(self.steps)
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        rank, world = data_parallel_rank(self.trainer)
         per_rank = GLOBAL_BATCH // world
         # rank r's part of global batch i: a contiguous slice of the single-process batch i
         idx = [i * GLOBAL_BATCH + rank * per_rank + j for i in range(self.steps) for j in range(per_rank)]
         subset = TensorDataset(*(t[idx] for t in data.tensors))
         self._by_step = [t.reshape(self.steps, per_rank, *t.shape[1:]) for t in subset.tensors]
         return DataLoader(subset, batch_size=per_rank // self.accumulate, shuffle=False)
+
+
+LAYOUTS = {  # layout -> (ModelParallelStrategy(data_parallel_size, tensor_parallel_size) of a world size)
+    # FSDP2 as Lightning's docs write it: fully_shard(layer, mesh=device_mesh["data_parallel"]), then the root
+    "fsdp2": lambda world: (world, 1),
+    # FSDP2 as PyTorch's tutorial writes it: no mesh= (each call builds a new, equal default mesh)
+    "fsdp2_default_mesh": lambda world: (world, 1),
+    # HSDP: fully_shard(..., mesh=2-D (replicate, shard) mesh): replicas across dim 0, shards across dim 1
+    "hsdp": lambda world: (world, 1),
+    # FSDP x TP: net.0 column-wise (Shard(0)), net.3 row-wise (Shard(1)) over tensor_parallel, then
+    # fully_shard over data_parallel; further hidden layers are FSDP only
+    "fsdp2_tp": lambda world: (world // 2, 2),
+}
+
+
+def data_parallel_rank(trainer: pl.Trainer) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas: tensor-parallel peers see the
+    same batch; HSDP's replicate and shard dimensions both split the batch."""
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    if mesh is None:
+        return trainer.global_rank, trainer.world_size
+    dp = mesh["data_parallel"]
+    return dp.get_local_rank(), dp.size()
+
+
+def shard_layouts(module: pl.LightningModule, layout: str) -> None:
+    """``configure_model`` of :class:`TinyNet` under ``ModelParallelStrategy``, per layout."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = getattr(module.net, "_orig_mod", module.net)
+    linears = [layer for layer in net if isinstance(layer, nn.Linear)]
+    if layout == "fsdp2":
+        mesh = module.device_mesh["data_parallel"]
+        for layer in linears:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module.net, mesh=mesh)
+    elif layout == "fsdp2_default_mesh":
+        for layer in linears:
+            fully_shard(layer)
+        fully_shard(module.net)
+    elif layout == "hsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = torch.distributed.get_world_size()
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+        for layer in linears:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module.net, mesh=mesh)
+    elif layout == "fsdp2_tp":
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        tp, dp = module.device_mesh["tensor_parallel"], module.device_mesh["data_parallel"]
+        # column-wise: weight Shard(0), output gathered for the LayerNorm; row-wise: weight Shard(1),
+        # the replicated input split locally, the output all-reduced
+        parallelize_module(net, tp, {"0": ColwiseParallel(output_layouts=Replicate()),
+                                     "3": RowwiseParallel(input_layouts=Replicate())})
+        for layer in linears:
+            fully_shard(layer, mesh=dp)
+        fully_shard(module.net, mesh=dp)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {sorted(LAYOUTS)}")
 
 
 def run_setup(root: Path, name: str, *, strategy: Any = "auto", devices: int = 1, num_nodes: int = 1,
@@ -135,6 +195,17 @@ def run_setup(root: Path, name: str, *, strategy: Any = "auto", devices: int = 1
 
         strategy = ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
         model_kwargs = {**(model_kwargs or {}), "fsdp2": True}
+    elif isinstance(strategy, str) and strategy in LAYOUTS:
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        dp, tp = LAYOUTS[strategy](devices * num_nodes)
+        model_kwargs = {**(model_kwargs or {}), "layout": strategy}
+        strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp)
+    if isinstance(module_cls, str):  # "package.module:Class" (from a JSON spec of tests.dist_worker)
+        import importlib
+
+        mod, _, cls = module_cls.partition(":")
+        module_cls = getattr(importlib.import_module(mod), cls)
     # every step's unit gradient: the matrix compares every sample across setups
     cb = SMDCallback(**{"log_every_n_steps": 1, "unit_grad_every": 1, "verbose": False, **(callback_kwargs or {})})
     module = (module_cls or TinyNet)(steps=steps, accumulate=accumulate, **(model_kwargs or {}))

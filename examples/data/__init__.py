@@ -5,6 +5,7 @@ from examples.data.coco import COCODataModule, CocoInstances
 from examples.data.common import DatasetNotFoundError
 from examples.data.digits import DigitsDataModule
 from examples.data.imagenet import ImageNetDataModule
+from examples.data.markov import MarkovSequenceDataModule
 from examples.data.nrq import StepIndexDataModule
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DigitsDataModule",
     "ImageNetDataModule",
+    "MarkovSequenceDataModule",
     "StepIndexDataModule",
     "UnverifiedCIFAR10",
 ]
