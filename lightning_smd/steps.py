@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_smd import theory
-from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
+from lightning_smd.measure import GroupSlice, ReduceFn, StepMeasurer, measurement_mode
 
 __all__ = ["StepRecorder", "choose_mode", "grad_scaler", "radial_floor"]
 
@@ -113,12 +113,13 @@ class Finished:
 class StepRecorder:
     """Measured optimizer steps in flight, one :class:`StepMeasurer` per optimizer.
 
-    ``slices`` (all tracked param groups, any optimizer) are split by optimizer; ``reduce_fn`` sums
-    partial sums across shards. Every rank that measures must call :meth:`begin` and
-    :meth:`finish` in the same order (they run in hooks called on every rank).
+    ``slices`` (all tracked param groups, any optimizer) are split by optimizer; ``make_reduce``
+    builds, from one optimizer's tracked tensors, the function that sums their partial sums across
+    shards (each optimizer's measurer passes its own columns only). Every rank that measures must
+    call :meth:`begin` and :meth:`finish` in the same order (they run in hooks called on every rank).
     """
 
-    def __init__(self, slices: list[GroupSlice], reduce_fn: Callable[[Tensor], Tensor] | None,
+    def __init__(self, slices: list[GroupSlice], make_reduce: Callable[[list[Tensor]], ReduceFn | None],
                  unit_grad_every: int = 1) -> None:
         # The unit-gradient statistics (with momentum: 3 reads of the tracked tensors' size, on top of 4)
         # are sampled at most every `unit_grad_every` steps: the running L averages over ~200 steps
@@ -128,7 +129,9 @@ class StepRecorder:
         by_optimizer: dict[int, list[GroupSlice]] = {}
         for s in slices:
             by_optimizer.setdefault(id(s.optimizer), []).append(s)
-        self._measurers = {key: StepMeasurer(group, reduce_fn) for key, group in by_optimizer.items()}
+        # built on every rank in the same order: a reduce function may create process groups
+        self._measurers = {key: StepMeasurer(group, make_reduce([p for s in group for p in s.params]))
+                           for key, group in by_optimizer.items()}
         self._pending: dict[int, _Pending] = {}
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -90,7 +91,8 @@ class TrackedSet:
         params = [p for s in slices for p in s.params]
         # sharded tensors: every rank holds a part of each sum and must take part in the reduction
         self.measure_on_all_ranks = is_sharded(trainer.strategy, params)
-        self.recorder = StepRecorder(slices, make_reduce_fn(trainer.strategy, params), unit_grad_every) if slices else None
+        make_reduce = functools.partial(make_reduce_fn, trainer.strategy)
+        self.recorder = StepRecorder(slices, make_reduce, unit_grad_every) if slices else None
         for t in chosen:
             if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
                 rank_zero_warn(

@@ -178,3 +178,21 @@ def test_tensor_without_gradient_reads_zero_angle():
     stats, _ = measurer.after_step()
     assert float(stats[0, 0]) > 0 and float(stats[0, 1]) == 0.0
     assert float(stats[1, 1]) == pytest.approx(float(unused.detach().double().norm()), rel=1e-6)
+
+
+def test_each_optimizer_reduces_only_its_own_tensors():
+    """Two optimizers (a GAN): each measurer's partial sums hold its own columns, so its reduce
+    function must be built from its own tensors (with several shard layouts the columns matter)."""
+    from lightning_smd.steps import StepRecorder
+
+    a, b, c = (torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3))
+    opt1, opt2 = torch.optim.SGD([a, b], lr=0.1), torch.optim.SGD([c], lr=0.1)
+    seen = []
+
+    def make_reduce(params):
+        seen.append([id(p) for p in params])
+        return lambda sums: sums
+
+    slices = [GroupSlice(opt1, 0, [a, b], 0, "grad"), GroupSlice(opt2, 0, [c], 2, "grad")]
+    StepRecorder(slices, make_reduce)
+    assert seen == [[id(a), id(b)], [id(c)]]
