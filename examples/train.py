@@ -30,7 +30,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only  # noqa: 
 
 from examples import resolvers  # noqa: E402,F401  (registers ${linear_lr:...}, ${wandb_offline_default:})
 from examples.data.common import DatasetNotFoundError  # noqa: E402
-from examples.validate import ConfigError, validate_config  # noqa: E402
+from examples.validate import ConfigError, check_cli_overrides, validate_config  # noqa: E402
 
 
 def _enabled(node: Any) -> bool:
@@ -56,13 +56,38 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     OmegaConf.save(user_config(cfg), output_dir / "config_resolved.yaml", resolve=True)
 
 
+#: Keys of the data / model configs that describe them (read by validation and by
+#: interpolation) and are passed to the ``_target_`` only when its signature takes them.
+META_KEYS = ("task", "channels", "num_classes", "image_size", "in_channels")
+
+
+def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)`` without the :data:`META_KEYS` its ``_target_`` does not take."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    spec = OmegaConf.to_container(node, resolve=True)
+    params = inspect.signature(get_class(spec["_target_"]).__init__).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in META_KEYS:
+        if key in spec and key not in params and not takes_all:
+            spec.pop(key)
+    return instantiate(spec, **kwargs)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The DataModule of ``cfg.data``."""
+    return instantiate_node(cfg.data)
+
+
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     """The LightningModule of ``cfg.model`` with the optimizer / scheduler partials."""
     optimizer = instantiate(cfg.optimizer)
     sched = OmegaConf.to_container(cfg.get("scheduler") or {}, resolve=True)
     interval = sched.pop("interval", "epoch")
     scheduler = instantiate(sched) if sched.get("_target_") else None
-    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, scheduler_interval=interval)
+    return instantiate_node(cfg.model, optimizer=optimizer, scheduler=scheduler, scheduler_interval=interval)
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -138,7 +163,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     if hasattr(datamodule, "check"):
         datamodule.check()  # missing dataset -> clear error before any process starts
     module = build_module(cfg)
@@ -211,4 +236,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_cli_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"\n[examples/train.py] error: {err}\n", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
