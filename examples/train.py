@@ -6,7 +6,8 @@
 
 Composes data, model, optimizer, scheduler, trainer, strategy, smd, logger and callbacks
 (``conf/``), checks the values, and fits. Everything a run writes lands in the Hydra run
-dir: ``.hydra/`` (config), ``config_resolved.yaml``, ``metrics.csv``, ``smd/`` (figures).
+dir: ``.hydra/`` (config), ``config_resolved.yaml``, ``train.log``, ``version_0/metrics.csv``, ``smd/``
+(figures).
 :func:`train` is importable and takes a composed config (see tests/test_examples_*.py).
 """
 
@@ -29,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only  # noqa: E402
 
 from examples import resolvers  # noqa: E402,F401  (registers ${linear_lr:...}, ${wandb_offline_default:})
+from examples.console import progress_bar_for, route_lightning_logs  # noqa: E402
 from examples.data.common import DatasetNotFoundError  # noqa: E402
+from examples.threads import pin_torch_threads  # noqa: E402
 from examples.validate import ConfigError, check_cli_overrides, validate_config  # noqa: E402
 
 
@@ -109,6 +112,10 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         if name == "checkpoint" and not cfg.trainer.get("enable_checkpointing", True):
             continue
         callbacks.append(instantiate(node, _convert_="all"))
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(cb, pl.callbacks.ProgressBar) for cb in callbacks):
+        bar = progress_bar_for()  # stdout not a terminal: a few whole lines per epoch
+        if bar is not None:
+            callbacks.append(bar)
     if _enabled(cfg.get("smd")):
         smd = OmegaConf.to_container(cfg.smd, resolve=True)
         smd.pop("enabled", None)
@@ -152,8 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg)
     threads = torch.get_num_threads()
     try:
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg.torch_threads))
+        pin_torch_threads(cfg.get("torch_threads"))  # null: the CPUs this process may use
         return _train(cfg, output_dir)
     finally:
         torch.set_num_threads(threads)  # train() is also called in-process (tests, notebooks)
@@ -226,6 +232,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """CLI: compose with Hydra, then :func:`train`. Config/data errors exit with status 2."""
+    route_lightning_logs()  # Lightning's lines through Hydra's handlers: own lines, and train.log
     try:
         result = train(cfg)
     except (ConfigError, DatasetNotFoundError) as err:
