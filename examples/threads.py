@@ -17,11 +17,21 @@ CI_MAX_THREADS = 2
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where missing)."""
+    """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where missing),
+    less those the last minute's load keeps busy (``os.getloadavg``), at least 1.
+
+    OpenMP threads spin at every barrier: two threads on two cores that other processes use
+    turned an 11 s test into 470 s (measured on a 2-core machine at load 6).
+    """
     try:
-        return max(len(os.sched_getaffinity(0)), 1)
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(os.cpu_count() or 1, 1)
+        cpus = os.cpu_count() or 1
+    try:
+        idle = int(cpus - os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        idle = cpus
+    return max(1, min(cpus, idle))
 
 
 def default_threads() -> int | None:

@@ -11,6 +11,27 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def _pin_threads() -> None:
+    """torch's intra-op threads = the CPUs this process may use (``os.sched_getaffinity``, less
+    those the load average keeps busy), at most 2 under CI, unless ``OMP_NUM_THREADS`` is set.
+    torch sizes its pool from the machine's cores: on a busy 2-core machine two spinning OpenMP
+    threads made an 11 s test take 470 s. Subprocesses get the same count (``OMP_NUM_THREADS``);
+    the logic is examples/threads.py's, repeated so that conftest imports nothing of the repo."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    cpus = min(cpus, int(cpus - os.getloadavg()[0] + 0.5))  # less the busy ones
+    threads = max(1, min(cpus, 2) if os.environ.get("CI") else cpus)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_pin_threads()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
