@@ -127,3 +127,16 @@ def test_unknown_smd_key_on_the_command_line():
                           env=subprocess_env(), timeout=120)
     assert proc.returncode == 2
     assert "unknown key smd.resclae" in proc.stderr and "rescale_min_drop" in proc.stderr
+
+
+@pytest.mark.slow
+def test_design_card_command_runs(tmp_path):
+    """`python examples/train.py model=resnet50 smd.rescale=true`, the project's card, shortened."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "model=resnet50", "smd.rescale=true", "trainer.max_steps=4",
+                           "trainer.limit_val_batches=1", "print_config=false", f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model resnet50 adapted to the data (1×8×8, 10 classes)" in proc.stdout
+    assert "SMD: scale-invariant tensors" in proc.stdout
+    assert (run / "version_0" / "metrics.csv").is_file() and any((run / "smd").glob("*.png"))
