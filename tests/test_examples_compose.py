@@ -123,10 +123,19 @@ def test_unknown_smd_key_on_the_command_line():
     with pytest.raises(ConfigError, match="smd.resclae"):
         check_cli_overrides(["model=resnet50", "smd.resclae=true"])
     check_cli_overrides(["smd.rescale=true", "+smd.include=conv", "smd=off"])  # valid ones pass
-    proc = subprocess.run([sys.executable, str(TRAIN_PY), "smd.resclae=true"], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=120)
-    assert proc.returncode == 2
-    assert "unknown key smd.resclae" in proc.stderr and "rescale_min_drop" in proc.stderr
+
+
+
+def test_unknown_smd_key_exits_the_cli_before_hydra(monkeypatch, capsys):
+    """The script's ``__main__`` path, run in this process (the modules are imported already)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(TRAIN_PY), "smd.resclae=true"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(TRAIN_PY), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown key smd.resclae" in err and "rescale_min_drop" in err
 
 
 @pytest.mark.slow

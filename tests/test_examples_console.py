@@ -3,9 +3,12 @@ holding the run's log lines, no "will be deleted" warning on a fresh run."""
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from examples_fixtures import TRAIN_PY, subprocess_env
 
-from examples.console import LineProgressBar, progress_bar_for
+from examples.console import LineProgressBar, TqdmHandler, progress_bar_for, route_lightning_logs
 
 
 class _Tiny(pl.LightningModule):
@@ -57,6 +60,37 @@ def test_progress_bar_choice_follows_the_terminal():
     assert isinstance(progress_bar_for(Stream(False)), LineProgressBar)
 
 
+def test_lightning_log_lines_reach_hydras_handlers(tmp_path):
+    """As under @hydra.main: root has a console and a file handler; Lightning's rank-zero lines
+    (the SMD reports) and warnings must reach both, the console through tqdm.write."""
+    from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+    root, lightning = logging.getLogger(), logging.getLogger("pytorch_lightning")
+    saved = (root.handlers[:], root.level, lightning.handlers[:], lightning.propagate)
+    console_stream = io.StringIO()
+    console, file_log = logging.StreamHandler(console_stream), logging.FileHandler(tmp_path / "train.log")
+    for handler in (console, file_log):
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    root.handlers[:] = [console, file_log]
+    root.setLevel(logging.INFO)
+    try:
+        route_lightning_logs()
+        assert isinstance(root.handlers[0], TqdmHandler) and root.handlers[1] is file_log
+        rank_zero_info("SMD: scale-invariant tensors\n  0  model.0.weight")
+        rank_zero_warn("a Lightning warning")
+    finally:
+        root.handlers[:], lightning.handlers[:] = saved[0], saved[2]
+        root.setLevel(saved[1])
+        lightning.propagate = saved[3]
+        logging.captureWarnings(False)
+        file_log.close()
+    log = (tmp_path / "train.log").read_text()
+    for text in (console_stream.getvalue(), log):
+        assert "[pytorch_lightning.utilities.rank_zero] SMD: scale-invariant tensors\n  0  model.0.weight" in text
+        assert "a Lightning warning" in text
+
+
+@pytest.mark.slow
 def test_piped_cli_run_output_and_train_log(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
