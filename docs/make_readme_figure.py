@@ -82,10 +82,24 @@ def run(rescale: bool) -> RunSeries:
     return RunSeries.from_records(smd.records)
 
 
+def pin_threads() -> int:
+    """torch's intra-op threads = the CPUs this process may use (``os.sched_getaffinity``, less
+    those the load average keeps busy, at most 2 when ``CI`` is set), unless ``OMP_NUM_THREADS`` is set: torch sizes its pool from
+    the machine's cores, which oversubscribes a shared or containerized CPU (as examples/threads.py)."""
+    import os
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = min(cpus, int(cpus - os.getloadavg()[0] + 0.5))  # less the busy ones
+        torch.set_num_threads(max(1, min(cpus, 2) if os.environ.get("CI") else cpus))
+    return torch.get_num_threads()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("angular_update.png"))
     args = parser.parse_args()
+    pin_threads()
 
     from matplotlib.figure import Figure
 

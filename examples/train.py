@@ -6,7 +6,8 @@
 
 Composes data, model, optimizer, scheduler, trainer, strategy, smd, logger and callbacks
 (``conf/``), checks the values, and fits. Everything a run writes lands in the Hydra run
-dir: ``.hydra/`` (config), ``config_resolved.yaml``, ``metrics.csv``, ``smd/`` (figures).
+dir: ``.hydra/`` (config), ``config_resolved.yaml``, ``train.log``, ``version_0/metrics.csv``, ``smd/``
+(figures).
 :func:`train` is importable and takes a composed config (see tests/test_examples_*.py).
 """
 
@@ -29,8 +30,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only  # noqa: E402
 
 from examples import resolvers  # noqa: E402,F401  (registers ${linear_lr:...}, ${wandb_offline_default:})
+from examples.console import progress_bar_for, route_lightning_logs  # noqa: E402
 from examples.data.common import DatasetNotFoundError  # noqa: E402
-from examples.validate import ConfigError, validate_config  # noqa: E402
+from examples.threads import pin_torch_threads  # noqa: E402
+from examples.validate import ConfigError, check_cli_overrides, validate_config  # noqa: E402
 
 
 def _enabled(node: Any) -> bool:
@@ -56,13 +59,38 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     OmegaConf.save(user_config(cfg), output_dir / "config_resolved.yaml", resolve=True)
 
 
+#: Keys of the data / model configs that describe them (read by validation and by
+#: interpolation) and are passed to the ``_target_`` only when its signature takes them.
+META_KEYS = ("task", "channels", "num_classes", "image_size", "in_channels")
+
+
+def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)`` without the :data:`META_KEYS` its ``_target_`` does not take."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    spec = OmegaConf.to_container(node, resolve=True)
+    params = inspect.signature(get_class(spec["_target_"]).__init__).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in META_KEYS:
+        if key in spec and key not in params and not takes_all:
+            spec.pop(key)
+    return instantiate(spec, **kwargs)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The DataModule of ``cfg.data``."""
+    return instantiate_node(cfg.data)
+
+
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     """The LightningModule of ``cfg.model`` with the optimizer / scheduler partials."""
     optimizer = instantiate(cfg.optimizer)
     sched = OmegaConf.to_container(cfg.get("scheduler") or {}, resolve=True)
     interval = sched.pop("interval", "epoch")
     scheduler = instantiate(sched) if sched.get("_target_") else None
-    return instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, scheduler_interval=interval)
+    return instantiate_node(cfg.model, optimizer=optimizer, scheduler=scheduler, scheduler_interval=interval)
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -84,6 +112,10 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         if name == "checkpoint" and not cfg.trainer.get("enable_checkpointing", True):
             continue
         callbacks.append(instantiate(node, _convert_="all"))
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(cb, pl.callbacks.ProgressBar) for cb in callbacks):
+        bar = progress_bar_for()  # stdout not a terminal: a few whole lines per epoch
+        if bar is not None:
+            callbacks.append(bar)
     if _enabled(cfg.get("smd")):
         smd = OmegaConf.to_container(cfg.smd, resolve=True)
         smd.pop("enabled", None)
@@ -127,8 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg)
     threads = torch.get_num_threads()
     try:
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg.torch_threads))
+        pin_torch_threads(cfg.get("torch_threads"))  # null: the CPUs this process may use
         return _train(cfg, output_dir)
     finally:
         torch.set_num_threads(threads)  # train() is also called in-process (tests, notebooks)
@@ -138,7 +169,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     if hasattr(datamodule, "check"):
         datamodule.check()  # missing dataset -> clear error before any process starts
     module = build_module(cfg)
@@ -201,6 +232,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """CLI: compose with Hydra, then :func:`train`. Config/data errors exit with status 2."""
+    route_lightning_logs()  # Lightning's lines through Hydra's handlers: own lines, and train.log
     try:
         result = train(cfg)
     except (ConfigError, DatasetNotFoundError) as err:
@@ -211,4 +243,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_cli_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"\n[examples/train.py] error: {err}\n", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

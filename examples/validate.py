@@ -67,10 +67,66 @@ def check_scheduler(cfg: DictConfig) -> None:
             raise ConfigError(f"scheduler.milestones must be increasing positive integers, got {ms}")
 
 
+def _choice(group: str, node: Any) -> str:
+    """The option chosen for a config group (``digits``), else the short ``_target_`` name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = OmegaConf.select(HydraConfig.get(), f"runtime.choices.{group}", default=None)
+        if choice:
+            return str(choice)
+    return _target(node).rsplit(".", 1)[-1] or "?"
+
+
+def check_task(cfg: DictConfig) -> None:
+    """The model and the data must be for the same task (``task:`` in both configs)."""
+    model_task, data_task = cfg.model.get("task"), cfg.data.get("task")
+    if model_task is None or data_task is None or model_task == data_task:
+        return
+    model, data = _choice("model", cfg.model), _choice("data", cfg.data)
+    raise ConfigError(
+        f"model={model} (model.task={model_task}) cannot train on data={data} (data.task={data_task}); "
+        f"pick a {model_task} dataset for model={model}, or a {data_task} model for data={data}"
+    )
+
+
+def smd_keys() -> list[str]:
+    """The keys an ``smd`` config may have: ``SMDCallback``'s arguments, ``_target_``, ``enabled``."""
+    from lightning_smd import SMDCallback
+
+    params = [k for k in inspect.signature(SMDCallback.__init__).parameters if k != "self"]
+    return ["_target_", "enabled", *params]
+
+
+def unknown_smd_key_error(keys: list[str]) -> ConfigError:
+    """The error for ``smd.<key>`` settings SMDCallback does not take, listing the valid ones."""
+    valid = [k for k in smd_keys() if k != "_target_"]
+    names = ", ".join(f"smd.{k}" for k in keys)
+    return ConfigError(f"unknown key{'s' if len(keys) > 1 else ''} {names} (SMDCallback does not take "
+                       f"{'them' if len(keys) > 1 else 'it'}); valid smd keys: {', '.join(valid)}")
+
+
+def check_cli_overrides(argv: list[str]) -> None:
+    """Refuse ``smd.<key>=`` / ``+smd.<key>=`` command-line overrides of unknown keys before Hydra
+    composes (Hydra's own message does not say which keys exist)."""
+    bad = []
+    valid = set(smd_keys())
+    for arg in argv:
+        name = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and name.startswith("smd.") and name.split(".")[1] not in valid:
+            bad.append(name.split(".")[1])
+    if bad:
+        raise unknown_smd_key_error(bad)
+
+
 def check_smd(cfg: DictConfig) -> None:
     smd = cfg.get("smd")
     if not _target(smd) or smd.get("enabled", True) is False:
         return
+    if _target(smd) == "lightning_smd.SMDCallback":
+        unknown = [k for k in smd.keys() if k not in smd_keys()]
+        if unknown:
+            raise unknown_smd_key_error(unknown)
     rescale = smd.get("rescale", False)
     if rescale not in (False, True, "drop", "continuous"):
         raise ConfigError(f"smd.rescale must be false, true, 'drop' or 'continuous', got {rescale!r}")
@@ -144,6 +200,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("data", "model", "trainer"):
         if not _target(cfg.get(key)):
             raise ConfigError(f"the `{key}` config group is missing or has no _target_")
+    check_task(cfg)
     check_trainer(cfg)
     check_optimizer(cfg)
     check_scheduler(cfg)

@@ -86,14 +86,27 @@ class EquilibriumTracker:
         return hits / len(names)
 
     def summary(self) -> str:
-        """A table: each stage, its predicted and measured steps to equilibrium."""
-        lines = ["SMD: equilibrium per learning-rate stage",
-                 f"{'group':<8}{'from step':>10}{'rescaled':>10}{'predicted':>11}{'measured (median)':>19}{'reached':>10}"]
+        """A table: each stage, its predicted and measured steps to equilibrium.
+
+        A header line explains the columns. "reached at" is the median over the stage's tensors
+        of the step logged as ``smd/equilibrium_step/{name}`` (an absolute optimizer step), with
+        the steps since the stage start in brackets, the number to compare with "predicted".
+        """
+        lines = [
+            "SMD: equilibrium per learning-rate stage",
+            f"  (from step: first optimizer step of the stage; rescaled: weights rescaled at its start; "
+            f"predicted: steps to equilibrium by Corollary 3.1, '-' = no formula or first stage; "
+            f"reached at: median step from which the mean of Δ_t/Δ* over {self.window} steps stays within "
+            f"±{self.tolerance:g} of 1 (smd/equilibrium_step), steps after the stage start in brackets; "
+            "tensors: how many reached it)",
+            f"{'group':<8}{'from step':>10}{'rescaled':>10}{'predicted':>11}{'reached at (median)':>22}{'tensors':>9}",
+        ]
         for s in self.stages:
-            measured = sorted(step - s.start_step for step in s.reached.values())
-            median = str(measured[len(measured) // 2]) if measured else "-"
+            steps = sorted(s.reached.values())
+            median = f"{steps[len(steps) // 2]} (+{steps[len(steps) // 2] - s.start_step})" if steps else "-"
             predicted = "-" if s.predicted_steps is None else str(s.predicted_steps)
-            lines.append(f"{s.group:<8}{s.start_step:>10}{str(s.rescaled):>10}{predicted:>11}{median:>19}{len(s.reached):>10}")
+            lines.append(f"{s.group:<8}{s.start_step:>10}{str(s.rescaled):>10}{predicted:>11}{median:>22}"
+                         f"{len(s.reached):>9}")
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,9 +15,12 @@ and backend are never touched):
 
 Tables: :func:`summary_rows` (one dict per tensor) and :func:`markdown_summary`.
 
-Command line, on a finished run's CSV logs or offline W&B run::
+Command line, on a finished run's CSV logs, TensorBoard event files or offline W&B run::
 
-    python -m lightning_smd.report RUN_DIR [--out DIR] [--layer NAME]
+    python -m lightning_smd.report RUN_DIR [--out DIR] [--layer NAME] [--all]
+
+It writes into ``RUN_DIR/smd_report/`` (never over the callback's own ``smd/`` figures). A
+folder holding several runs is refused with the list of them; ``--all`` reports each.
 
 matplotlib is optional (``examples`` extra): without it :func:`save_figures` warns once and
 returns ``{}``.
@@ -40,6 +43,7 @@ __all__ = [
     "FIGURE_FILES",
     "draw_angular_update",
     "lr_change_steps",
+    "lr_changes",
     "main",
     "markdown_summary",
     "plot_angular_update",
@@ -58,6 +62,8 @@ FIGURE_FILES = {
     "unit_grad_sq": "smd_unit_grad_sq.png",
 }
 SUMMARY_FILE = "smd_summary.md"
+#: Folder (inside the run dir) the report command writes to by default.
+REPORT_DIR = "smd_report"
 
 _DPI = 110
 _WIDE = (10.0, 5.0)
@@ -146,9 +152,37 @@ def lr_change_steps(series: RunSeries) -> list[int]:
     return [int(series.steps[i]) for i in indices]
 
 
+def _exact_change_steps(series: RunSeries) -> set[int]:
+    """Steps the callback logged at an LR change itself: rescales and the starts of LR stages
+    (``smd/steps_to_equilibrium/predicted/*``, logged at the first step with the new rate)."""
+    exact = {int(step) for step, _ in series.rescale_events}
+    for key, values in series.extra.items():
+        if key.startswith("smd/steps_to_equilibrium/predicted/"):
+            exact.update(int(series.steps[i]) for i in np.flatnonzero(np.isfinite(values)))
+    return exact
+
+
+def lr_changes(series: RunSeries) -> list[int]:
+    """Steps at which the learning rate changed: the first optimizer step run with the new rate,
+    the step number the callback prints and logs (``SMD: step 440: group … lr 0.2 → 0.02``).
+
+    Each change of :func:`lr_change_steps` (last logged step with the old rate) is placed at the
+    step the callback logged for it (a rescale, or the start of an LR stage), else at the next
+    logged step, the first one known to have the new rate.
+    """
+    exact = _exact_change_steps(series)
+    index = {int(s): i for i, s in enumerate(series.steps)}
+    out = []
+    for before in lr_change_steps(series):
+        i = index[before]
+        after = int(series.steps[i + 1]) if i + 1 < series.num_steps else before + 1
+        out.append(min((s for s in exact if before <= s <= after), default=after))
+    return out
+
+
 def _mark_events(ax: Any, series: RunSeries) -> None:
     """Vertical lines: LR changes (grey, dash-dot) and rescale events (red, dotted)."""
-    for k, step in enumerate(lr_change_steps(series)):
+    for k, step in enumerate(lr_changes(series)):
         ax.axvline(step, color="0.35", lw=1.0, ls="-.", label="LR change" if k == 0 else None)
     for k, (step, factor) in enumerate(series.rescale_events):
         label = f"rescale (×{factor:.3g})" if k == 0 else None
@@ -198,7 +232,8 @@ def _finish_axes(ax: Any, title: str, ylabel: str, log: bool = True) -> None:
         ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", alpha=0.1)
-    ax.legend(loc="best", fontsize="small", framealpha=0.85)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small", framealpha=0.85)
 
 
 # ------------------------------------------------------------------ figures
@@ -423,6 +458,10 @@ def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3) -> str
     equilibrium, LR changes and rescale events, and the :func:`summary_rows` table."""
     rows = summary_rows(series, window)
     lines = ["# Spherical Motion Dynamics summary", ""]
+    legend = (f"Columns: **Δ** measured angular update per step and **Δ*** its theory value, each the mean of "
+              f"the last {window} logged points; **Δ/Δ*** their ratio (1 = equilibrium); **‖w‖** last logged "
+              "weight norm and **‖w*‖** its predicted equilibrium; **equilibrium step** the optimizer step from "
+              "which Δ/Δ* stayed within the tolerance of 1 in the current LR stage (– = not reached).")
     if not rows:
         return "\n".join(lines + ["No `smd/*` per-tensor series were logged.", ""])
     steps = f"steps {int(series.steps[0])}–{int(series.steps[-1])}" if series.num_steps else "no steps"
@@ -436,15 +475,15 @@ def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3) -> str
     fraction = series.extra.get("smd/equilibrium/fraction")
     if fraction is not None and np.isfinite(fraction).any():
         lines.append(f"- Tensors at equilibrium at the end: {100 * fraction[np.isfinite(fraction)][-1]:.0f} %.")
-    changes = lr_change_steps(series)
+    changes = lr_changes(series)
     if changes:
-        lines.append("- LR changes at steps: " + ", ".join(map(str, changes)) + ".")
+        lines.append("- LR changes at steps (first step with the new rate): " + ", ".join(map(str, changes)) + ".")
     if series.rescale_events:
         events = ", ".join(f"step {s} (×{f:.4g})" for s, f in series.rescale_events)
         lines.append(f"- Rescale events: {events}.")
     else:
         lines.append("- No rescale events.")
-    return "\n".join(lines + ["", *_markdown_table(rows), ""])
+    return "\n".join(lines + ["", legend, "", *_markdown_table(rows), ""])
 
 
 # ---------------------------------------------------------------------- CLI
@@ -452,28 +491,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_smd.report",
         description="Rebuild the SMD figures and smd_summary.md of a finished run from its "
-        "CSVLogger metrics.csv or offline W&B run directory.",
+        "CSVLogger metrics.csv, TensorBoard event files or offline W&B run.",
     )
-    parser.add_argument("run_dir", type=Path, help="run directory (searched for metrics.csv or *.wandb) or the file")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/smd)")
+    parser.add_argument("run_dir", type=Path,
+                        help="run directory (searched for metrics.csv, events.out.tfevents.*, *.wandb) or the file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default: RUN_DIR/{REPORT_DIR}; with --all, OUT/<run>)")
+    parser.add_argument("--all", action="store_true", help="report every run below RUN_DIR, each in its own folder")
     parser.add_argument("--layer", default=None, help="tensor for the weight-norm figure (default: most data)")
     parser.add_argument("--window", type=int, default=20, help="logged points averaged in the summary table")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m lightning_smd.report``; returns the exit status."""
-    args = _parse_args(argv)
-    try:
-        series = RunSeries.from_run_dir(args.run_dir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: Path) -> int:
     if not series.names:
-        print(f"error: no smd/* per-tensor series found below {args.run_dir}", file=sys.stderr)
+        print(f"error: no smd/* per-tensor series found in {where}", file=sys.stderr)
         return 2
-    base = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
-    out = args.out or base / "smd"
     try:
         written = save_figures(series, out, layer=args.layer)
     except KeyError as err:
@@ -485,6 +518,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in [*written.values(), summary]:
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m lightning_smd.report``; returns the exit status."""
+    from lightning_smd.series import find_runs
+
+    args = _parse_args(argv)
+    base = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
+    if args.all and args.run_dir.is_dir():
+        runs = find_runs(args.run_dir)
+        if not runs:
+            print(f"error: no run logs below {args.run_dir}", file=sys.stderr)
+            return 2
+        status = 0
+        for run in runs:
+            if args.out is None:
+                out = run.root / REPORT_DIR
+            else:
+                name = "_".join(run.root.relative_to(args.run_dir).parts) or run.root.name
+                out = args.out / name
+            print(f"run {run.root} ({run.kind}):")
+            try:
+                status = max(status, _report_one(run.load(), out, args, run.path))
+            except (FileNotFoundError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                status = 2
+        return status
+    try:
+        series = RunSeries.from_run_dir(args.run_dir)
+    except (FileNotFoundError, ValueError) as err:  # includes MultipleRunsError, which lists the runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _report_one(series, args.out or base / REPORT_DIR, args, args.run_dir)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ It is built from whatever the run left behind:
 * :meth:`RunSeries.from_records`: the ``(step, metrics)`` pairs exactly as ``SMDCallback``
   passed them to ``logger.log_metrics`` (the callback keeps that list on rank 0);
 * :meth:`RunSeries.from_csv`: Lightning's ``CSVLogger`` ``metrics.csv``;
+* :meth:`RunSeries.from_tensorboard`: the event files of Lightning's ``TensorBoardLogger``,
+  read with TensorBoard's own ``EventAccumulator`` (needs ``tensorboard``);
 * :meth:`RunSeries.from_wandb_offline`: the ``run-*.wandb`` file of an offline W&B run;
-* :meth:`RunSeries.from_run_dir`: whichever of the two lies below a directory.
+* :meth:`RunSeries.from_run_dir`: whichever of these lies below a directory holding one run
+  (:func:`find_runs` tells the runs below a folder apart).
 
 Metric keys follow the ``smd/{kind}/{name}`` schema of the callback; a logger prefix
 (``"myprefix-smd/..."``, Lightning joins prefixes with ``-``) is stripped. Only numpy is needed.
@@ -27,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["PER_TENSOR_KINDS", "RunSeries", "read_wandb_records"]
+__all__ = ["PER_TENSOR_KINDS", "MultipleRunsError", "RunSeries", "RunSource", "find_runs", "read_wandb_records"]
 
 #: Per-tensor series of the metric schema, in the order of the ``RunSeries`` fields.
 PER_TENSOR_KINDS = (
@@ -178,18 +181,124 @@ class RunSeries:
         return replace(self, names=list(names), **columns)
 
     @classmethod
+    def from_tensorboard(cls, path: str | Path) -> RunSeries:
+        """Build from TensorBoard event files: a ``events.out.tfevents.*`` file or the folder
+        holding them (Lightning's ``TensorBoardLogger`` log dir).
+
+        Read with ``tensorboard.backend.event_processing.event_accumulator`` (every scalar
+        kept, no sampling). Values come back as float32, as TensorBoard stores them; steps are
+        the ones the callback passed to ``log_metrics``.
+        """
+        from tensorboard.backend.event_processing import event_accumulator as ea
+
+        path = Path(path)
+        if path.is_dir() and not any(path.glob("events.out.tfevents.*")):
+            raise FileNotFoundError(f"no TensorBoard event file (events.out.tfevents.*) in {path}")
+        acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0})
+        acc.Reload()
+        rows: dict[int, dict[str, float]] = {}
+        for tag in acc.Tags().get(ea.SCALARS, []):  # in order of first appearance
+            for event in acc.Scalars(tag):
+                rows.setdefault(int(event.step), {})[tag] = float(event.value)
+        return cls.from_records((step, rows[step]) for step in sorted(rows))
+
+    @classmethod
     def from_run_dir(cls, path: str | Path) -> RunSeries:
-        """Build from whatever lies below ``path``: a ``metrics.csv`` (newest first) or an
-        offline W&B run. ``path`` may also be the file itself."""
+        """Build from the one run below ``path`` (see :func:`find_runs`), or from a log file.
+
+        Raises:
+            FileNotFoundError: no ``metrics.csv``, TensorBoard event file or ``.wandb`` file.
+            MultipleRunsError: ``path`` holds several runs (the message lists them).
+        """
         path = Path(path)
         if path.is_file():
-            return cls.from_wandb_offline(path) if path.suffix == ".wandb" else cls.from_csv(path)
-        csvs = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-        if csvs:
-            return cls.from_csv(csvs[-1])
-        if list(path.rglob("*.wandb")):
-            return cls.from_wandb_offline(path)
-        raise FileNotFoundError(f"no metrics.csv and no .wandb run file below {path}")
+            return RunSource(path.parent, _kind_of_file(path), path).load()
+        runs = find_runs(path)
+        if not runs:
+            raise FileNotFoundError(
+                f"no metrics.csv, TensorBoard event file (events.out.tfevents.*) or .wandb run file below {path}"
+            )
+        if len(runs) > 1:
+            raise MultipleRunsError(path, runs)
+        return runs[0].load()
+
+
+# ------------------------------------------------------------------ runs in a folder
+_KIND_ORDER = ("csv", "tensorboard", "wandb")  # preferred source when a run has several
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """One run found below a folder: its ``root`` (the Hydra run dir, or the logger's own
+    folder), the ``kind`` of log it is read from (``csv``, ``tensorboard``, ``wandb``) and the
+    ``path`` of that log."""
+
+    root: Path
+    kind: str
+    path: Path
+
+    def load(self) -> RunSeries:
+        """The :class:`RunSeries` of this run."""
+        if self.kind == "csv":
+            return RunSeries.from_csv(self.path)
+        if self.kind == "tensorboard":
+            return RunSeries.from_tensorboard(self.path)
+        return RunSeries.from_wandb_offline(self.path)
+
+
+class MultipleRunsError(ValueError):
+    """A folder holds more than one run; ``runs`` lists them."""
+
+    def __init__(self, path: Path, runs: list[RunSource]) -> None:
+        self.runs = runs
+        listing = "\n".join(f"  {run.root}  ({run.kind}: {run.path.relative_to(run.root)})" for run in runs)
+        super().__init__(f"{path} holds {len(runs)} runs; pass one of them, or --all to report each:\n{listing}")
+
+
+def _kind_of_file(path: Path) -> str:
+    if path.suffix == ".wandb":
+        return "wandb"
+    if path.name.startswith("events.out.tfevents."):
+        return "tensorboard"
+    return "csv"
+
+
+def _run_root(folder: Path, top: Path) -> Path:
+    """The Hydra run dir (``.hydra/`` or ``config_resolved.yaml``) holding ``folder``, not above
+    ``top``; else ``folder`` itself (a W&B ``wandb/offline-run-*`` folder: its save dir)."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".hydra").is_dir() or (candidate / "config_resolved.yaml").is_file():
+            return candidate
+        if candidate == top:
+            break
+    if folder.name.startswith(("offline-run-", "run-")) and folder.parent.name == "wandb" and folder.parent != top:
+        return folder.parent.parent
+    return folder
+
+
+def find_runs(path: str | Path) -> list[RunSource]:
+    """The runs below ``path``, one :class:`RunSource` each, sorted by root.
+
+    Logs are ``metrics.csv`` files, folders of ``events.out.tfevents.*`` files and ``*.wandb``
+    files. Logs under one Hydra run dir are one run (W&B rides with a CSV logger there); a run
+    is read from its CSV, else TensorBoard, else W&B log, the newest if several of a kind.
+    """
+    top = Path(path)
+    found: list[tuple[Path, str, Path]] = []
+    found += [(p, "csv", p) for p in top.rglob("metrics.csv")]
+    found += [(p.parent, "tensorboard", p.parent) for p in top.rglob("events.out.tfevents.*")]
+    found += [(p.parent, "wandb", p) for p in top.rglob("*.wandb")]
+    by_root: dict[Path, list[tuple[str, Path]]] = {}
+    for folder, kind, log in found:
+        folder = folder if folder.is_dir() else folder.parent
+        entries = by_root.setdefault(_run_root(folder, top), [])
+        if (kind, log) not in entries:
+            entries.append((kind, log))
+    runs = []
+    for root, entries in sorted(by_root.items()):
+        best = min(entries, key=lambda e: (_KIND_ORDER.index(e[0]), -e[1].stat().st_mtime))
+        runs.append(RunSource(root, *best))
+    return runs
 
 
 # --------------------------------------------------------------- key parsing
@@ -354,8 +463,10 @@ def _leveldb_payloads(data: bytes) -> Iterator[bytes]:
 def read_wandb_records(path: str | Path) -> Iterator[Any]:
     """Yield every ``wandb.proto.wandb_internal_pb2.Record`` of a ``.wandb`` run file.
 
-    W&B 0.31 ships no public reader for its offline transaction log; this is a small one.
-    Needs ``wandb`` installed (for the protobuf classes).
+    W&B's own reader is preferred where it exists, but 0.31 ships none: the Python
+    ``wandb.sdk.internal.datastore`` of older releases is gone (the log is read by the Go
+    ``wandb-core`` service, which has no Python API). So this is a small one, checked against
+    real offline runs in tests/test_wandb.py. Needs ``wandb`` installed (for the protobuf classes).
     """
     from wandb.proto import wandb_internal_pb2 as pb
 

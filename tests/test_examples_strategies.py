@@ -64,7 +64,7 @@ def test_multirun_sweep_over_smd_settings(tmp_path):
         assert (run / ".hydra" / "config.yaml").is_file()
         assert f"smd.log_every_n_steps={every}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert any((run / "smd").glob("*.png"))
-        rows[every] = _smd_rows(run / "metrics.csv")
+        rows[every] = _smd_rows(run / "version_0" / "metrics.csv")
     assert rows[1] > rows[4] >= 1
 
 
@@ -78,9 +78,9 @@ def test_fsdp2_model_parallel_strategy_on_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / ".hydra" / "config.yaml").is_file()
-    cols = metrics_columns(run / "metrics.csv")
+    cols = metrics_columns(run / "version_0" / "metrics.csv")
     assert "smd/angular_update/model.features.0.weight" in cols
-    assert _smd_rows(run / "metrics.csv") >= 3
+    assert _smd_rows(run / "version_0" / "metrics.csv") >= 3
 
 
 def test_fsdp2_sets_fully_shard_and_rejects_unsupported_models(tmp_path):

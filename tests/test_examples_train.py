@@ -36,7 +36,7 @@ def test_quickstart_short_run_writes_config_metrics_and_figures(tmp_path):
     out = Path(result["output_dir"])
     assert result["global_step"] == 12
     assert (out / "config_resolved.yaml").is_file()
-    assert Path(result["metrics_csv"]) == out / "metrics.csv"
+    assert Path(result["metrics_csv"]) == out / "version_0" / "metrics.csv"  # a fresh version folder
     tensors = _smd_tensors(result["metrics_csv"])
     assert tensors == ["model.features.0.weight", "model.features.3.weight", "model.features.7.weight"]
     assert "lr-SGD/all" in metrics_columns(result["metrics_csv"])
@@ -110,12 +110,24 @@ def test_nrq_angular_update_matches_theory(tmp_path):
     assert "train/risk" in result["metrics"]
 
 
+def _report_reads(out: Path, kind: str) -> None:
+    """``python -m lightning_smd.report`` on the run dir picks ``kind`` and writes smd_report/."""
+    from lightning_smd import report
+    from lightning_smd.series import find_runs
+
+    assert [r.kind for r in find_runs(out)] == [kind]
+    assert report.main([str(out)]) == 0
+    text = (out / "smd_report" / report.SUMMARY_FILE).read_text()
+    assert "**3 scale-invariant tensors**" in text
+
+
 def test_tensorboard_logger(tmp_path):
     result = _run(tmp_path, ["experiment=quickstart", "logger=tensorboard"])
     out = Path(result["output_dir"])
     assert result["metrics_csv"] is None
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "smd").is_dir()
+    _report_reads(out, "tensorboard")
 
 
 def test_wandb_logger_offline(tmp_path, monkeypatch):
@@ -130,6 +142,8 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     out = Path(result["output_dir"])
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert _smd_tensors(result["metrics_csv"])  # CSV logger rides along
+    _report_reads(out, "csv")  # one run: CSV preferred
+    _report_reads(out / "wandb", "wandb")  # the W&B run alone
 
 
 def test_quickstart_rescale_at_lr_drop(tmp_path):

@@ -213,7 +213,7 @@ def test_markdown_summary(rescaled_series: RunSeries) -> None:
     text = report.markdown_summary(rescaled_series)
     assert "**12 scale-invariant tensors**" in text
     assert "Rescale events: step 1500 (×0.5623)" in text
-    assert "LR changes at steps: 1500" in text
+    assert "LR changes at steps (first step with the new rate): 1500." in text
     assert text.count("\n| `model.layer") == 12
 
 
@@ -338,3 +338,129 @@ def test_reorder() -> None:
     assert r.weight_norm[0, 0] == 3.0 and np.isnan(r.weight_norm[0, 1])
     with pytest.raises(ValueError):
         s.reorder(["m.2.w"])
+
+
+# ------------------------------------------- TensorBoard, several runs, output folder
+def fit_with(logger, records) -> ReplayRecords:
+    replay = ReplayRecords(records)
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", logger=logger, log_every_n_steps=1,
+        callbacks=[replay, LearningRateMonitor("step")], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), tiny_loader())
+    return replay
+
+
+def assert_close_series(a: RunSeries, b: RunSeries) -> None:
+    """Equal up to float32 rounding (TensorBoard stores scalars as float32)."""
+    np.testing.assert_array_equal(a.steps, b.steps)
+    assert a.names == b.names
+    for kind in KINDS:
+        np.testing.assert_allclose(getattr(a, kind), getattr(b, kind), rtol=1e-6, err_msg=kind)
+    assert [s for s, _ in a.rescale_events] == [s for s, _ in b.rescale_events]
+    assert set(a.ratio_stats) == set(b.ratio_stats)
+
+
+def test_tensorboard_event_files_round_trip_and_cli(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    replay = fit_with(logger, short_records())
+    assert list(Path(logger.log_dir).glob("events.out.tfevents.*"))
+    expected = RunSeries.from_records(replay.logged)
+    assert_close_series(RunSeries.from_tensorboard(logger.log_dir), expected)
+    from_dir = RunSeries.from_run_dir(tmp_path)
+    assert_close_series(from_dir, expected)
+    assert from_dir.lr["lr-SGD"][np.isfinite(from_dir.lr["lr-SGD"])].min() == pytest.approx(0.001)
+
+    assert report.main([str(tmp_path)]) == 0
+    out = tmp_path / report.REPORT_DIR
+    for file in [*report.FIGURE_FILES.values(), report.SUMMARY_FILE]:
+        assert (out / file).is_file(), file
+    assert "4 scale-invariant tensors" in (out / report.SUMMARY_FILE).read_text()
+
+
+def test_report_does_not_overwrite_the_callbacks_figures(tmp_path: Path, capsys) -> None:
+    _, logger = fit_with_csv(tmp_path, short_records()[:12])
+    run = Path(logger.log_dir)
+    (run / "smd").mkdir()
+    (run / "smd" / report.FIGURE_FILES["angular_update"]).write_bytes(b"callback's figure")
+    assert report.main([str(run)]) == 0
+    assert (run / "smd" / report.FIGURE_FILES["angular_update"]).read_bytes() == b"callback's figure"
+    assert (run / "smd_report" / report.FIGURE_FILES["angular_update"]).stat().st_size > 10_000
+    assert f"wrote {run / 'smd_report' / report.SUMMARY_FILE}" in capsys.readouterr().out
+
+
+def test_folder_with_several_runs_is_refused_and_listed(tmp_path: Path, capsys) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_smd.series import MultipleRunsError, find_runs
+
+    fit_with_csv(tmp_path, short_records()[:12])  # tmp_path/run/version_0/metrics.csv
+    fit_with(TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False), short_records()[:14])
+    runs = find_runs(tmp_path)
+    assert [(r.root.relative_to(tmp_path).as_posix(), r.kind) for r in runs] == [
+        ("run/version_0", "csv"), ("tb/version_0", "tensorboard")]
+    with pytest.raises(MultipleRunsError, match="holds 2 runs"):
+        RunSeries.from_run_dir(tmp_path)
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "run" / "version_0") in err and str(tmp_path / "tb" / "version_0") in err
+    assert "--all" in err
+    assert report.main([str(tmp_path), "--all", "--out", str(tmp_path / "reports")]) == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["run_version_0", "tb_version_0"]
+    for name in ("run_version_0", "tb_version_0"):
+        assert (tmp_path / "reports" / name / report.SUMMARY_FILE).is_file()
+
+
+def test_hydra_run_dir_with_csv_and_wandb_is_one_run(tmp_path: Path) -> None:
+    from lightning_smd.series import find_runs
+
+    (tmp_path / ".hydra").mkdir()
+    fit_with_csv(tmp_path, short_records()[:12])
+    offline = tmp_path / "wandb" / "offline-run-20260101_000000-abc"
+    offline.mkdir(parents=True)
+    (offline / "run-abc.wandb").write_bytes(b":W&B\xe1\xbe\x00")
+    (run,) = find_runs(tmp_path)
+    assert run.root == tmp_path and run.kind == "csv"
+
+
+def test_step_numbers_agree_with_the_callback(tmp_path: Path) -> None:
+    """A real SMDCallback run with an LR drop: the summary names the step the callback logged."""
+    from lightning_smd import SMDCallback
+
+    callback = SMDCallback(log_every_n_steps=5, rescale=True, verbose=False, figures_dir=str(tmp_path / "smd"))
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = pl.Trainer(max_steps=30, accelerator="cpu", logger=logger, log_every_n_steps=5,
+                         callbacks=[callback, LearningRateMonitor("step")], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModule(), tiny_loader(n=128))  # StepLR: lr ÷10 after 20 steps
+    (event,) = callback.rescale_events
+    assert event["step"] == 20
+    series = RunSeries.from_csv(Path(logger.log_dir) / "metrics.csv")
+    assert report.lr_changes(series) == [20] and report.lr_change_steps(series) == [19]
+    text = report.markdown_summary(series)
+    assert "LR changes at steps (first step with the new rate): 20." in text
+    assert "Rescale events: step 20" in text
+    stages = callback.equilibrium.stages
+    assert [s.start_step for s in stages][-1] == 20
+
+
+def test_summary_tables_explain_their_columns(rescaled_series: RunSeries) -> None:
+    from lightning_smd.equilibrium import EquilibriumTracker
+
+    text = report.markdown_summary(rescaled_series)
+    legend = next(line for line in text.splitlines() if line.startswith("Columns:"))
+    header = next(line for line in text.splitlines() if line.startswith("| tensor"))
+    for column in [c.strip() for c in header.strip("|").split("|")][1:]:
+        assert f"**{column.split(' [')[0]}**" in legend, column
+    tracker = EquilibriumTracker(tolerance=0.1, window=10)
+    tracker.start_stage("all", 199, 120, True, ["w"])
+    for step in range(199, 230):
+        tracker.update(step, ["all"], ["w"], [1.0])
+    summary = tracker.summary().splitlines()
+    assert "reached at" in summary[1] and "tensors: how many reached it" in summary[1]
+    assert summary[2].split() == ["group", "from", "step", "rescaled", "predicted", "reached", "at", "(median)",
+                                  "tensors"]
+    assert summary[3].split() == ["all", "199", "True", "120", "200", "(+1)", "1"]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from examples.modules.nets import build_classifier, shardable_blocks
+from pytorch_lightning.utilities import rank_zero_info
+
+from examples.modules.nets import build_adapted, shardable_blocks
 from examples.modules.optim import ConfiguredOptimizerModule
 
 
@@ -21,6 +23,10 @@ class ImageClassifier(ConfiguredOptimizerModule):
         num_classes: number of classes.
         label_smoothing: cross-entropy label smoothing (0 in the papers).
         zero_init_residual: ResNets: zero-init the last BN γ of each block (Goyal et al. option).
+        in_channels: channels of the input images (``data.channels``): the first conv takes them.
+        image_size: side of the input images (``data.image_size``); below 64 px the ResNets and
+            MobileNetV2 get a small-image stem, and images smaller than the network's total stride
+            are upsampled (bilinear) to it. One line on rank 0 says what was adapted.
         fully_shard: apply ``torch.distributed.fsdp.fully_shard`` (FSDP2) in ``configure_model``;
             set by ``strategy=fsdp2`` (``ModelParallelStrategy``).
         optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay:
@@ -39,10 +45,19 @@ class ImageClassifier(ConfiguredOptimizerModule):
         label_smoothing: float = 0.0,
         zero_init_residual: bool = False,
         fully_shard: bool = False,
+        in_channels: int = 3,
+        image_size: int | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.model = build_classifier(arch, num_classes, zero_init_residual)
+        self.model, notes, min_size = build_adapted(arch, num_classes, zero_init_residual, in_channels, image_size)
+        self.upsample_to = min_size if image_size is not None and image_size < min_size else None
+        if self.upsample_to:
+            notes.append(f"inputs upsampled {image_size}→{self.upsample_to} px (bilinear)")
+        if notes:
+            size = f"{in_channels}×{image_size}×{image_size}" if image_size else f"{in_channels} channels"
+            rank_zero_info(f"[examples] model {arch} adapted to the data ({size}, {num_classes} classes): "
+                           + "; ".join(notes))
         self.label_smoothing = label_smoothing
         self.fully_shard = fully_shard
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
@@ -50,6 +65,8 @@ class ImageClassifier(ConfiguredOptimizerModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5) if num_classes > 5 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample_to and x.shape[-1] < self.upsample_to:
+            x = F.interpolate(x, size=(self.upsample_to, self.upsample_to), mode="bilinear", align_corners=False)
         return self.model(x)
 
     def optimized_module(self) -> torch.nn.Module:

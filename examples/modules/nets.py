@@ -50,21 +50,69 @@ def resnet18_cifar(num_classes: int = 10, zero_init_residual: bool = False) -> n
     return model
 
 
-def build_classifier(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
-    """Build ``arch`` (``digits_cnn``, ``resnet18_cifar``, ``resnet18``, ``resnet50``, ``mobilenet_v2``)."""
+#: Images smaller than this get the small-image stem (3×3 stride-1 first conv, no max-pool)
+#: instead of torchvision's ImageNet stem, which divides the resolution by 4 at once.
+SMALL_IMAGE = 64
+ARCHS = ("digits_cnn", "resnet18_cifar", "resnet18", "resnet50", "mobilenet_v2")
+
+
+def _conv_init(conv: nn.Conv2d) -> nn.Conv2d:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def build_adapted(
+    arch: str, num_classes: int, zero_init_residual: bool = False, in_channels: int = 3,
+    image_size: int | None = None,
+) -> tuple[nn.Module, list[str], int]:
+    """Build ``arch`` for images of ``in_channels`` × ``image_size`` px.
+
+    Returns ``(network, adaptations, min_size)``: the notes say what differs from the stock
+    torchvision network (first conv's channels, small-image stem); ``min_size`` is the smallest
+    input side the network takes (its total stride: the last stage sees at least 1×1), to which
+    smaller images must be upsampled.
+    """
+    small = image_size is not None and image_size < SMALL_IMAGE
+    notes: list[str] = []
     if arch == "digits_cnn":
-        return DigitsCNN(num_classes)
+        return DigitsCNN(num_classes, in_channels=in_channels), notes, 2
     if arch == "resnet18_cifar":
-        return resnet18_cifar(num_classes, zero_init_residual)
-    if arch in ("resnet18", "resnet50"):
-        return getattr(torchvision.models, arch)(
+        model = resnet18_cifar(num_classes, zero_init_residual)
+        small, min_size = True, 8
+    elif arch in ("resnet18", "resnet50"):
+        model = getattr(torchvision.models, arch)(
             weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual
         )
+        min_size = 8 if small else 32
+        if small:
+            model.maxpool = nn.Identity()
+            notes.append(f"small-image stem for {image_size} px (3×3 stride-1 first conv, no max-pool)")
+    elif arch == "mobilenet_v2":
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+        min_size = 16 if small else 32
+        if small:
+            notes.append(f"small-image stem for {image_size} px (first conv stride 1)")
+    else:
+        raise ValueError(f"model.arch={arch!r} is not known; use one of {', '.join(ARCHS)}")
+    if in_channels != 3:
+        notes.append(f"first conv takes {in_channels} channel{'s' if in_channels != 1 else ''}")
     if arch == "mobilenet_v2":
-        return torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
-    raise ValueError(
-        f"model.arch={arch!r} is not known; use one of digits_cnn, resnet18_cifar, resnet18, resnet50, mobilenet_v2"
-    )
+        if small or in_channels != 3:
+            old = model.features[0][0]
+            model.features[0][0] = _conv_init(nn.Conv2d(in_channels, old.out_channels, 3, 1 if small else 2, 1, bias=False))
+    elif (small and arch != "resnet18_cifar") or in_channels != 3:  # resnet18_cifar has the small stem
+        kernel, stride, pad = (3, 1, 1) if small else (7, 2, 3)
+        model.conv1 = _conv_init(nn.Conv2d(in_channels, 64, kernel, stride, pad, bias=False))
+    return model, notes, min_size
+
+
+def build_classifier(
+    arch: str, num_classes: int, zero_init_residual: bool = False, in_channels: int = 3,
+    image_size: int | None = None,
+) -> nn.Module:
+    """Build ``arch`` (``digits_cnn``, ``resnet18_cifar``, ``resnet18``, ``resnet50``, ``mobilenet_v2``)
+    for ``in_channels``-channel images of ``image_size`` px (see :func:`build_adapted`)."""
+    return build_adapted(arch, num_classes, zero_init_residual, in_channels, image_size)[0]
 
 
 def shardable_blocks(model: nn.Module) -> list[nn.Module]:
