@@ -16,6 +16,13 @@ __all__ = ["available_cpus", "default_threads", "pin_torch_threads"]
 CI_MAX_THREADS = 2
 
 
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where missing),
     less those the last minute's load keeps busy (``os.getloadavg``), at least 1.
@@ -23,10 +30,7 @@ def available_cpus() -> int:
     OpenMP threads spin at every barrier: two threads on two cores that other processes use
     turned an 11 s test into 470 s (measured on a 2-core machine at load 6).
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = _affinity()
     try:
         idle = int(cpus - os.getloadavg()[0] + 0.5)
     except (AttributeError, OSError):
@@ -39,8 +43,10 @@ def default_threads() -> int | None:
     :func:`available_cpus`, at most :data:`CI_MAX_THREADS` when ``CI`` is set."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    cpus = available_cpus()
-    return min(cpus, CI_MAX_THREADS) if os.environ.get("CI") else cpus
+    if os.environ.get("CI"):
+        # the same count on every CI run (results of float reductions depend on it), load or not
+        return min(_affinity(), CI_MAX_THREADS)
+    return available_cpus()
 
 
 def pin_torch_threads(threads: int | None = None) -> int:

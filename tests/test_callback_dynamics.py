@@ -34,6 +34,7 @@ def test_nrq_reaches_equilibrium(tmp_path, momentum):
     assert ratio == pytest.approx(1.0, rel=0.03)
 
 
+@pytest.mark.slow
 def test_digits_bn_cnn_conv_weights_follow_theory(tmp_path):
     lr, wd, momentum = 0.1, 5e-3, 0.9
     cb = SMDCallback(log_every_n_steps=5)

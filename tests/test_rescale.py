@@ -74,6 +74,7 @@ def _nrq_drop_run(tmp_path, rescale, **kw):
     return drop, cb, read_metrics(trainer), module
 
 
+@pytest.mark.slow
 def test_nrq_rescale_keeps_angular_update_at_theory_after_drop(tmp_path):
     lr, wd, k = 0.1, 0.05, 10
     new_star = theory.angular_update_sgd(lr / k, wd)
@@ -104,6 +105,7 @@ def test_nrq_rescale_keeps_angular_update_at_theory_after_drop(tmp_path):
     assert 0.8 * predicted < measured < 2.5 * predicted
 
 
+@pytest.mark.slow
 def test_digits_bn_cnn_rescale_after_drop(tmp_path):
     lr, wd, momentum, drop = 0.1, 5e-3, 0.9, 300
     new_star = theory.angular_update_sgdm(lr / 10, wd, momentum)
@@ -156,6 +158,7 @@ def test_resume_across_drop_neither_skips_nor_repeats(tmp_path, resume_at):
     assert cb2.unit_grad.get("X") == pytest.approx(cb.unit_grad.get("X"), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_escape_without_rescale_and_not_with_it(tmp_path):
     """Seed 002, Fig. 2(e)-(h): after an LR drop the risk goes down then up without rescale; not with it."""
     drop, total = 500, 2000

@@ -72,6 +72,7 @@ def test_rescale_exactly_at_every_drop(tmp_path, name):
         assert event["factor"] == pytest.approx(theory.rescale_factor(old, new, 0.05))
 
 
+@pytest.mark.slow
 def test_continuous_mode_follows_a_cosine_schedule(tmp_path):
     """Cosine decay: every step's small change is rescaled, so Δ_t tracks Δ* all the way down."""
     lr, wd, steps = 0.2, 0.05, 600
