@@ -164,7 +164,9 @@ def test_mobilenet_v2_depthwise_and_pointwise_not_classifier():
     model = torchvision.models.mobilenet_v2(weights=None)
     found = structural_candidates(model, _image_batch())
     convs = _weights_of(model, (nn.Conv2d,))
-    assert set(found) == convs
+    # plus the γ of the two linear bottlenecks that feed a 1×1 conv → BN and nothing else (the
+    # blocks after them have no residual connection)
+    assert set(found) == convs | {"features.1.conv.2.weight", "features.17.conv.3.weight"}
     depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(f"{n}.weight" in found for n in depthwise)
     assert "classifier.1.weight" not in found
@@ -265,7 +267,8 @@ def test_recorder_inside_a_training_step_keeps_autograd_intact():
                           nn.BatchNorm2d(4))
     with DataflowRecorder(model) as recorder:
         loss = model(_image_batch(size=8)).square().mean()
-    assert set(recorder.candidates) == {"0.weight", "2.weight"}
+    # 1.weight: BN γ → 1×1 conv → BN, the linear-bottleneck rule (its β is dead)
+    assert set(recorder.candidates) == {"0.weight", "1.weight", "2.weight"}
     loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 

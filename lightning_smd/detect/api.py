@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from lightning_smd.detect.candidate import Candidate, clean_name
 from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
-from lightning_smd.detect.numerics import _radial_cosines
+from lightning_smd.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
 from lightning_smd.detect.structure import structural_candidates
 
 __all__ = ["find_scale_invariant"]
@@ -38,7 +39,11 @@ def find_scale_invariant(
             ``"auto"``: structural candidates confirmed numerically (unconfirmed ones are
             dropped with a warning) plus numerically invariant tensors that the structure
             could not explain.
-        threshold: radial cosine under which a tensor counts as invariant.
+        threshold: radial cosine under which a structural candidate is confirmed (at least the
+            rounding floor of 16-bit tensors). A tensor structure did not explain counts only
+            with ``cos < discovery_threshold(threshold, numel)`` (``≤ 1e-2/√numel``) *and* the
+            finite-difference check ``L(2w) = L(w)`` at a generic point
+            (:func:`~lightning_smd.detect.numerics.confirm_scale_invariance`).
 
     Returns:
         Candidates in parameter order.
@@ -55,11 +60,26 @@ def find_scale_invariant(
         raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
     structural = structural_candidates(module, *args, **kwargs) if detect != "numerical" else {}
     cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
-    found, rejected = decide(structural, cosines, detect, threshold, normalization_parameters(module))
-    if rejected:
+    params = {clean_name(n): p for n, p in module.named_parameters()}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    # 16-bit tensors: structure is confirmed at the format's rounding floor (as the callback does)
+    floor = max((precision_floor(dtypes[n]) for n in structural if n in dtypes), default=0.0)
+    replica: list[nn.Module] = []
+
+    def confirm(names: list[str]) -> dict[str, str | None]:
+        if not replica:
+            replica.append(copy.deepcopy(module).train())
+        return confirm_scale_invariance(replica[0], names, lambda: replica[0](*args, **kwargs))
+
+    found, rejected = decide(
+        structural, cosines, detect, threshold, normalization_parameters(module), max(threshold, floor),
+        numels={n: p.numel() for n, p in params.items()}, dtypes=dtypes, confirm=confirm,
+    )
+    dropped = {n: why for n, why in rejected.items() if n in structural}
+    if dropped:
         warnings.warn(
             "structural scale-invariance candidates not confirmed numerically, dropped: "
-            + "; ".join(f"{n}: {why}" for n, why in rejected.items()),
+            + "; ".join(f"{n}: {why}" for n, why in dropped.items()),
             stacklevel=2,
         )
     order = [clean_name(n) for n, _ in module.named_parameters()]
