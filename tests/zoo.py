@@ -250,8 +250,8 @@ def timm_zoo() -> list[ZooModel]:
     return [
         _classifier("timm/resnet18d", _timm("resnet18d", drop_path_rate=0.1), fast=True),
         _classifier("timm/resnetv2_50x1_bit", _timm("resnetv2_50x1_bit")),
-        _classifier("timm/nf_resnet26", _timm("nf_resnet26"), fast=True),
-        _classifier("timm/nf_regnet_b0", _timm("nf_regnet_b0")),
+        _classifier("timm/nf_resnet26", _timm("nf_resnet26")),
+        _classifier("timm/nf_regnet_b0", _timm("nf_regnet_b0"), fast=True),
         _classifier("timm/convnext_atto", _timm("convnext_atto", drop_path_rate=0.1), fast=True),
         _classifier("timm/cspresnet50", _timm("cspresnet50")),
         _classifier("timm/cspdarknet53", _timm("cspdarknet53")),

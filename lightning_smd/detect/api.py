@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -11,9 +12,9 @@ from torch import nn
 from lightning_smd.detect.candidate import Candidate, clean_name
 from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
 from lightning_smd.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
-from lightning_smd.detect.structure import structural_candidates
+from lightning_smd.detect.structure import DataflowRecorder, _recorded, structural_candidates
 
-__all__ = ["find_scale_invariant"]
+__all__ = ["DetectionNotes", "detection_notes", "find_scale_invariant", "notes_from_recorder"]
 
 
 def find_scale_invariant(
@@ -86,3 +87,31 @@ def find_scale_invariant(
     names = select([n for n in order if n in found], include, exclude)
     return [found[n] for n in names]
 
+
+
+@dataclass(frozen=True)
+class DetectionNotes:
+    """What the detection report says besides the invariant tensors.
+
+    Attributes:
+        dead: name → why no gradient ever reaches it (a bias, or a norm's β, whose per-channel
+            constant the following normalization removes).
+        eps_dominated: name → why: invariant by structure, but the normalization's input
+            variance is within ``EPS_MARGIN``·eps (or a weight-standardizing eps moves the
+            output), so the numerical confirmation may reject it; not finding it is no miss.
+    """
+
+    dead: dict[str, str]
+    eps_dominated: dict[str, str]
+
+
+def notes_from_recorder(recorder: DataflowRecorder) -> DetectionNotes:
+    """The notes of a :class:`DataflowRecorder` after :meth:`~DataflowRecorder.stop`."""
+    return DetectionNotes(dict(recorder.dead), dict(recorder.eps_dominated))
+
+
+def detection_notes(module: nn.Module, *args: Any, **kwargs: Any) -> DetectionNotes:
+    """Dead and eps-dominated tensors of ``module`` from ONE forward ``module(*args, **kwargs)``,
+    with the same side-effect-free pass as :func:`structural_candidates`."""
+    recorder = _recorded(module, args, kwargs)
+    return notes_from_recorder(recorder)

@@ -660,6 +660,11 @@ def structural_candidates(module: nn.Module, *args: Any, **kwargs: Any) -> dict[
     ``torch.no_grad()``. Train/eval modes, buffers (BN running statistics,
     ``num_batches_tracked``) and the RNG state are restored afterwards.
     """
+    return _recorded(module, args, kwargs).candidates or {}
+
+
+def _recorded(module: nn.Module, args: tuple, kwargs: dict) -> DataflowRecorder:
+    """A stopped :class:`DataflowRecorder` after one side-effect-free forward pass."""
     modes = [(m, m.training) for m in module.modules()]
     buffers = _snapshot_buffers(module)
     try:
@@ -671,5 +676,4 @@ def structural_candidates(module: nn.Module, *args: Any, **kwargs: Any) -> dict[
         for sub, training in modes:
             sub.training = training
         _restore_buffers(buffers)
-    return recorder.candidates or {}
-
+    return recorder
