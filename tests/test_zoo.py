@@ -1,7 +1,7 @@
 """Detection against the brute-force oracle on torchvision and timm zoos: precision 1.0, recall ≥ 0.98.
 
-The default run scores a fast subset; ``-m slow`` scores the whole zoo (43 models, ~4 min on
-2 cores). Each test prints the per-model table (``pytest -s`` shows it); the slow one also writes
+The default run scores a fast subset (11 models, ~25 s); ``-m slow`` scores the whole zoo
+(43 models, ~5 min on 2 cores) and the numerical discovery rule's false-positive rate. Each test prints the per-model table (``pytest -s`` shows it); the slow one also writes
 it to ``$SMD_ZOO_TABLE`` when set (that is where ``docs/detection.md`` takes its figures from).
 Scored: :func:`find_scale_invariant` on the model as built, and ``SMDCallback``'s decision after
 its numerical steps in a real ``Trainer.fit``.
@@ -13,6 +13,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -20,7 +21,6 @@ from torch import nn
 
 from lightning_smd.detect import (
     _radial_cosines,
-    decide,
     discovery_threshold,
     find_scale_invariant,
     normalization_parameters,
@@ -39,7 +39,32 @@ def _trainable(model: nn.Module) -> int:
     return sum(1 for p in model.parameters() if p.requires_grad)
 
 
-def _score_model(entry: ZooModel) -> Score:
+@dataclass
+class Discoveries:
+    """Tensors structure does not explain, and how each numerical rule judges them (FP = not
+    invariant per the oracle)."""
+
+    pool: int = 0
+    bare: list[str] = field(default_factory=list)  # radial cosine < 1e-4 at init
+    sized: list[str] = field(default_factory=list)  # + the size-aware bar
+    final: list[str] = field(default_factory=list)  # + the finite-difference confirmation
+    true: int = 0
+
+    def add(self, other: Discoveries) -> None:
+        self.pool += other.pool
+        self.bare += other.bare
+        self.sized += other.sized
+        self.final += other.final
+        self.true += other.true
+
+    def summary(self) -> str:
+        rate = lambda n: f"{n} ({n / self.pool:.1%})" if self.pool else str(n)  # noqa: E731
+        return (f"numerical discovery on {self.pool} tensors not explained by structure: false positives with "
+                f"radial cosine < 1e-4: {rate(len(self.bare))}; + size-aware bar: {rate(len(self.sized))}; "
+                f"+ finite-difference confirmation (the rule): {rate(len(self.final))}; true discoveries: {self.true}")
+
+
+def _score_model(entry: ZooModel, discoveries: Discoveries | None = None) -> Score:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = entry.build()
@@ -52,6 +77,20 @@ def _score_model(entry: ZooModel) -> Score:
     result.seconds = time.perf_counter() - start
     if truth.ambiguous:
         print(f"{entry.name}: too close to call (scored as not invariant): {truth.ambiguous}")
+    if discoveries is not None:
+        structural = structural_candidates(model, *args, **kwargs)
+        cosines = _radial_cosines(model, args, kwargs)
+        numels = {n: p.numel() for n, p in model.named_parameters()}
+        skip = set(structural) | normalization_parameters(model)
+        unexplained = {n: c for n, c in cosines.items() if n not in skip}
+        wrong = lambda names: [f"{entry.name}:{n}" for n in names if n not in truth.invariant]  # noqa: E731
+        discoveries.add(Discoveries(
+            pool=len(unexplained),
+            bare=wrong(n for n, c in unexplained.items() if c < 1e-4),
+            sized=wrong(n for n, c in unexplained.items() if c < discovery_threshold(1e-4, numels[n])),
+            final=wrong(n for n in found if n in unexplained and n not in truth.dead),
+            true=sum(1 for n in found if n in unexplained and n in truth.invariant),
+        ))
     return result
 
 
@@ -77,57 +116,21 @@ def test_fast_zoo_against_oracle():
 
 @pytest.mark.slow
 def test_whole_zoo_against_oracle():
+    """Also the numerical discovery rule's false-positive rate: at init, a bare 1e-4 radial cosine
+    is fooled on this zoo (zero biases into LayerNorm, chance cosines of large matrices); the
+    finite-difference confirmation at a generic point never is."""
     models = zoo()
     assert sum(z.name.startswith("tv/") for z in models) >= 19
     assert sum(z.name.startswith("timm/") for z in models) >= 8
-    table = _check([_score_model(z) for z in models])
+    discoveries = Discoveries()
+    table = _check([_score_model(z, discoveries) for z in models])
+    summary = discoveries.summary()
+    print(summary + "\n  fooled: " + ", ".join(discoveries.bare[:12]))
     if path := os.environ.get("SMD_ZOO_TABLE"):
         with open(path, "w") as f:
-            f.write(table + "\n")
-
-
-# --------------------------------------------------------------------------------------------
-# The numerical discovery rule and its false-positive rate on the zoo
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_numerical_discovery_false_positive_rate():
-    """Tensors structure does not explain, at init, over the whole zoo: how many a bare 1e-4 radial
-    cosine would call invariant wrongly, how many the size-aware bar still lets through, and
-    how many survive the finite-difference confirmation (must be none)."""
-    bare = sized = confirmed = pool = true = 0
-    lines = []
-    for entry in zoo():
-        torch.manual_seed(0)
-        model = entry.build()
-        truth = oracle(model, entry.forward)
-        args, kwargs = entry.batch(torch.float32)
-        structural = structural_candidates(model, *args, **kwargs)
-        cosines = _radial_cosines(model, args, kwargs)
-        numels = {n: p.numel() for n, p in model.named_parameters()}
-        norm_affine = normalization_parameters(model)
-        unexplained = {n: c for n, c in cosines.items() if n not in structural and n not in norm_affine}
-        pool += len(unexplained)
-        wrong_bare = [n for n, c in unexplained.items() if c < 1e-4 and n not in truth.invariant]
-        wrong_sized = [n for n, c in unexplained.items()
-                       if c < discovery_threshold(1e-4, numels[n]) and n not in truth.invariant]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            final = {c.name for c in find_scale_invariant(model, *args, **kwargs)}
-        wrong_final = sorted(final - truth.invariant - truth.dead)
-        true += len([n for n in final if n not in structural and n in truth.invariant])
-        bare, sized, confirmed = bare + len(wrong_bare), sized + len(wrong_sized), confirmed + len(wrong_final)
-        if wrong_bare or wrong_sized:
-            lines.append(f"{entry.name}: cos<1e-4 {wrong_bare[:4]}  sized {wrong_sized[:4]}  confirmed {wrong_final}")
-    summary = (f"{pool} tensors not explained by structure; false discoveries: radial cosine < 1e-4: {bare}, "
-               f"+ size-aware bar: {sized}, + finite-difference confirmation: {confirmed}; true discoveries: {true}")
-    print("\n" + "\n".join(lines) + "\n" + summary)
-    if path := os.environ.get("SMD_ZOO_TABLE"):
-        with open(path, "a") as f:
-            f.write(summary + "\n")
-    assert bare > 0  # the bare rule is fooled on this zoo: the test can tell the rules apart
-    assert confirmed == 0
+            f.write(table + "\n" + summary + "\n")
+    assert discoveries.bare  # the bare rule is fooled here: the zoo tells the rules apart
+    assert not discoveries.final
 
 
 # --------------------------------------------------------------------------------------------
