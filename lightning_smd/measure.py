@@ -133,6 +133,8 @@ def _sq_norms(tensors: Sequence[Tensor]) -> Tensor:
         # one BLAS dot per tensor reads it at the memory bandwidth; CPU foreach_norm is a loop of
         # vector_norm, which takes ~1.7x as long (benchmarks/measure_step.py)
         return torch.stack([torch.dot(v, v) for v in (_flat(t) for t in tensors)])
+    if any(t.dtype == torch.float64 for t in tensors):  # float64 stays float64
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]).square()
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)  # CUDA: one multi-tensor kernel
     return torch.stack(norms).square()
 
@@ -168,7 +170,8 @@ def _dots(xs: Sequence[Tensor], ys: Sequence[Tensor | None]) -> Tensor:
             out.append(torch.zeros((), dtype=torch.float32, device=x.device))
         else:
             xf, yf = _flat_pair(x, y)
-            out.append(torch.dot(xf.float(), yf.float()))
+            acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32  # float64 stays float64
+            out.append(torch.dot(xf.to(acc), yf.to(acc)))
     return torch.stack(out)
 
 

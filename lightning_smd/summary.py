@@ -34,8 +34,15 @@ def format_detection_report(
     rejected: dict[str, str] | None = None,
     decayed_not_invariant: int = 0,
     total: int | None = None,
+    dead: dict[str, str] | None = None,
+    eps_dominated: dict[str, str] | None = None,
 ) -> str:
-    """A table of the scale-invariant tensors (why, group, lr/wd/momentum, Δ*) and the warnings."""
+    """A table of the scale-invariant tensors (why, group, lr/wd/momentum, Δ*) and the warnings.
+
+    ``dead`` (name → why) and ``eps_dominated`` (name → why), e.g. from
+    :func:`lightning_smd.detect.notes_from_recorder`, add two short sections: tensors no gradient
+    ever reaches, and normalizations whose input variance is close to their eps.
+    """
     header = ["  #", "tensor", "shape", "why scale-invariant", "group", "lr", "wd", "mom", "Δ* (rad)"]
     body = [
         [
@@ -64,7 +71,31 @@ def format_detection_report(
         lines.append(f"WARNING: {reason}; Δ_t and ‖w_t‖ are still logged, without theory lines.")
     for name, why in sorted((rejected or {}).items()):
         lines.append(f"left out: {name}: {why}")
+    lines.extend(_dead_section(dead or {}))
+    lines.extend(_eps_section(eps_dominated or {}))
     return "\n".join(lines)
+
+
+def _dead_section(dead: dict[str, str]) -> list[str]:
+    if not dead:
+        return []
+    lines = [
+        f"Dead tensors ({len(dead)}): no gradient ever reaches them; weight decay only shrinks them: "
+        "exclude them from the optimizer or remove the bias."
+    ]
+    lines += [f"  {name}: {why}" for name, why in sorted(dead.items())]
+    return lines
+
+
+def _eps_section(eps_dominated: dict[str, str]) -> list[str]:
+    if not eps_dominated:
+        return []
+    lines = [
+        f"Eps-dominated ({len(eps_dominated)}): scale-invariant by structure, but the normalization's input "
+        "variance is close to its eps, so the scale matters a little (and the numerical check may leave them out)."
+    ]
+    lines += [f"  {name}: {why}" for name, why in sorted(eps_dominated.items())]
+    return lines
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -164,7 +164,9 @@ def test_mobilenet_v2_depthwise_and_pointwise_not_classifier():
     model = torchvision.models.mobilenet_v2(weights=None)
     found = structural_candidates(model, _image_batch())
     convs = _weights_of(model, (nn.Conv2d,))
-    assert set(found) == convs
+    # plus the γ of the two linear bottlenecks that feed a 1×1 conv → BN and nothing else (the
+    # blocks after them have no residual connection)
+    assert set(found) == convs | {"features.1.conv.2.weight", "features.17.conv.3.weight"}
     depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(f"{n}.weight" in found for n in depthwise)
     assert "classifier.1.weight" not in found
@@ -265,7 +267,8 @@ def test_recorder_inside_a_training_step_keeps_autograd_intact():
                           nn.BatchNorm2d(4))
     with DataflowRecorder(model) as recorder:
         loss = model(_image_batch(size=8)).square().mean()
-    assert set(recorder.candidates) == {"0.weight", "2.weight"}
+    # 1.weight: BN γ → 1×1 conv → BN, the linear-bottleneck rule (its β is dead)
+    assert set(recorder.candidates) == {"0.weight", "1.weight", "2.weight"}
     loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
@@ -542,3 +545,186 @@ def test_select_forms():
 def test_select_rejects_bad_patterns(argument, bad):
     with pytest.raises(ValueError, match=argument):
         select(NAMES, **{argument: bad})
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12: rules checked against the brute-force oracle
+# --------------------------------------------------------------------------------------------
+
+from lightning_smd.detect import decide, detection_notes, discovery_threshold  # noqa: E402
+from lightning_smd.summary import format_detection_report  # noqa: E402
+from tests.oracle import oracle  # noqa: E402
+
+
+def _oracle_invariant(model: nn.Module, x: torch.Tensor) -> set[str]:
+    return oracle(model, lambda m: m(x.to(next(m.parameters()).dtype))).invariant
+
+
+class InplaceSiLUBeforeBN(nn.Module):
+    """conv → SiLU(inplace=True) → BN: the in-place activation returns its input tensor, modified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.relu = nn.SiLU(inplace=True)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.bn(self.relu(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_inplace_activation_is_not_a_pass_through():
+    x = _image_batch(size=8)
+    assert "conv.weight" not in _oracle_invariant(InplaceSiLUBeforeBN(), x)
+    assert "conv.weight" not in structural_candidates(InplaceSiLUBeforeBN(), x)
+
+
+class Bottleneck(nn.Module):
+    """conv → BN(γ, β) → [link] → BN → head: γ is invariant iff the link is a linear map without
+    padding, used by nothing else, into a per-channel normalization."""
+
+    def __init__(self, link: str) -> None:
+        super().__init__()
+        self.link = link
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        padding = 1 if link == "padded" else 0
+        kernel = 3 if link == "padded" else 1
+        self.proj = nn.Conv2d(8, 8, kernel, padding=padding)
+        self.out = nn.LayerNorm([8, 8, 8]) if link == "layernorm" else nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.link == "relu":
+            y = F.relu(y)
+        z = self.head(F.relu(self.out(self.proj(y))).mean(dim=(2, 3)))
+        if self.link == "residual":  # y also reaches the output around the normalization
+            z = z + y.mean(dim=(2, 3))[:, :4]
+        return z
+
+
+@pytest.mark.parametrize("link, invariant", [
+    ("1x1", True), ("padded", False), ("relu", False), ("residual", False), ("layernorm", False),
+])
+def test_gamma_through_linear_map_into_per_channel_norm(link, invariant):
+    x = _image_batch(n=4, size=8)
+    torch.manual_seed(0)
+    found = structural_candidates(Bottleneck(link), x)
+    torch.manual_seed(0)
+    truth = _oracle_invariant(Bottleneck(link), x)
+    assert ("bn.weight" in truth) is invariant  # the rule is what the oracle says
+    assert ("bn.weight" in found) is invariant
+    if invariant:
+        assert "β is dead" in found["bn.weight"].reason
+        assert "Conv2d (proj)" in found["bn.weight"].reason
+        notes = detection_notes(Bottleneck(link), x)
+        assert {"bn.bias", "proj.bias"} <= set(notes.dead)
+
+
+def test_norm_with_its_own_activation_is_judged_by_rerun():
+    """timm's BatchNormAct2d: with an identity activation it is a plain norm (γ counts), with a
+    ReLU inside its output is not affine in β (γ does not)."""
+    from timm.layers import BatchNormAct2d
+
+    class Net(nn.Module):
+        def __init__(self, act: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn = BatchNormAct2d(8, apply_act=act, act_layer=nn.ReLU)
+            self.proj = nn.Conv2d(8, 8, 1, bias=False)
+            self.out = nn.BatchNorm2d(8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.out(self.proj(self.bn(self.conv(x)))).mean(dim=(2, 3)))
+
+    x = _image_batch(n=4, size=8)
+    for act in (False, True):
+        torch.manual_seed(0)
+        found = structural_candidates(Net(act), x)
+        torch.manual_seed(0)
+        assert ("bn.weight" in found) is (not act) is ("bn.weight" in _oracle_invariant(Net(act), x))
+
+
+def test_squeeze_excitation_conv_counts_fc_never():
+    """conv → BN → SiLU → squeeze-and-excitation multiply → 1×1 conv → BN (torchvision's SE)."""
+    from torchvision.ops import SqueezeExcitation
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+        SqueezeExcitation(16, 4), nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    x = _image_batch(n=4, size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = {c.name for c in find_scale_invariant(model, x)}
+    assert {"0.weight", "4.weight"} <= found
+    assert not found & {"3.fc1.weight", "3.fc2.weight", "3.fc1.bias", "3.fc2.bias"}
+    assert found - {"5.weight"} <= _oracle_invariant(model, x)
+
+
+class ZeroBiasIntoLayerNorm(nn.Module):
+    """conv (bias zero at init) → channels-last LayerNorm, as ConvNeXt's stem: invariant at init
+    only, until the bias moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 2, stride=2)
+        nn.init.zeros_(self.conv.bias)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.head(F.gelu(y).mean(dim=(1, 2)))
+
+
+def test_numerical_discovery_is_not_fooled_by_init_values():
+    x = _image_batch(n=4, size=8)
+    model = ZeroBiasIntoLayerNorm()
+    assert _radial_cosines(model, (x,), {})["conv.weight"] < 1e-5  # looks invariant at init...
+    assert "conv.weight" not in _oracle_invariant(model, x)  # ...but is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "conv.weight" not in {c.name for c in find_scale_invariant(model, x)}
+
+
+def test_numerical_discovery_threshold_scales_with_size():
+    """|cos| ~ 1/√n by chance: 5e-5 is evidence for 1 000 entries, not for 4 million."""
+    assert discovery_threshold(1e-4, 1_000) == 1e-4
+    assert discovery_threshold(1e-4, 4_000_000) == pytest.approx(5e-6)
+    assert discovery_threshold(1e-4, 10**12, torch.float32) == pytest.approx(10 * torch.finfo(torch.float32).eps)
+    cosines = {"small": 5e-5, "big": 5e-5}
+    numels = {"small": 1_000, "big": 4_000_000}
+    chosen, _ = decide({}, cosines, "auto", 1e-4, numels=numels)
+    assert set(chosen) == {"small"}
+    refuted, rejected = decide({}, cosines, "auto", 1e-4, numels=numels, confirm=lambda names: dict.fromkeys(names, "no"))
+    assert not refuted and "small" in rejected
+    kept, _ = decide({}, cosines, "auto", 1e-4, numels=numels, confirm=lambda names: dict.fromkeys(names))
+    assert "confirmed" in kept["small"].reason
+
+
+def test_eps_dominated_layer_is_named():
+    """Tiny conv weights into BatchNorm(eps=1e-3): the input variance is far below eps."""
+    model = ConvNormNet(nn.BatchNorm2d(8, eps=1e-3))
+    with torch.no_grad():
+        model.conv.weight.mul_(1e-3)
+    notes = detection_notes(model, _image_batch(n=4, size=8))
+    assert "conv.weight" in notes.eps_dominated
+    assert "eps 0.001" in notes.eps_dominated["conv.weight"]
+    assert not detection_notes(ConvNormNet(nn.BatchNorm2d(8)), _image_batch(n=4, size=8)).eps_dominated
+
+
+def test_report_names_dead_and_eps_dominated_tensors():
+    report = format_detection_report(
+        [], dead={"conv.bias": "bias of Conv2d → BatchNorm2d (bn)"},
+        eps_dominated={"conv.weight": "BatchNorm2d (bn): input variance 1e-09 vs eps 0.001"},
+    )
+    assert "Dead tensors (1): no gradient ever reaches them; weight decay only shrinks them: " \
+           "exclude them from the optimizer or remove the bias." in report
+    assert "  conv.bias: bias of Conv2d" in report
+    assert "Eps-dominated (1)" in report and "  conv.weight: BatchNorm2d (bn)" in report
+    assert "Dead tensors" not in format_detection_report([])  # old call, old output

@@ -21,11 +21,18 @@ calls are normalizations, producers, casts), ``sandbox`` (side-effect-free forwa
 
 from __future__ import annotations
 
-from lightning_smd.detect.api import find_scale_invariant
+from lightning_smd.detect.api import DetectionNotes, detection_notes, find_scale_invariant, notes_from_recorder
 from lightning_smd.detect.candidate import Candidate, clean_name
 from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
 from lightning_smd.detect.modules import is_norm_module
-from lightning_smd.detect.numerics import RadialCosineCheck, _projection_loss, _radial_cosines
+from lightning_smd.detect.numerics import (
+    RadialCosineCheck,
+    _projection_loss,
+    _radial_cosines,
+    confirm_scale_invariance,
+    discovery_threshold,
+    precision_floor,
+)
 from lightning_smd.detect.structure import DataflowRecorder, structural_candidates
 
 # Private helpers that lived in the single-file ``detect.py``, still importable from here.
@@ -80,6 +87,12 @@ __all__ = [
     "DETECT_MODES",
     "Candidate",
     "DataflowRecorder",
+    "DetectionNotes",
+    "confirm_scale_invariance",
+    "detection_notes",
+    "discovery_threshold",
+    "notes_from_recorder",
+    "precision_floor",
     "RadialCosineCheck",
     "clean_name",
     "decide",

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from lightning_smd.detect.candidate import Candidate, clean_name
 from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
-from lightning_smd.detect.numerics import _radial_cosines
-from lightning_smd.detect.structure import structural_candidates
+from lightning_smd.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
+from lightning_smd.detect.structure import DataflowRecorder, _recorded, structural_candidates
 
-__all__ = ["find_scale_invariant"]
+__all__ = ["DetectionNotes", "detection_notes", "find_scale_invariant", "notes_from_recorder"]
 
 
 def find_scale_invariant(
@@ -38,7 +40,11 @@ def find_scale_invariant(
             ``"auto"``: structural candidates confirmed numerically (unconfirmed ones are
             dropped with a warning) plus numerically invariant tensors that the structure
             could not explain.
-        threshold: radial cosine under which a tensor counts as invariant.
+        threshold: radial cosine under which a structural candidate is confirmed (at least the
+            rounding floor of 16-bit tensors). A tensor structure did not explain counts only
+            with ``cos < discovery_threshold(threshold, numel)`` (``≤ 1e-2/√numel``) *and* the
+            finite-difference check ``L(2w) = L(w)`` at a generic point
+            (:func:`~lightning_smd.detect.numerics.confirm_scale_invariance`).
 
     Returns:
         Candidates in parameter order.
@@ -55,14 +61,57 @@ def find_scale_invariant(
         raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
     structural = structural_candidates(module, *args, **kwargs) if detect != "numerical" else {}
     cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
-    found, rejected = decide(structural, cosines, detect, threshold, normalization_parameters(module))
-    if rejected:
+    params = {clean_name(n): p for n, p in module.named_parameters()}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    # 16-bit tensors: structure is confirmed at the format's rounding floor (as the callback does)
+    floor = max((precision_floor(dtypes[n]) for n in structural if n in dtypes), default=0.0)
+    replica: list[nn.Module] = []
+
+    def confirm(names: list[str]) -> dict[str, str | None]:
+        if not replica:
+            replica.append(copy.deepcopy(module).train())
+        return confirm_scale_invariance(replica[0], names, lambda: replica[0](*args, **kwargs))
+
+    found, rejected = decide(
+        structural, cosines, detect, threshold, normalization_parameters(module), max(threshold, floor),
+        numels={n: p.numel() for n, p in params.items()}, dtypes=dtypes, confirm=confirm,
+    )
+    dropped = {n: why for n, why in rejected.items() if n in structural}
+    if dropped:
         warnings.warn(
             "structural scale-invariance candidates not confirmed numerically, dropped: "
-            + "; ".join(f"{n}: {why}" for n, why in rejected.items()),
+            + "; ".join(f"{n}: {why}" for n, why in dropped.items()),
             stacklevel=2,
         )
     order = [clean_name(n) for n, _ in module.named_parameters()]
     names = select([n for n in order if n in found], include, exclude)
     return [found[n] for n in names]
 
+
+
+@dataclass(frozen=True)
+class DetectionNotes:
+    """What the detection report says besides the invariant tensors.
+
+    Attributes:
+        dead: name → why no gradient ever reaches it (a bias, or a norm's β, whose per-channel
+            constant the following normalization removes).
+        eps_dominated: name → why: invariant by structure, but the normalization's input
+            variance is within ``EPS_MARGIN``·eps (or a weight-standardizing eps moves the
+            output), so the numerical confirmation may reject it; not finding it is no miss.
+    """
+
+    dead: dict[str, str]
+    eps_dominated: dict[str, str]
+
+
+def notes_from_recorder(recorder: DataflowRecorder) -> DetectionNotes:
+    """The notes of a :class:`DataflowRecorder` after :meth:`~DataflowRecorder.stop`."""
+    return DetectionNotes(dict(recorder.dead), dict(recorder.eps_dominated))
+
+
+def detection_notes(module: nn.Module, *args: Any, **kwargs: Any) -> DetectionNotes:
+    """Dead and eps-dominated tensors of ``module`` from ONE forward ``module(*args, **kwargs)``,
+    with the same side-effect-free pass as :func:`structural_candidates`."""
+    recorder = _recorded(module, args, kwargs)
+    return notes_from_recorder(recorder)

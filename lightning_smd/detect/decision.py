@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_smd.detect.candidate import Candidate, clean_name
 from lightning_smd.detect.modules import is_norm_module
+from lightning_smd.detect.numerics import discovery_threshold
 
 __all__ = ["DETECT_MODES", "decide", "normalization_parameters", "select"]
 
@@ -67,6 +69,10 @@ def decide(
     threshold: float,
     never_numerical: Iterable[str] = (),
     confirm_threshold: float | None = None,
+    *,
+    numels: Mapping[str, int] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    confirm: Callable[[list[str]], Mapping[str, str | None]] | None = None,
 ) -> tuple[dict[str, Candidate], dict[str, str]]:
     """Combine the two kinds of evidence; returns ``(chosen, rejected)`` (rejected: name → why).
 
@@ -83,6 +89,15 @@ def decide(
     ``confirm_threshold`` (default ``threshold``) is the bar a *structural* candidate must pass:
     16-bit gradients put true invariants at radial cosines of 1e-4 to 1e-3, so the callback
     confirms structure more loosely there while numerical discoveries keep the strict bar.
+
+    Numerical *discoveries* (tensors structure did not explain) need evidence that scales with
+    the tensor: with ``numels`` (name → number of entries; ``dtypes`` optional) the bar is
+    :func:`~lightning_smd.detect.numerics.discovery_threshold` (``min(threshold,
+    max(1e-2/√n, precision floor))``: a large non-invariant matrix reaches 1e-4 by chance), and
+    with ``confirm`` (names → ``{name: None | why refuted}``, normally a closure over
+    :func:`~lightning_smd.detect.numerics.confirm_scale_invariance`) each discovery must also
+    pass the finite-difference check ``w → 2w`` at a generic point; refuted ones go to
+    ``rejected``. Without them the bar is ``threshold`` alone (the behaviour before).
     """
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
@@ -91,16 +106,34 @@ def decide(
         return dict(structural), {}
     chosen: dict[str, Candidate] = {}
     rejected: dict[str, str] = {}
-    confirm = threshold if confirm_threshold is None else confirm_threshold
+    bar = threshold if confirm_threshold is None else confirm_threshold
     if detect == "auto":
         for name, candidate in structural.items():
             cos = cosines.get(name, math.nan)
-            if cos >= confirm:
-                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {confirm:g}"
+            if cos >= bar:
+                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {bar:g}"
             else:
                 chosen[name] = candidate
     skip = set(never_numerical) | set(structural)
+    discovered: dict[str, Candidate] = {}
     for name, cos in cosines.items():
-        if name not in skip and cos < threshold:  # NaN (never measured) compares False
-            chosen[name] = Candidate(name, f"numerical: radial cosine {cos:.1e}", "numerical")
+        if name in skip:
+            continue
+        bar = threshold
+        if numels is not None and name in numels:
+            dtype = (dtypes or {}).get(name, torch.float32)
+            bar = discovery_threshold(threshold, numels[name], dtype)
+        if cos < bar:  # NaN (never measured) compares False
+            why = f"numerical: radial cosine {cos:.1e} < {bar:.1e}"
+            discovered[name] = Candidate(name, why, "numerical")
+    if confirm is not None and discovered:
+        verdicts = confirm(list(discovered))
+        for name in list(discovered):
+            why = verdicts.get(name, "not checked")
+            if why is not None:
+                rejected[name] = f"{discovered.pop(name).reason}, but {why}"
+            else:
+                c = discovered[name]
+                discovered[name] = Candidate(name, f"{c.reason}, confirmed: L(2w) = L(w)", c.source)
+    chosen.update(discovered)
     return chosen, rejected
