@@ -9,8 +9,19 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_smd import theory
-from lightning_smd.detect import Candidate, DataflowRecorder, RadialCosineCheck, decide, select
-from lightning_smd.distributed import make_reduce_fn
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_smd.detect import (
+    Candidate,
+    DataflowRecorder,
+    RadialCosineCheck,
+    confirm_scale_invariance,
+    decide,
+    notes_from_recorder,
+    precision_floor,
+    select,
+)
+from lightning_smd.distributed import is_sharded, make_reduce_fn
 from lightning_smd.steps import radial_floor
 from lightning_smd.summary import DetectionRow, format_detection_report
 from lightning_smd.tracking import Tracked, group_label
@@ -24,6 +35,8 @@ class Decision:
 
     chosen: dict[str, Candidate]
     rejected: dict[str, str] = field(default_factory=dict)
+    dead: dict[str, str] = field(default_factory=dict)  # no gradient ever reaches them (name → why)
+    eps_dominated: dict[str, str] = field(default_factory=dict)  # normalizations whose input variance ~ eps
 
 
 class DetectionSession:
@@ -46,6 +59,9 @@ class DetectionSession:
         self._structural: dict[str, Candidate] | None = None
         self._radial: dict[int, RadialCosineCheck] = {}  # one per optimizer
         self._hook_calls: dict[int, int] = {}
+        self._notes = None
+        self._inputs: tuple[Any, tuple, dict] | None = None  # (module, args, kwargs) of the recorded forward
+        self._input_hook: Any = None
         self.done = False
 
     def reset(self, tracked: list[Tracked]) -> None:
@@ -61,11 +77,22 @@ class DetectionSession:
         if not self.done and self._structural is None and self._recorder is None:
             self._recorder = DataflowRecorder(pl_module)
             self._recorder.start()
+            # the inputs of the module's own forward, to re-run it for the finite-difference check
+            self._inputs = None
+            self._input_hook = pl_module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+
+    def _keep_inputs(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._inputs is None:
+            self._inputs = (module, args, kwargs)
 
     def stop_recording(self) -> None:
+        if self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
             self._structural = recorder.stop()
+            self._notes = notes_from_recorder(recorder)
 
     def step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Decision | None:
         """Advance by one step of ``optimizer`` (gradients final, weights not yet updated).
@@ -101,15 +128,39 @@ class DetectionSession:
         tracked_names = {t.name for t in self.tracked}
         structural = {n: c for n, c in (self._structural or {}).items() if n in tracked_names}
         norm_affine = [t.name for t in self.tracked if t.norm_affine]
-        # 16-bit gradients: structure is confirmed at the precision's floor, discoveries stay strict
-        confirm = max(self.radial_threshold, radial_floor(trainer))
-        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm)
+        # 16-bit gradients or parameters: structure is confirmed at the precision's floor, discoveries stay strict
+        floor = max((precision_floor(t.param.dtype) for t in self.tracked), default=0.0)
+        confirm = max(self.radial_threshold, radial_floor(trainer), floor)
+        chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm,
+                                  numels={t.name: t.param.numel() for t in self.tracked},
+                                  dtypes={t.name: t.param.dtype for t in self.tracked},
+                                  confirm=self._finite_difference_check(trainer))
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
         chosen = trainer.strategy.broadcast(chosen, src=0)
-        self.done = True
-        return Decision(chosen, rejected)
+        self.done, self._inputs = True, None
+        notes = self._notes
+        return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {})
+
+    def _finite_difference_check(self, trainer: pl.Trainer) -> Any:
+        """``w → 2w`` on the recorded forward's inputs for numerical discoveries (every rank runs
+        it: SyncBN forwards are collectives), or ``None`` where it cannot run: no forward of the
+        module itself was recorded (a ``training_step`` that never calls ``self(...)``) or the
+        tensors are sharded (a forward of one rank's shards is no forward of the model)."""
+        if self._inputs is None or is_sharded(trainer.strategy, [t.param for t in self.tracked]):
+            return None
+        module, args, kwargs = self._inputs
+
+        def confirm(names: list[str]) -> dict[str, str | None]:
+            try:
+                return confirm_scale_invariance(module, names, lambda: module(*args, **kwargs))
+            except Exception as err:  # keep precision: an unconfirmed discovery is left out
+                rank_zero_warn(f"SMDCallback: the finite-difference check of numerical discoveries failed "
+                               f"({type(err).__name__}: {err}); {names[:3]} are left out.")
+                return {n: f"could not be confirmed ({type(err).__name__})" for n in names}
+
+        return confirm
 
     def restore(self, names: list[str]) -> tuple[Decision, list[str]]:
         """After a resume: exactly the tensors the checkpointed run tracked (and those now missing)."""
@@ -158,4 +209,7 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
         if t.name not in decision.chosen
         and float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) > 0
     )
-    return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other, total=len(tracked))
+    names = {t.name for t in tracked}
+    return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other,
+                                   total=len(tracked), dead={n: w for n, w in decision.dead.items() if n in names},
+                                   eps_dominated=decision.eps_dominated)

@@ -120,12 +120,8 @@ def test_qknorm_transformer_fsdp2_tp_equals_single_process(four, single):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "detect: DataflowRecorder's forward pre-hooks run after SequenceParallel's (registered first by "
-    "parallelize_module), which already replaced the q/k norm's input by DTensor.from_local(...): the "
-    "'Linear → RMSNorm' rule does not see the norm; q/k are found by the numerical check only. Fix: "
-    "register the recorder's pre-hooks with prepend=True."))
 def test_qknorm_tensor_parallel_found_by_the_structural_rule(four):
+    """The recorder's pre-hooks run first (prepend): SequenceParallel's DTensor input does not hide the norm."""
     _, ranks = four
     reasons = ranks["qknorm-fsdp2-tp"][0]["reasons"]
     assert all(r.startswith("Linear → RMSNorm") for r in reasons.values()), reasons

@@ -53,7 +53,9 @@ class RadialCosineCheck:
         """Accumulate the radial cosines of the current gradients, on device."""
         groups: dict[torch.device, list[int]] = {}
         for i, param in enumerate(self._params):
-            if param.grad is not None:
+            # sharded: every column goes to the reduction (it matches columns to shard layouts);
+            # a tensor without gradient sums to zero there and is skipped by the g_sq > 0 mask
+            if param.grad is not None or self._reduce_fn is not None:
                 groups.setdefault(_local(param).device, []).append(i)
         for device, indices in groups.items():
             self._update_group(device, indices)
@@ -61,7 +63,8 @@ class RadialCosineCheck:
 
     def _update_group(self, device: torch.device, indices: list[int]) -> None:
         weights = [_local(self._params[i]).detach().reshape(-1) for i in indices]
-        grads = [_local(self._params[i].grad).reshape(-1) for i in indices]
+        grads = [_local(g).reshape(-1) if (g := self._params[i].grad) is not None else torch.zeros_like(w)
+                 for i, w in zip(indices, weights)]
         # statistics in at least float32; float64 tensors stay float64
         acc = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
         dots = torch.stack([torch.dot(w.to(acc), g.to(acc)) for w, g in zip(weights, grads)])

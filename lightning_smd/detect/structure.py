@@ -139,7 +139,9 @@ class DataflowRecorder:
                 self._producers[id(sub)] = _Producer(sub, clean_name(name))
             elif _has_affine_weight(sub):
                 self._norm_producers[id(sub)] = _Producer(sub, clean_name(name))
-            self._handles.append(sub.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            # prepend: see a module's input before other pre-hooks change it (TP's SequenceParallel
+            # turns it into a DTensor, hiding which producer it came from)
+            self._handles.append(sub.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
             self._handles.append(
                 sub.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)
             )
