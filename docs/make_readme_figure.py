@@ -1,22 +1,30 @@
-"""Rebuild ``docs/angular_update.png``, the README figure, from two real runs (~1–2 min on CPU).
+"""Rebuild ``docs/angular_update.png``, the README figure, from three real runs (~3 min on 2 CPU cores).
 
-A small BatchNorm CNN learns sklearn's 8×8 digits with SGD + momentum and weight decay; the
-learning rate is divided by 10 half-way; 30 % of the labels are random, so the gradient noise
-stays steady as on a large dataset. ``SMDCallback`` measures the angular update Δ_t of
-the two scale-invariant convolutions: it settles at Δ* = sqrt(2λη/(1+α)), then, after the drop,
-needs about log(10)·(1−α)/(4λη) steps to reach the new, smaller Δ* (SMD paper, Fig. 3).
-The right panel repeats the run with ``SMDCallback(rescale=True)``: the weights are rescaled
-at the drop and Δ_t follows the new Δ* at once.
+A small BatchNorm CNN learns sklearn's 8×8 digits with SGD + momentum 0.9 and weight decay;
+30 % of the labels are random and the inputs get Gaussian noise, so the gradient noise (hence L)
+stays steady as on a large dataset. λη = 1e-4: the weights relax towards equilibrium with a time
+constant (1−α)/(4λη) = 250 steps, and the learning rate is divided by 10 at step 150, *before*
+they got there (Δ_t ≈ 1.4 Δ*). ``SMDCallback`` measures the angular update Δ_t of the three
+scale-invariant convolutions, in three runs that differ only in the rescale at the drop:
+
+* ``SMDCallback()``: none; Δ_t falls by 10 while Δ* falls by √10 (Corollary 3.1: thousands of steps to recover),
+* ``SMDCallback(rescale=True)``: × 10^(-1/4); this keeps the ratio Δ_t/Δ* it had before the drop
+  (exact only at equilibrium), and the callback warns when that ratio is outside ±30 %,
+* ``SMDCallback(rescale="equilibrium")``: each tensor to its predicted new equilibrium norm from
+  the running L, which puts Δ_t at the new Δ*.
 
     python docs/make_readme_figure.py [--out docs/angular_update.png]
 
+Prints, per run, the mean Δ_t/Δ* over the conv weights before and after the drop (the caption's numbers).
 Needs the ``examples`` extra (matplotlib, scikit-learn).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -27,11 +35,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_smd import SMDCallback, report
 from lightning_smd.series import RunSeries
 
-STEPS, DROP_AT = 1600, 800
+STEPS, DROP_AT = 900, 150
+LR, WEIGHT_DECAY, MOMENTUM, INPUT_NOISE = 0.1, 1e-3, 0.9, 0.5
+MODES = {"SMDCallback()": False, "SMDCallback(rescale=True)": True,
+         'SMDCallback(rescale="equilibrium")': "equilibrium"}
 
 
 class DigitsCNN(pl.LightningModule):
-    def __init__(self, lr: float = 0.4, weight_decay: float = 1e-3, momentum: float = 0.9) -> None:
+    def __init__(self, lr: float = LR, weight_decay: float = WEIGHT_DECAY, momentum: float = MOMENTUM,
+                 input_noise: float = INPUT_NOISE) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = nn.Sequential(
@@ -43,6 +55,7 @@ class DigitsCNN(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        x = x + self.hparams.input_noise * torch.randn_like(x)
         loss = nn.functional.cross_entropy(self.model(x), y)
         self.log("train_loss", loss)
         return loss
@@ -68,18 +81,28 @@ def digits_loader(batch_size: int = 64, label_noise: float = 0.3) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True)
 
 
-def run(rescale: bool) -> RunSeries:
-    """Train once and return what SMDCallback recorded."""
+def run(rescale: bool | str) -> tuple[RunSeries, list[tuple[int, dict[str, float]]], list[str]]:
+    """Train once; return what SMDCallback recorded, its raw records and its warnings."""
     pl.seed_everything(0)
     smd = SMDCallback(log_every_n_steps=5, rescale=rescale, verbose=False)
-    with tempfile.TemporaryDirectory() as logs:
+    with tempfile.TemporaryDirectory() as logs, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = pl.Trainer(
             max_steps=STEPS, accelerator="cpu", logger=False, default_root_dir=logs, callbacks=[smd],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             log_every_n_steps=5,
         )
         trainer.fit(DigitsCNN(), digits_loader())
-    return RunSeries.from_records(smd.records)
+    messages = [str(w.message) for w in caught if "away from equilibrium" in str(w.message)]
+    return RunSeries.from_records(smd.records), list(smd.records), messages
+
+
+def mean_ratio(records, first: int, last: int) -> float:
+    """Mean over measured steps in [first, last) and over tensors of Δ_t/Δ*."""
+    ratios = [v / m[f"smd/angular_update_theory/{k[len('smd/angular_update/'):]}"]
+              for step, m in records if first <= step < last
+              for k, v in m.items() if k.startswith("smd/angular_update/")]
+    return sum(ratios) / len(ratios) if ratios else math.nan
 
 
 def pin_threads() -> int:
@@ -103,18 +126,25 @@ def main() -> None:
 
     from matplotlib.figure import Figure
 
-    runs = {"SMDCallback()": run(rescale=False), "SMDCallback(rescale=True)": run(rescale=True)}
-    fig = Figure(figsize=(13, 5.0), dpi=110, layout="constrained")
-    fig.suptitle(f"Angular update $\\Delta_t$ vs theory $\\Delta^*$: BN CNN on digits, SGD momentum 0.9, "
-                 f"LR ÷10 at step {DROP_AT}")
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, (label, series) in zip(axes, runs.items()):
+    runs = {label: run(mode) for label, mode in MODES.items()}
+    fig = Figure(figsize=(16, 5.0), dpi=100, layout="constrained")
+    fig.suptitle(f"Angular update $\\Delta_t$ vs theory $\\Delta^*$: BN CNN on digits, SGD momentum 0.9, λη = 1e-4, "
+                 f"LR ÷10 at step {DROP_AT}, before equilibrium")
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (label, (series, _, _)) in zip(axes, runs.items()):
         report.draw_angular_update(ax, series, title=label)
-    axes[1].set_ylabel("")
+    for ax in axes[1:]:
+        ax.set_ylabel("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
     print(f"wrote {args.out}")
-    for label, series in runs.items():
+    windows = [(DROP_AT - 50, DROP_AT), (DROP_AT, DROP_AT + 100), (DROP_AT + 100, DROP_AT + 400), (DROP_AT + 400, STEPS)]
+    print("\nmean Δ_t/Δ* over the conv weights, per run and step window")
+    print(f"{'run':<38}" + "".join(f"{f'{a}–{b}':>12}" for a, b in windows) + "  ±30 % warning")
+    for label, (_, records, messages) in runs.items():
+        print(f"{label:<38}" + "".join(f"{mean_ratio(records, a, b):>12.2f}" for a, b in windows)
+              + f"  {'yes' if messages else 'no'}")
+    for label, (series, _, _) in runs.items():
         print(f"\n## {label}\n\n{report.markdown_summary(series)}")
 
 

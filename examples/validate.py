@@ -128,8 +128,8 @@ def check_smd(cfg: DictConfig) -> None:
         if unknown:
             raise unknown_smd_key_error(unknown)
     rescale = smd.get("rescale", False)
-    if rescale not in (False, True, "drop", "continuous"):
-        raise ConfigError(f"smd.rescale must be false, true, 'drop' or 'continuous', got {rescale!r}")
+    if rescale not in (False, True, "drop", "continuous", "equilibrium"):
+        raise ConfigError(f"smd.rescale must be false, true, 'drop', 'continuous' or 'equilibrium', got {rescale!r}")
     n = smd.get("log_every_n_steps")
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ConfigError(f"smd.log_every_n_steps must be null or an integer ≥ 1, got {n!r}")

@@ -10,7 +10,7 @@ from lightning_smd.detect import select
 __all__ = ["DETECT_MODES", "RESCALE_MODES", "changes", "from_legacy_state_key", "record", "validate"]
 
 DETECT_MODES = ("auto", "structural", "numerical")
-RESCALE_MODES = (False, True, "drop", "continuous")
+RESCALE_MODES = (False, True, "drop", "continuous", "equilibrium")
 
 
 def _positive_int(value: Any) -> bool:
@@ -30,7 +30,11 @@ def validate(a: dict[str, Any]) -> None:
     if a["figures_every_n_steps"] is not None and a["figures_every_n_steps"] < 1:
         raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be >= 1 or None, got {a['figures_every_n_steps']!r}")
     if a["rescale"] not in RESCALE_MODES:
-        raise ValueError(f"SMDCallback(rescale=...) must be False, True, 'drop' or 'continuous', got {a['rescale']!r}")
+        raise ValueError(
+            f"SMDCallback(rescale=...) must be False, True, 'drop', 'continuous' or 'equilibrium', got {a['rescale']!r}")
+    warm = a.get("warm_start", False)
+    if not (isinstance(warm, bool) or _positive_int(warm)):
+        raise ValueError(f"SMDCallback(warm_start=...) must be True, False or a step count >= 1, got {warm!r}")
     if not _positive_int(a["unit_grad_every"]):
         raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
     select([], include=a["include"], exclude=a["exclude"])  # regexes and types now, not at fit start

@@ -58,7 +58,17 @@ class SMDCallback(pl.Callback):
         rescale: ``False`` (monitor only); ``True`` or ``"drop"``: when a param group's (η, λ)
             drops by at least ``rescale_min_drop``, multiply its scale-invariant tensors by
             ((η'λ)/(ηλ'))^(1/4) before the next step; ``"continuous"``: on every change (cosine-like
-            schedules), with η floored at ``rescale_min_lr_ratio`` × its peak.
+            schedules), with η floored at ``rescale_min_lr_ratio`` × its peak; ``"equilibrium"``: at the
+            same changes as ``"drop"``, move each tensor to its own predicted new equilibrium norm
+            ‖w*'‖ (from the running L; AdamW/Lion: from the measured update RMS), which puts Δ_t at
+            the new Δ* also when the weights were not at equilibrium before (k^(-1/4) keeps the
+            ratio Δ_t/Δ*). Any rescale while the window mean of Δ_t/Δ* is outside ±30 % warns.
+        warm_start: ``True``: once, after enough steps for a stable L estimate (detection, then 32
+            samples of L: ``detect_steps + 1 + 32·max(log_every_n_steps, unit_grad_every)``, printed
+            at train start), set every tracked tensor's norm to its predicted equilibrium ‖w*‖
+            (weights and optimizer state, like a rescale; exactly once across resume). An int: that
+            step. Initialization acts only through the transient towards equilibrium (NRQ paper,
+            Cor. 3), so this removes the transient.
         rescale_min_drop, rescale_min_lr_ratio, rescale_on_increase: see
             :class:`lightning_smd.rescale.RescalePolicy`.
         include, exclude: regex, list of regexes or ``callable(name) -> bool`` over parameter names,
@@ -93,6 +103,7 @@ class SMDCallback(pl.Callback):
         rescale_min_drop: float = 2.0,
         rescale_min_lr_ratio: float = 1e-3,
         rescale_on_increase: bool = False,
+        warm_start: bool | int = False,
         equilibrium_tolerance: float = 0.1,
         equilibrium_window: int = 200,
         figures_every_n_steps: int | None = None,
@@ -103,7 +114,7 @@ class SMDCallback(pl.Callback):
             log_every_n_steps=log_every_n_steps, rescale=rescale, include=include, exclude=exclude, detect=detect,
             detect_steps=detect_steps, radial_threshold=radial_threshold, ema_steps=ema_steps,
             unit_grad_every=unit_grad_every, rescale_min_drop=rescale_min_drop, rescale_min_lr_ratio=rescale_min_lr_ratio,
-            rescale_on_increase=rescale_on_increase, equilibrium_tolerance=equilibrium_tolerance,
+            rescale_on_increase=rescale_on_increase, warm_start=warm_start, equilibrium_tolerance=equilibrium_tolerance,
             equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
             verbose=verbose,
         )
@@ -112,7 +123,7 @@ class SMDCallback(pl.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
         self.policy = (
-            RescalePolicy("continuous" if rescale == "continuous" else "drop", rescale_min_drop, rescale_min_lr_ratio,
+            RescalePolicy(rescale if rescale in ("continuous", "equilibrium") else "drop", rescale_min_drop, rescale_min_lr_ratio,
                           rescale_on_increase)
             if rescale
             else None
@@ -129,7 +140,8 @@ class SMDCallback(pl.Callback):
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
         self.publisher = Publisher(figures_dir)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
-        self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps)
+        self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
+                                        unit_grad=self.unit_grad, warm_start=warm_start)
         self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium)
 
         self.candidates: dict[str, Candidate] = {}  # the scale-invariant tensors, name → why
@@ -200,6 +212,10 @@ class SMDCallback(pl.Callback):
             wandb_extras.setup(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warm_at = self.schedule.resolve_warm_start(self._every(trainer), self.unit_grad_every)
+        if warm_at is not None and self.verbose and not self.schedule.warm_start_done:
+            rank_zero_info(f"SMD: warm start at step {warm_at}: every tracked tensor is then set to its predicted "
+                           "equilibrium norm ‖w*‖ from the running L (once).")
         # the schedule through the whole fit, known now (epoch length included); no collective
         if not trainer.is_global_zero:
             return
@@ -268,6 +284,7 @@ class SMDCallback(pl.Callback):
             return
         self.publisher.log(trainer, self.metrics.build(stats, finished, self._tracked, trainer.global_step - 1),
                            finished.log_step)
+        self.schedule.observe(stats, finished, self._tracked)  # the update RMS of AdamW/Lion tensors
         if self.figures_every_n_steps and (finished.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self.publisher.render_figures(trainer)
 

@@ -76,6 +76,16 @@ class EquilibriumTracker:
                 stage.reached[name] = newly[name] = max(step - self.window + 1, stage.start_step)
         return newly
 
+    def window_mean(self, name: str) -> tuple[float, int] | None:
+        """``(mean, count)``: the mean of Δ_t/Δ* over the tensor's current window (the last
+        ``window`` optimizer steps of its stage, ``count`` measured points), or ``None`` before
+        its first point in the stage. Once the tensor reached equilibrium in the stage, the window
+        is the one that reached it (no points are added after that)."""
+        points = self._points.get(name)
+        if not points:
+            return None
+        return self._sums.get(name, 0.0) / len(points), len(points)
+
     def current_stage(self, group: str) -> Stage | None:
         return self._current.get(group)
 

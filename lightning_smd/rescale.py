@@ -10,6 +10,12 @@ We move it to the new one: first moments (``momentum_buffer``, ``exp_avg``) are 
 the rescale already turns the weights by the new Δ* (for SGD with momentum: Δ = η'‖v/f‖/(f‖w‖) =
 Δ_old/√k with f = k^(−1/4), exactly the new Δ*). The weight-decay part of a momentum buffer is
 then off by f² for about 1/(1 − α) steps; it is radial and does not change the angle.
+
+The fixed factor k^(-1/4) is exact only when the weights are at equilibrium before the change
+(SMD paper §5.2, Noisy Rayleigh Quotient §3.2): it keeps the ratio Δ_t/Δ* (Δ ∝ 1/‖w‖² for SGD)
+so weights at 0.2 Δ* stay at 0.2 of the new Δ*. ``rescale="equilibrium"`` (mode ``"equilibrium"``
+here, factors per tensor in :class:`lightning_smd.schedule.ScheduleWatcher`) moves each tensor to
+its predicted new equilibrium norm instead.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ __all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_
 
 FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg"})
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
-MODES = ("drop", "continuous")
+MODES = ("drop", "continuous", "equilibrium")
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,11 @@ class RescalePolicy:
             change (cosine, polynomial, OneCycle decay), with η clamped from below at
             ``min_lr_ratio`` × the group's largest η seen, so η → 0 cannot collapse the weights
             (the cumulative factor stays ≥ ``min_lr_ratio^(1/4)``).
-        min_drop: ratio threshold of ``"drop"`` mode.
+            ``"equilibrium"``: the same changes as ``"drop"``, but the watcher moves each tensor to its
+            own predicted new equilibrium norm ‖w*'‖ (from the running L, or for AdamW/Lion the
+            measured update length) instead of multiplying by this factor, which is then only the
+            fallback for tensors whose estimate is not known yet (see ``ScheduleWatcher``).
+        min_drop: ratio threshold of ``"drop"`` and ``"equilibrium"`` mode.
         on_increase: also rescale when ηλ grows (warmup, cyclic schedules); off by default.
     """
 
@@ -71,7 +81,7 @@ class RescalePolicy:
             return None
         if drop < 1 and not self.on_increase:
             return None
-        if self.mode == "drop" and max(drop, 1 / drop) < self.min_drop:
+        if self.mode != "continuous" and max(drop, 1 / drop) < self.min_drop:
             return None
         return drop**-0.25
 

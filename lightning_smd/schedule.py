@@ -1,19 +1,60 @@
-"""The schedule watcher: sees each param group's (η, λ) change, starts LR stages, applies the rescale policy."""
+"""The schedule watcher: sees each param group's (η, λ) change, starts LR stages, applies the rescale policy.
+
+It also moves weights to their *predicted* equilibrium norm: per tensor at an LR change with
+``rescale="equilibrium"``, and once for every tracked tensor with ``warm_start``.
+
+Equilibrium rescale (issue 16). The fixed factor k^(-1/4) is exact only when ‖w_t‖ = ‖w*‖ before
+the change: for SGD Δ_t ≈ η‖g̃_t‖/‖w_t‖², so it keeps the ratio Δ_t/Δ* and a tensor at 0.2 Δ*
+before a drop is at 0.2 of the new Δ* after it. Instead, per tensor, ``f = ‖w*'‖/‖w_t‖`` with
+‖w*'‖ the equilibrium norm at the *new* (η', λ'):
+
+* SGD / SGDM: ‖w*'‖² = sqrt(L·η'/(2λ')) (SGDM: sqrt(L·η'/(λ'(1 − α)(2 − λ'η'/(1 + α))))), L the
+  running estimate of the unit gradient E‖g̃‖² (E h̃ with momentum). L is a property of the
+  direction (g̃ = g·‖w‖ does not depend on ‖w‖), so it is valid at any norm. Then
+  Δ ≈ η'·sqrt(L)/‖w*'‖² = sqrt(2λ'η') = Δ*' at once (SGD; SGDM likewise with its formulas). At
+  equilibrium ‖w_t‖ = (Lη/2λ)^(1/4), so f = ((η'λ)/(ηλ'))^(1/4) = k^(-1/4): the paper's rescale.
+* AdamW / Lion: the update u (m̂/(√v̂+ε), sign(·)) does not scale with ‖w‖; its measured
+  tangential RMS ū = sqrt(E[(Δ_t·‖w_t‖/η_t)²]) (a running mean fed by :meth:`observe`) gives
+  ‖w*'‖ = η'·ū/Δ*' (:func:`lightning_smd.theory.equilibrium_norm_from_update`); at equilibrium
+  f = k^(-1/2).
+
+Tensors whose estimate is not known yet (too early) get the policy's fixed factor, with a warning.
+The estimates live on rank 0; the factors are computed there and broadcast, so every rank
+multiplies by the same numbers (``check`` runs on every rank: the collective is safe there).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import math
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_smd import theory
+from lightning_smd.distributed import make_reduce_fn
 from lightning_smd.equilibrium import EquilibriumTracker
+from lightning_smd.estimates import RunningMean
+from lightning_smd.measure import local
 from lightning_smd.rescale import RescalePolicy, rescale_, rescale_averaged_models
-from lightning_smd.tracking import TrackedSet, group_label
+from lightning_smd.tracking import Tracked, TrackedSet, group_label
 
-__all__ = ["ScheduleWatcher"]
+__all__ = ["FAR_FROM_EQUILIBRIUM", "ScheduleWatcher", "default_warm_start_steps"]
+
+#: a rescale applied while the window mean of Δ_t/Δ* is outside 1 ± this warns
+FAR_FROM_EQUILIBRIUM = 0.3
+#: ``warm_start=True`` waits for this many samples of L (about 1/sqrt(32) ≈ 18 % noise on a single
+#: tensor's L, hence ≈ 4 % on ‖w*‖ ∝ L^(1/4) and ≈ 9 % on Δ ∝ sqrt(L_true/L_est))
+WARM_START_L_SAMPLES = 32
+
+
+def default_warm_start_steps(detect_steps: int, every: int, unit_grad_every: int,
+                             samples: int = WARM_START_L_SAMPLES) -> int:
+    """Steps before ``warm_start=True`` acts: detection (``detect_steps`` + 1) then ``samples``
+    samples of L, which is sampled once per ``max(log_every_n_steps, unit_grad_every)`` steps."""
+    return detect_steps + 1 + samples * max(every, unit_grad_every)
 
 Publish = Callable[[pl.Trainer, dict[str, float], int], None]
 HParams = tuple[float, float]
@@ -31,15 +72,26 @@ class ScheduleWatcher:
     rescale, multiplies the group's scale-invariant tensors (and their optimizer state, and the
     EMA/SWA copies) by the factor, exactly once. A change seen before detection has decided which
     tensors are scale-invariant is *deferred* and applied as soon as it has (never skipped).
-    Its state (last (η, λ), peak η, deferred rescales, rescale events) is checkpointed.
+    With ``policy.mode == "equilibrium"`` each tensor gets its own factor ‖w*'‖/‖w_t‖ (module
+    docstring); ``warm_start`` (``True`` or a step count) sets every tracked tensor to its predicted
+    ‖w*‖ once, at ``warm_start_steps``. Any rescale applied while a tensor's window mean of Δ_t/Δ*
+    is outside ±30 % warns, naming the tensors, the ratio and what to do.
+    Its state (last (η, λ), peak η, deferred rescales, rescale events, whether the warm start was
+    done, the running update RMS ū) is checkpointed.
     """
 
     def __init__(self, policy: RescalePolicy | None, equilibrium: EquilibriumTracker, publish: Publish,
-                 detect_steps: int) -> None:
+                 detect_steps: int, unit_grad: RunningMean | None = None, warm_start: bool | int = False) -> None:
         self.policy = policy
         self.equilibrium = equilibrium
         self.publish = publish
         self.detect_steps = detect_steps
+        self.unit_grad = unit_grad if unit_grad is not None else RunningMean(200.0)
+        self.update_sq = RunningMean(self.unit_grad.time_constant)  # ū² per tensor (AdamW / Lion)
+        self.warm_start = warm_start
+        # an int is the step itself; True is resolved by `resolve_warm_start` once the Trainer is known
+        self.warm_start_steps: int | None = warm_start if warm_start and not isinstance(warm_start, bool) else None
+        self.warm_start_done = False
         self.rescale_events: list[dict[str, Any]] = []
         self.last_hparams: dict[str, HParams] = {}
         self.peak_lr: dict[str, float] = {}
@@ -84,13 +136,17 @@ class ScheduleWatcher:
                     factor = self.policy.factor(last, current, self.peak_lr[key]) if self.policy else None
                 if factor is not None and tracked is None:
                     self._defer(key, oi, gi, factor, last, current, log_step)
-                elif factor is not None and self._rescale_group(trainer, tracked, oi, gi, factor, log_step, last, current,
-                                                                scale_grads=optimizer is not None):
+                    factor = None
+                elif factor is not None:
+                    # None: the group holds no scale-invariant tensor
+                    factor = self._rescale_group(trainer, tracked, oi, gi, factor, log_step, last, current,
+                                                 scale_grads=optimizer is not None)
+                if factor is not None:
                     factors[key] = factor
-                else:
-                    factor = None  # no rescale, or the group holds no scale-invariant tensor
                 self._start_stage(trainer, tracked, opt, gi, key, last, current, log_step, rescaled=factor is not None)
         self._log_rescales(trainer, factors, log_step)
+        if optimizer is None:
+            self._maybe_warm_start(trainer, tracked, log_step)
 
     def apply_deferred(self, trainer: pl.Trainer, tracked: TrackedSet, scale_grads: bool) -> None:
         """Apply the rescales deferred until detection decided (``scale_grads``: gradients exist now)."""
@@ -99,8 +155,10 @@ class ScheduleWatcher:
         for key, d in sorted(self.deferred.items()):
             oi, gi = d["group"]
             first, current = tuple(d["lr"][0]), tuple(d["lr"][1])
-            if self._rescale_group(trainer, tracked, oi, gi, d["factor"], log_step, first, current, scale_grads=scale_grads):
-                factors[key] = d["factor"]
+            applied = self._rescale_group(trainer, tracked, oi, gi, d["factor"], log_step, first, current,
+                                          scale_grads=scale_grads)
+            if applied is not None:
+                factors[key] = applied
         self.deferred = {}
         self._log_rescales(trainer, factors, log_step)
 
@@ -146,25 +204,180 @@ class ScheduleWatcher:
             self.publish(trainer, metrics, log_step)
 
     def _rescale_group(self, trainer: pl.Trainer, tracked: TrackedSet, oi: int, gi: int, factor: float, log_step: int,
-                       last: HParams, current: HParams, scale_grads: bool) -> bool:
-        """Rescale the group's scale-invariant tensors; ``False`` when it has none."""
+                       last: HParams, current: HParams, scale_grads: bool) -> float | None:
+        """Rescale the group's scale-invariant tensors; return the factor (the geometric mean of the
+        per-tensor factors in "equilibrium" mode), ``None`` when it has none. Every rank calls it."""
         members = tracked.members(oi, gi)
         if not members:
-            return False
+            return None
         opt = trainer.optimizers[oi]
-        untouched = rescale_([t.param for t in members], factor, opt, scale_grads=scale_grads)
+        label = group_label(trainer, oi, gi)
+        per_tensor = self.policy is not None and self.policy.mode == "equilibrium"
+        self._warn_if_far(label, members, log_step, factor, per_tensor)
+        if per_tensor:
+            factors, missing = self._target_factors(trainer, members, opt, gi, fallback=factor)
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                rank_zero_warn(
+                    f"SMDCallback(rescale='equilibrium'): step {log_step}: group {label}: no estimate of the new "
+                    f"equilibrium norm yet for {', '.join(missing[:3])}{more} (L or the update RMS is measured from "
+                    f"the first measured steps after detection on); they are multiplied by the fixed factor "
+                    f"{factor:.4f} (k^(-1/4)) instead."
+                )
+        else:
+            factors = [factor] * len(members)
+        untouched, averaged = self._apply(trainer, members, factors, opt, scale_grads)
         if untouched:
             rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the rescale.")
-        averaged = rescale_averaged_models(trainer.callbacks, [t.name for t in members], factor)
-        label = group_label(trainer, oi, gi)
-        self.rescale_events.append({"step": log_step, "group": label, "factor": factor,
-                                    "lr": [last[0], current[0]], "weight_decay": [last[1], current[1]],
-                                    "tensors": len(members), "averaged_models": averaged})
+        applied = _geometric_mean(factors)
+        event = {"step": log_step, "group": label, "factor": applied,
+                 "lr": [last[0], current[0]], "weight_decay": [last[1], current[1]],
+                 "tensors": len(members), "averaged_models": averaged}
+        if per_tensor:
+            event.update(kind="equilibrium", factors={t.name: f for t, f in zip(members, factors)})
+        self.rescale_events.append(event)
+        how = (f"moved to their predicted equilibrium norms (factors {min(factors):.4f} to {max(factors):.4f})"
+               if per_tensor else f"multiplied by {factor:.4f}")
         rank_zero_info(
             f"SMD: step {log_step}: group {label} lr {last[0]:g} → {current[0]:g}, "
-            f"weight decay {last[1]:g} → {current[1]:g}: {len(members)} scale-invariant tensors multiplied by {factor:.4f}"
+            f"weight decay {last[1]:g} → {current[1]:g}: {len(members)} scale-invariant tensors {how}"
         )
-        return True
+        return applied
+
+    # ------------------------------------------------------- equilibrium control
+    def observe(self, stats: torch.Tensor, finished: Any, tracked: TrackedSet) -> None:
+        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion tensors (rank 0, per measured step).
+
+        ``stats``: the host ``[3, n]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices, as
+        :class:`lightning_smd.metrics.MetricsBuilder` gets them. SGD groups need nothing (they use L).
+        """
+        if not any(t.family in ("adamw", "lion") for t in finished.theories):
+            return
+        delta, w_norm = stats[0].double().tolist(), stats[1].double().tolist()
+        names, samples, col = [], [], 0
+        for s, group_theory in zip(finished.slices, finished.theories):
+            for i in range(s.start, s.stop):
+                if group_theory.family in ("adamw", "lion"):
+                    d, w = delta[col], w_norm[col]
+                    names.append(tracked.names[i])
+                    samples.append((d * w / group_theory.lr) ** 2 if math.isfinite(d) and math.isfinite(w) else math.nan)
+                col += 1
+        self.update_sq.update(names, samples, finished.log_step)
+
+    def update_rms(self, name: str) -> float | None:
+        """ū of one tensor (AdamW/Lion), or ``None`` before its first measurement."""
+        value = self.update_sq.get(name)
+        return math.sqrt(value) if value > 0 else None
+
+    def target_norm(self, group_theory: theory.GroupTheory, name: str) -> float | None:
+        """‖w*‖ of tensor ``name`` at ``group_theory``'s hyper-parameters (rank 0), or ``None``."""
+        unit_grad = self.unit_grad.get(name)
+        return group_theory.equilibrium_norm(unit_grad if math.isfinite(unit_grad) else None, self.update_rms(name))
+
+    def resolve_warm_start(self, every: int, unit_grad_every: int) -> int | None:
+        """Fix ``warm_start=True``'s step from the Trainer's measurement cadence; return the step."""
+        if self.warm_start is True and self.warm_start_steps is None:
+            self.warm_start_steps = default_warm_start_steps(self.detect_steps, every, unit_grad_every)
+        return self.warm_start_steps if self.warm_start else None
+
+    def _maybe_warm_start(self, trainer: pl.Trainer, tracked: TrackedSet | None, log_step: int) -> None:
+        """Once, at ``warm_start_steps``: every tracked tensor to its predicted ‖w*‖ (every rank)."""
+        if (not self.warm_start or self.warm_start_done or self.warm_start_steps is None or tracked is None
+                or log_step < self.warm_start_steps):
+            return
+        self.warm_start_done = True
+        logged: dict[str, float] = {}
+        for (oi, gi), members in tracked.by_group.items():
+            opt = trainer.optimizers[oi]
+            label = group_label(trainer, oi, gi)
+            factors, missing = self._target_factors(trainer, members, opt, gi, fallback=None)
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                rank_zero_warn(
+                    f"SMDCallback(warm_start=...): step {log_step}: group {label}: no predicted equilibrium norm for "
+                    f"{', '.join(missing[:3])}{more} (no estimate of L / the update RMS yet, or no formula for this "
+                    "optimizer); they are left as they are. Give warm_start a later step."
+                )
+            chosen = [(t, f) for t, f in zip(members, factors) if f is not None]
+            if not chosen:
+                continue
+            untouched, averaged = self._apply(trainer, [t for t, _ in chosen], [f for _, f in chosen], opt, False)
+            if untouched:
+                rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the warm start.")
+            applied = logged[label] = _geometric_mean([f for _, f in chosen])
+            hp = opt.param_groups[gi]
+            self.rescale_events.append({
+                "step": log_step, "group": label, "factor": applied, "kind": "warm_start",
+                "lr": [float(hp["lr"])] * 2, "weight_decay": [float(hp.get("weight_decay", 0.0))] * 2,
+                "tensors": len(chosen), "averaged_models": averaged, "factors": {t.name: f for t, f in chosen},
+            })
+            # the transient is gone: Δ_t/Δ* is measured afresh from here (a new stage, marked rescaled)
+            self.equilibrium.start_stage(label, log_step, None, True, tracked.names_of(label))
+            fs = [f for _, f in chosen]
+            rank_zero_info(
+                f"SMD: step {log_step}: warm start, group {label}: {len(chosen)} scale-invariant tensors moved to their "
+                f"predicted equilibrium norms ‖w*‖ (factors {min(fs):.4f} to {max(fs):.4f})"
+            )
+        self._log_rescales(trainer, logged, log_step)
+
+    def _target_factors(self, trainer: pl.Trainer, members: list[Tracked], opt: torch.optim.Optimizer, gi: int,
+                        fallback: float | None) -> tuple[list[float | None], list[str]]:
+        """Per member ‖w*‖/‖w_t‖ at the group's current (η, λ), ``fallback`` where unknown, and the names
+        of those. Computed on rank 0 (which holds the estimates) and broadcast: every rank calls this."""
+        norms = _norms(trainer, members)  # a collective for sharded tensors
+        result: tuple[list[float | None], list[str]] = ([], [])
+        if trainer.is_global_zero:
+            group_theory = theory.from_param_group(opt, opt.param_groups[gi])
+            for t, norm in zip(members, norms):
+                target = self.target_norm(group_theory, t.name)
+                if target is None or not (norm > 0 and math.isfinite(norm)):
+                    result[0].append(fallback)
+                    result[1].append(t.name)
+                else:
+                    result[0].append(target / norm)
+        factors, missing = trainer.strategy.broadcast(result, src=0)
+        return list(factors), list(missing)
+
+    def _apply(self, trainer: pl.Trainer, members: list[Tracked], factors: list[float | None],
+               opt: torch.optim.Optimizer, scale_grads: bool) -> tuple[set[str], int]:
+        """``rescale_`` (weights, optimizer state, gradients) and EMA/SWA copies, per equal-factor batch."""
+        batches: dict[float, list[Tracked]] = {}
+        for t, f in zip(members, factors):
+            if f is not None and f != 1.0:
+                batches.setdefault(float(f), []).append(t)
+        untouched: set[str] = set()
+        averaged = 0
+        for f, batch in batches.items():
+            untouched |= rescale_([t.param for t in batch], f, opt, scale_grads=scale_grads)
+            averaged = max(averaged, rescale_averaged_models(trainer.callbacks, [t.name for t in batch], f))
+        return untouched, averaged
+
+    def _warn_if_far(self, label: str, members: list[Tracked], log_step: int, factor: float, per_tensor: bool) -> None:
+        """Warn when a rescale comes while the window mean of Δ_t/Δ* is outside ±30 % (rank 0 holds it)."""
+        far = []
+        for t in members:
+            window = self.equilibrium.window_mean(t.name)
+            if window is not None and window[1] >= 3 and abs(window[0] - 1.0) > FAR_FROM_EQUILIBRIUM:
+                far.append((t.name, window[0]))
+        if not far:
+            return
+        far.sort(key=lambda x: -abs(x[1] - 1.0))
+        listed = ", ".join(f"{n} ({r:.2f})" for n, r in far[:3]) + (f" and {len(far) - 3} more" if len(far) > 3 else "")
+        lo, hi = min(r for _, r in far), max(r for _, r in far)
+        span = f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
+        head = (f"SMDCallback: step {log_step}: group {label} is rescaled while {len(far)} of its {len(members)} "
+                f"scale-invariant tensors are away from equilibrium: the window mean of Δ_t/Δ* is {listed} "
+                f"(outside 1 ± {FAR_FROM_EQUILIBRIUM:.0%}). ")
+        if per_tensor:
+            rank_zero_warn(head + "rescale='equilibrium' moves each of them to its predicted new equilibrium norm from "
+                           "the running L (or update RMS), so Δ_t should start at the new Δ*; if it does not, the "
+                           "estimate is stale: check smd/unit_grad_sq, or let the stage before the change run longer.")
+        else:
+            rank_zero_warn(head + f"The fixed factor {factor:.4f} (k^(-1/4)) is exact only at equilibrium (SMD paper "
+                           f"§5.2): it keeps Δ_t/Δ*, so expect Δ_t at about {span} × the new Δ* after it. "
+                           "To put Δ_t at the new Δ*, use SMDCallback(rescale='equilibrium') (Hydra: smd=equilibrium); "
+                           "to be at equilibrium before the drop, use warm_start=True (smd=warm_start) or a longer "
+                           "stage before it.")
 
     def _start_stage(self, trainer: pl.Trainer, tracked: TrackedSet | None, opt: torch.optim.Optimizer, gi: int,
                      key: str, last: HParams, current: HParams, log_step: int, rescaled: bool) -> None:
@@ -186,6 +399,8 @@ class ScheduleWatcher:
             "rescale_events": list(self.rescale_events),
             "deferred_rescales": dict(self.deferred),
             "reference_hparams": {k: list(v) for k, v in self.reference.items()},
+            "warm_start_done": self.warm_start_done,
+            "update_rms_sq": self.update_sq.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,7 +408,25 @@ class ScheduleWatcher:
         self.peak_lr = dict(state["peak_lr"])
         self.rescale_events = list(state["rescale_events"])
         self.deferred = dict(state.get("deferred_rescales", {}))
+        self.warm_start_done = bool(state.get("warm_start_done", False))  # older checkpoints: not done
+        self.update_sq.load_state_dict(state.get("update_rms_sq", {}))
         # checkpoints from before 0.2 have no reference: the last non-zero (η, λ) seen is the best guess
         self.reference = {k: (float(v[0]), float(v[1])) for k, v in
                           state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()
                                                           if v[0] * v[1] > 0}).items()}
+
+
+def _geometric_mean(factors: list[float | None]) -> float:
+    logs = [math.log(f) for f in factors if f is not None and f > 0]
+    return math.exp(math.fsum(logs) / len(logs)) if logs else 1.0
+
+
+@torch.no_grad()
+def _norms(trainer: pl.Trainer, members: list[Tracked]) -> list[float]:
+    """‖w_t‖ of each member now (shards summed across ranks: every rank calls this)."""
+    params = [t.param for t in members]
+    sq = torch.stack([local(p).detach().float().pow(2).sum() for p in params]).unsqueeze(0)
+    reduce = make_reduce_fn(trainer.strategy, params)
+    if reduce is not None:
+        sq = reduce(sq)
+    return sq[0].double().sqrt().tolist()

@@ -14,6 +14,8 @@ weight decay ``weight_decay`` (λ), heavy-ball momentum ``momentum`` (α), Adam/
   (‖w*‖⁴ divided by k); :func:`settling_steps`: steps to settle from an unknown start (the first
   stage of a fit).
 * :func:`rescale_factor`: the factor that puts a tensor at its new equilibrium at once.
+* :func:`equilibrium_norm_from_update`: the equilibrium norm ‖w*‖ of AdamW/Lion from the
+  measured scale-free update length (the counterpart of ‖w*‖² from L for SGD).
 * :func:`from_param_group`: recognise the optimizer family of one param group and return a
   :class:`GroupTheory` that evaluates all of the above for it.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "angular_update_sgdm",
     "equilibrium_norm_sq_sgd",
     "equilibrium_norm_sq_sgdm",
+    "equilibrium_norm_from_update",
     "equilibrium_ratio",
     "from_param_group",
     "relaxation_steps",
@@ -97,6 +100,26 @@ def equilibrium_norm_sq_sgdm(unit_grad_sq: float, lr: float, weight_decay: float
         raise ValueError(f"unit_grad_sq (L) must be >= 0, got {unit_grad_sq!r}")
     denom = weight_decay * (1.0 - momentum) * (2.0 - weight_decay * lr / (1.0 + momentum))
     return math.sqrt(unit_grad_sq * lr / denom)
+
+
+def equilibrium_norm_from_update(update_rms: float, lr: float, angular_update: float) -> float:
+    """‖w*‖ = η·ū / Δ* for optimizers whose update does not scale with ‖w‖ (AdamW, Lion).
+
+    Derivation (SMD_THEORY §3, Kosson et al.): AdamW's step is ``w ← (1 − ηλ)w − η·u`` with
+    ``u = m̂/(√v̂ + ε)``; Lion's ``u = sign(·)``. Both are invariant to the scale of the gradient,
+    so for a scale-invariant tensor (∇L(c·w) = ∇L(w)/c) ``u`` depends on the direction of ``w``
+    only, not on ‖w‖, η or λ. The decay is radial, so the angle one step turns is
+    ``Δ_t ≈ η‖u_⊥‖/‖w_t‖``; hence ``ū² = E[(Δ_t·‖w_t‖/η_t)²]`` (the RMS of the tangential update,
+    measured from Δ_t and ‖w_t‖ at any norm, in or out of equilibrium) is a property of the
+    direction, like L for SGD. Kosson et al. give the equilibrium angle Δ* of the random-walk
+    balance (:func:`angular_update_adamw`, :func:`angular_update_lion`); the norm at which a
+    step turns by Δ* is therefore ``‖w*‖ = η·ū/Δ*``. Since Δ* ∝ sqrt(ηλ), ‖w*‖ ∝ sqrt(η/λ):
+    an LR ÷k at equilibrium moves ‖w*‖ by k^(-1/2) (not SGD's k^(-1/4)).
+    """
+    _check_positive(lr=lr, angular_update=angular_update)
+    if not update_rms >= 0:
+        raise ValueError(f"update_rms must be >= 0, got {update_rms!r}")
+    return lr * update_rms / angular_update
 
 
 def relaxation_steps(lr: float, weight_decay: float, momentum: float = 0.0) -> float:
@@ -214,6 +237,25 @@ class GroupTheory:
         if self.family == "sgdm":
             return equilibrium_norm_sq_sgdm(unit_grad_sq, self.effective_lr, self.weight_decay, self.momentum)
         return None
+
+    def equilibrium_norm(self, unit_grad_sq: float | None, update_rms: float | None) -> float | None:
+        """‖w*‖ at this group's hyper-parameters: from L (SGD/SGDM) or from the scale-free update
+        length ū (AdamW/Lion, :func:`equilibrium_norm_from_update`); ``None`` when the needed
+        estimate is missing (not yet measured, or L ≤ 0) or no formula applies."""
+        if self.family in ("sgd", "sgdm"):
+            if unit_grad_sq is None or not (unit_grad_sq > 0 and math.isfinite(unit_grad_sq)):
+                return None
+            return math.sqrt(self.equilibrium_norm_sq(unit_grad_sq))
+        if self.family in ("adamw", "lion"):
+            if update_rms is None or not (update_rms > 0 and math.isfinite(update_rms)):
+                return None
+            return equilibrium_norm_from_update(update_rms, self.lr, self.angular_update)
+        return None
+
+    @property
+    def norm_exponent(self) -> float | None:
+        """e in ‖w*‖ ∝ (η/λ)^e: 1/4 for SGD/SGDM (‖w*‖² = sqrt(Lη/2λ)), 1/2 for AdamW/Lion."""
+        return {"sgd": 0.25, "sgdm": 0.25, "adamw": 0.5, "lion": 0.5}.get(self.family)
 
     @property
     def relaxation_steps(self) -> float | None:

@@ -259,12 +259,12 @@ def test_coco_4x_stages_match_theory(tmp_path: Path, rescale: bool) -> None:
 def test_quickstart_first_stage_and_cosine_preset_override(tmp_path: Path) -> None:
     plan, cfg, _, _ = plan_preset("quickstart", tmp_path / "a")
     spe = preset_batches_per_epoch(cfg)  # (1797 − 359) // 64 = 22
-    assert spe == 22 and plan.end_step == 30 * 22
-    assert_rows_match(plan, expected_stages([0.2, 0.02], [0, 20 * 22, 30 * 22], 5e-3, 0.9))
+    assert spe == 22 and plan.end_step == 40 * 22
+    assert_rows_match(plan, expected_stages([0.2, 0.02], [0, 10 * 22, 40 * 22], 5e-3, 0.9))
     # the cosine scheduler group (LambdaLR, per step): continuous stages, factor-2 splits
     plan, cfg, _, _ = plan_preset("quickstart", tmp_path / "b",
                                   ("scheduler=cosine", "~scheduler.milestones", "~scheduler.gamma",
-                                   "scheduler.interval=step", "scheduler.total_steps=660",
+                                   "scheduler.interval=step", "scheduler.total_steps=880",
                                    "scheduler.warmup_steps=30"))
     stages = plan.stages
     assert all(s.continuous for s in stages) and len(stages) >= 4
@@ -548,8 +548,8 @@ def test_norm_weight_decay_group_is_planned_without_numbers(tmp_path: Path) -> N
     plan, _, _, _ = plan_preset("quickstart", tmp_path, ("model.norm_weight_decay=0.0",))
     assert plan.groups == ["all", "norm"]
     norm = plan.stages_of("norm")
-    assert [s.start for s in norm] == [0, 440] and all(s.angular_update is None for s in norm)
-    assert [s.start for s in plan.stages_of("all")] == [0, 440]
+    assert [s.start for s in norm] == [0, 220] and all(s.angular_update is None for s in norm)
+    assert [s.start for s in plan.stages_of("all")] == [0, 220]
     (warning,) = [w for w in plan.warnings if "'norm'" in w]
     assert "weight_decay=0" in warning and "without SMD numbers" in warning
 
