@@ -100,6 +100,10 @@ def preset_batches_per_epoch(cfg: Any) -> int:
     target = cfg.data._target_
     if target == "examples.data.StepIndexDataModule":
         return int(cfg.data.steps_per_epoch)  # batch_size 1: one batch per step index
+    if target == "examples.data.MarkovSequenceDataModule":  # generated: its size is in the config
+        n = int(cfg.data.train_sequences)
+        world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+        return math.ceil(n / world) // int(cfg.data.batch_size)  # drop_last=True
     n = TRAIN_SIZES[target]
     if target == "examples.data.DigitsDataModule":
         n -= int(round(cfg.data.val_fraction * n))  # as DigitsDataModule.setup
@@ -185,7 +189,10 @@ def test_every_preset_plans_and_prints(tmp_path: Path, name: str) -> None:
     assert stages and stages[0].start == 0 and stages[-1].end == plan.end_step
     assert all(a.end == b.start for a, b in zip(stages, stages[1:]))
     first = stages[0]
-    assert first.theory.family == ("sgdm" if cfg.optimizer.momentum else "sgd")
+    if "AdamW" in cfg.optimizer._target_:
+        assert first.theory.family == "adamw"
+    else:
+        assert first.theory.family == ("sgdm" if cfg.optimizer.momentum else "sgd")
     assert first.theory.lr == pytest.approx(lr)
     milestones = list(cfg.scheduler.get("milestones") or []) if cfg.scheduler.get("_target_") else []
     scale = per_epoch if cfg.scheduler.interval == "epoch" else 1
