@@ -143,7 +143,7 @@ class SMDCallback(pl.Callback):
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps)
         self.per_channel = per_channel is not False
         # per-unit statistics on the measured step that ends each block of this many steps
-        self.channel_every = DEFAULT_CHANNEL_EVERY if per_channel is True else int(per_channel)
+        self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
         self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel else None
         self.units: dict[str, Unit] = {}  # per_channel: each tracked tensor's invariance unit
         self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium, self.channels)
