@@ -138,13 +138,13 @@ class SMDCallback(pl.Callback):
         # the parts (see docs/architecture.md); unit_grad, equilibrium and the watcher's state are checkpointed
         self.unit_grad = RunningMean(ema_steps)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
-        self.publisher = Publisher(figures_dir)
+        self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
+        self.publisher = Publisher(figures_dir, self.channels)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps)
         self.per_channel = per_channel is not False
         # per-unit statistics on the measured step that ends each block of this many steps
         self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
-        self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel else None
         self.units: dict[str, Unit] = {}  # per_channel: each tracked tensor's invariance unit
         self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium, self.channels)
 

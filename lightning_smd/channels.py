@@ -74,6 +74,9 @@ class ChannelMetrics:
         self.history_capacity = history_capacity
         self.history: dict[str, UnitHistory] = {}
         self.latest: dict[str, np.ndarray] = {}  # name → the last per-unit Δ_t/Δ* (or Δ_t without theory)
+        self.latest_norm: dict[str, np.ndarray] = {}  # name → the last per-unit ‖w_t‖
+        self.has_theory: dict[str, bool] = {}  # name → whether `latest`/`history` hold Δ_t/Δ* (else Δ_t)
+        self.fresh = False  # a per-channel step was built and its histograms not yet logged
         self.stalled: dict[str, float] = {}
         self._below_since: dict[str, np.ndarray] = {}
         self._mean: dict[str, np.ndarray] = {}
@@ -149,7 +152,10 @@ class ChannelMetrics:
             else:
                 ratio = np.where(finite, delta, np.nan)
             self.latest[name] = ratio
+            self.latest_norm[name] = np.where(finite, w_norm, np.nan)
+            self.has_theory[name] = bool(delta_star)
             self.history.setdefault(name, UnitHistory(self.history_capacity)).append(log_step, ratio)
+        self.fresh = True
         if all_ratios and (pooled := np.concatenate(all_ratios)).size:
             for p, v in zip(_SUFFIX, np.percentile(pooled, PERCENTILES)):
                 metrics[f"smd/channel/angular_update_ratio/{p}"] = float(v)
