@@ -30,12 +30,12 @@ How the update ``u = w_{t+1} − w_t`` is known, per param group (the *mode*):
 Per invariance unit (``GroupSlice.units``; see :mod:`lightning_smd.units`): a tensor of ``k`` units
 (output channels under BatchNorm, channel groups under GroupNorm, heads under a per-head norm) is
 viewed, in memory order, as ``[k, numel/k]`` rows (dim 0 is outermost for contiguous and
-``channels_last`` weights alike) and every sum above is taken per row with ``torch.linalg.vecdot``
-in the same pass that reads the tensor; the tensor's own sum is the sum of its rows' (one
+``channels_last`` weights alike) and every sum above is taken per row (``vector_norm(dim=1)`` for
+squared norms, ``torch.linalg.vecdot`` for dots) in the same pass that reads the tensor; the tensor's own sum is the sum of its rows' (one
 ``index_add_`` for all tensors). No extra read, no per-unit Python loop: the unit columns are
 appended after the tensor columns of the ``[5, ·]`` partial sums, reduced with them, and combined
-by the same formulas (every unit of a tensor shares its η, λ, μ and mode). On CPU a row ``vecdot``
-streams nearly as fast as one ``dot`` (``benchmarks/measure_step.py``).
+by the same formulas (every unit of a tensor shares its η, λ, μ and mode). On CPU the row norms
+stream as fast as one ``dot``, the row ``vecdot`` ~1.4× slower (``benchmarks/measure_step.py``).
 """
 
 from __future__ import annotations
@@ -200,13 +200,20 @@ def _rows_pair(x: Tensor, y: Tensor, units: int) -> tuple[Tensor, Tensor]:
     return x.reshape(units, -1), y.reshape(units, -1)
 
 
+def _row_sq_norms(rows: Tensor) -> Tensor:
+    """‖row‖² per row, accumulated in fp32: a row-wise ``vector_norm`` reads the rows once, as fast as
+    one ``dot`` of the whole tensor on CPU (``vecdot(x, x)`` takes ~1.6× as long)."""
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+
+
 def _unit_sums(xs: Sequence[Tensor], ys: Sequence[Tensor | None], units: Sequence[int], rows: str,
                subtract: bool = False, last_first: bool = False) -> Tensor:
     """Per-unit sums ``[len(rows), Σunits]``, the units of ``xs[0]`` first.
 
     ``rows`` names the sums, in order: ``"x"`` ‖x‖², ``"y"`` ‖y‖², ``"d"`` ⟨x, y⟩; a ``y`` that is
-    ``None`` counts as zero. Each sum is one row-wise ``vecdot`` (fp32) over the ``[units, ·]``
-    view of the pair, so a tensor is read once for all its units. ``subtract`` and ``last_first``
+    ``None`` counts as zero. Each sum is one row-wise reduction (fp32) over the ``[units, ·]`` view
+    of the pair (``vector_norm`` for squared norms, ``vecdot`` for the dot), so a tensor is read
+    once per sum for all its units. ``subtract`` and ``last_first``
     as in :func:`_pair_sums`.
     """
     per_pair: list[Tensor | None] = [None] * len(xs)
@@ -214,16 +221,15 @@ def _unit_sums(xs: Sequence[Tensor], ys: Sequence[Tensor | None], units: Sequenc
     for i in order:
         x, y, k = xs[i], ys[i], units[i]
         if y is None:
-            xr = _rows_pair(x, x, k)[0].float()
-            xx = torch.linalg.vecdot(xr, xr)
+            xx = _row_sq_norms(_rows_pair(x, x, k)[0])
             per_pair[i] = torch.stack([xx if r == "x" else torch.zeros_like(xx) for r in rows])
             continue
         if subtract:
             y.sub_(x)
         xr, yr = _rows_pair(x, y, k)
-        xr, yr = xr.float(), yr.float()
-        pairs = {"x": (xr, xr), "y": (yr, yr), "d": (xr, yr)}
-        per_pair[i] = torch.stack([torch.linalg.vecdot(*pairs[r]) for r in rows])
+        sums = {"x": lambda: _row_sq_norms(xr), "y": lambda: _row_sq_norms(yr),
+                "d": lambda: torch.linalg.vecdot(xr.float(), yr.float())}
+        per_pair[i] = torch.stack([sums[r]() for r in rows])
     return torch.cat(per_pair, dim=1)
 
 
