@@ -72,27 +72,39 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = [q.detach() for q in tracked]
     others = [torch.randn_like(w) for w in weights]
+    buffers = [torch.empty_like(w) for w in weights]
     print("| one read of the tracked tensors, as | ms | GB/s |\n|---|---|---|")
     primitives = {
         "torch._foreach_norm (all tensors)": lambda: torch._foreach_norm(weights, 2),
         "torch.linalg.vector_norm per tensor": lambda: [torch.linalg.vector_norm(w) for w in weights],
         "torch.dot(w, w) per tensor": lambda: [torch.dot(w.view(-1), w.view(-1)) for w in weights],
         "torch.dot(w, v) per tensor (two reads)": lambda: [torch.dot(w.view(-1), v.view(-1)) for w, v in zip(weights, others)],
+        # per-unit (output channel) sums, the options for the same read
+        "linalg.vecdot(w, w) rows per tensor": lambda: [torch.linalg.vecdot(w.view(len(w), -1), w.view(len(w), -1))
+                                                        for w in weights],
+        "bmm row dots (w, v) per tensor (two reads)": lambda: [torch.bmm(w.view(len(w), 1, -1), v.view(len(v), -1, 1))
+                                                                for w, v in zip(weights, others)],
+        "mul into buffer + row sum (w, v) (two reads)": lambda: [torch.mul(w, v, out=b).view(len(w), -1).sum(1)
+                                                                  for w, v, b in zip(weights, others, buffers)],
+        "linalg.vecdot(w, v) rows per tensor (two reads)": lambda: [torch.linalg.vecdot(w.view(len(w), -1), v.view(len(v), -1))
+                                                                     for w, v in zip(weights, others)],
     }
     for name, fn in primitives.items():
         ms = _time(fn, args.device, args.reps)
         reads = 2 if "two reads" in name else 1
         print(f"| {name} | {ms:.2f} | {reads * mib * 2**20 / 1e9 / (ms / 1e3):.0f} |")
 
-    print("\n| optimizer | mode | unit gradient | before_step ms | after_step ms | total ms |\n|---|---|---|---|---|---|")
+    print("\n| optimizer | mode | unit gradient | per unit | before_step ms | after_step ms | total ms |\n"
+          "|---|---|---|---|---|---|---|")
     for opt_name, make in OPTIMIZERS.items():
         for q in model.parameters():
             q.grad = 1e-3 * torch.randn_like(q)
         opt = make(model.parameters())
         opt.step()
         mode = measurement_mode(opt, opt.param_groups[0])
-        measurer = StepMeasurer([GroupSlice(opt, 0, tracked, 0, mode)])
-        for unit_grad in (False, True):
+        for per_unit, unit_grad in ((False, False), (True, False), (False, True), (True, True)):
+            units = [len(q) for q in tracked] if per_unit else None  # one unit per output channel (BatchNorm)
+            measurer = StepMeasurer([GroupSlice(opt, 0, tracked, 0, mode, units=units)])
             before, after = [], []
             for i in range(args.reps + 3):
                 _sync(args.device)
@@ -109,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     before.append(t1 - t0)
                     after.append(t3 - t2)
             b, a = 1e3 * statistics.median(before), 1e3 * statistics.median(after)
-            print(f"| {opt_name} | {mode} | {'sampled' if unit_grad else 'skipped'} | {b:.2f} | {a:.2f} | {b + a:.2f} |")
+            print(f"| {opt_name} | {mode} | {'sampled' if unit_grad else 'skipped'} | {'channels' if per_unit else 'no'} | "
+                  f"{b:.2f} | {a:.2f} | {b + a:.2f} |")
     return 0
 
 

@@ -11,6 +11,10 @@ For each model and optimizer, five variants train the same model on the same dat
 * ``none``: no callback;
 * ``smd_default``: ``SMDCallback()`` at its default cadence (the Trainer's ``log_every_n_steps``, 50);
 * ``smd_every``: ``SMDCallback(log_every_n_steps=1)``, measuring every step;
+* ``smd_default_tensor``, ``smd_every_tensor``: the same with ``per_channel=False`` (per-tensor
+  statistics only), and ``smd_every_channel``: ``SMDCallback(log_every_n_steps=1, per_channel=1)``,
+  per-unit statistics on every step; side by side they give the cost of the per-channel statistics
+  (the per-channel table);
 * ``naive_every``: ``benchmarks/naive_reference.py``: clone + acos + ``.item()`` per tensor, every step;
 * ``none_again``: no callback again: its "overhead" over ``none`` (an A/A comparison) is the
   run-to-run noise of whole fits on this machine, the resolution of the end-to-end figures.
@@ -25,7 +29,8 @@ the steps that also sample the unit gradient); per round the overhead of a varia
 that of ``none`` in the same round; reported are the medians over rounds and their IQR. The default
 cadence measures one step in 50: its step time is amortized as ``((E−1)·U + M)/E`` with ``U`` the
 mean unmeasured step of the ``smd_default`` fit and ``M`` the mean (measured) step of the
-``smd_every`` fit of the same round, ``E`` = 50. The callback's *self time* (wall time spent inside
+``smd_every_channel`` fit of the same round (at the default cadence every measured step carries the
+per-unit statistics; ``smd_default_tensor`` is amortized with ``smd_every_tensor``), ``E`` = 50. The callback's *self time* (wall time spent inside
 its hooks, amortized the same way) is reported too: on CPU, where everything is synchronous, it is
 the callback's cost without the run-to-run noise of whole steps.
 
@@ -76,12 +81,25 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from lightning_smd import SMDCallback  # noqa: E402
 from naive_reference import NaiveAngularUpdate  # noqa: E402
 
-VARIANTS = ("none", "smd_default", "smd_every", "naive_every", "none_again")
-WITH_CALLBACK = ("smd_default", "smd_every", "naive_every")
+VARIANTS = ("none", "smd_default", "smd_default_tensor", "smd_every", "smd_every_tensor", "smd_every_channel",
+            "naive_every", "none_again")
+WITH_CALLBACK = ("smd_default", "smd_default_tensor", "smd_every", "smd_every_tensor", "smd_every_channel",
+                 "naive_every")
+SMD_VARIANTS = {  # SMDCallback arguments per variant
+    "smd_default": {},
+    "smd_default_tensor": {"per_channel": False},
+    "smd_every": {"log_every_n_steps": 1},
+    "smd_every_tensor": {"log_every_n_steps": 1, "per_channel": False},
+    "smd_every_channel": {"log_every_n_steps": 1, "per_channel": 1},
+}
+# default-cadence variant → the every-step variant whose (measured) step it is amortized with
+AMORTIZED = {"smd_default": "smd_every_channel", "smd_default_tensor": "smd_every_tensor"}
 TRAINER_LOG_EVERY = 50  # Trainer's default log_every_n_steps: the callback's default cadence
 # Targets of the issue, for resnet18 at 32×32, batch 32, on a 2-core CPU.
 TARGETS = {("smd_default", "sgdm"): 1.0, ("smd_default", "adamw"): 1.0,
            ("smd_every", "sgdm"): 10.0, ("smd_every", "adamw"): 20.0}
+# Per-channel bars (issue 15), added self time over the per-tensor variant, % of the `none` step
+PER_CHANNEL_TARGETS = {"default": 0.5, "every": 3.0}
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
          "on_before_zero_grad", "on_train_batch_end")
 
@@ -323,10 +341,8 @@ def run_fit(spec: ModelSpec, optimizer: str, variant: str, steps: int, warmup: i
     module = BenchModule(spec, optimizer)
     clock = StepClock(cuda, warmup)
     callback: pl.Callback | None = None
-    if variant == "smd_default":
-        callback = BenchSMDCallback(verbose=False)
-    elif variant == "smd_every":
-        callback = BenchSMDCallback(log_every_n_steps=1, verbose=False)
+    if variant in SMD_VARIANTS:
+        callback = BenchSMDCallback(verbose=False, **SMD_VARIANTS[variant])
     elif variant == "naive_every":
         callback = NaiveAngularUpdate(every=1)
     callbacks: list[pl.Callback] = [_ClockStart(clock)]
@@ -411,22 +427,24 @@ def summarize(rounds: list[dict[str, dict]], every: int) -> dict[str, Any]:
             times = r[v]["times"]
             samples[v].extend(times.values())
             faults[v].extend(r[v].get("page_faults", []))
-            if v == "smd_default":
+            if v in AMORTIZED:
                 unmeasured = [t for b, t in times.items() if (b + 1) % every != 0]
-                measured_default.extend(t for b, t in times.items() if (b + 1) % every == 0)
+                if v == "smd_default":
+                    measured_default.extend(t for b, t in times.items() if (b + 1) % every == 0)
                 med[v] = _mean(unmeasured)
             else:
                 med[v] = _mean(list(times.values()))
             if v in WITH_CALLBACK:
                 hooks = r[v]["hook"]
-                if v == "smd_default":
+                if v in AMORTIZED:
                     self_u = _mean([h for b, h in hooks.items() if (b + 1) % every != 0] or [0.0])
-                    self_m = _mean(list(r["smd_every"]["hook"].values()))
+                    self_m = _mean(list(r[AMORTIZED[v]]["hook"].values()))
                     self_time[v].append(((every - 1) * self_u + self_m) / every)
                 else:
                     self_time[v].append(_mean(list(hooks.values())))
         # amortize: one measured step (cost as in the every-step fit) per `every` steps
-        med["smd_default"] = ((every - 1) * med["smd_default"] + med["smd_every"]) / every
+        for v, measured in AMORTIZED.items():
+            med[v] = ((every - 1) * med[v] + med[measured]) / every
         for v in VARIANTS:
             per_round[v].append(med[v])
     base = per_round["none"]
@@ -569,6 +587,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
                      f"{v['none']['step_ms_median']:.1f} | {noise} | {cell('smd_default')} | {cell('smd_every')} | "
                      f"{cell('naive_every')} | {target} | {met} |")
     lines.append("")
+    lines.extend(_per_channel_table(info, results))
     lines.append("Memory the callback holds between steps (exact: bytes of the tensors reachable from the "
                  "callback object, parameters/gradients/optimizer state excluded), next to the size of the "
                  "tracked tensors; host: the Python records of logged values (`SMDCallback.records`) at the end "
@@ -594,6 +613,38 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], args: argparse.N
         lines.append(row)
     lines.append("")
     return "\n".join(lines)
+
+
+def _per_channel_table(info: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """Per-channel statistics on vs off: self time (and end to end) per step, % of the `none` step."""
+    lines = [
+        "Per-channel statistics on vs off (`per_channel=False` / the default `per_channel=True` / `per_channel=1`): "
+        "self time per step, % of the `none` step (median over rounds); *added* = per-channel minus per-tensor. "
+        "At the default cadence (one measured step in 50) `per_channel=True` measures the units on every measured "
+        "step; measuring every step, `per_channel=True` measures them one step in 50 and `per_channel=1` on every step.",
+        "",
+        "| model | optimizer | default cadence: per-tensor | default cadence: per-channel | added (bar) | "
+        "every step: per-tensor | every step: per_channel=True | every step: per_channel=1 | added, per_channel=1 (bar) | "
+        "end to end every step: per-tensor / per_channel=1 | met: default / every |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        v = res["variants"]
+        self_pct = {name: v[name]["self_pct_median"] for name in SMD_VARIANTS}
+        added_default = self_pct["smd_default"] - self_pct["smd_default_tensor"]
+        added_every = self_pct["smd_every_channel"] - self_pct["smd_every_tensor"]
+        applies = res["model"].startswith("resnet18 32×32 b32") and info["device"] == "cpu"
+        met = (f"{'yes' if added_default <= PER_CHANNEL_TARGETS['default'] else 'NO'} / "
+               f"{'yes' if added_every <= PER_CHANNEL_TARGETS['every'] else 'NO'}") if applies else "–"
+        lines.append(
+            f"| {res['model']} | {res['optimizer']} | {self_pct['smd_default_tensor']:.2f} % | "
+            f"{self_pct['smd_default']:.2f} % | {added_default:+.2f} % (≤ {PER_CHANNEL_TARGETS['default']:g} %) | "
+            f"{self_pct['smd_every_tensor']:.2f} % | {self_pct['smd_every']:.2f} % | {self_pct['smd_every_channel']:.2f} % | "
+            f"{added_every:+.2f} % (≤ {PER_CHANNEL_TARGETS['every']:g} %) | "
+            f"{_fmt_pct(v['smd_every_tensor']['overhead_pct_median'])} / "
+            f"{_fmt_pct(v['smd_every_channel']['overhead_pct_median'])} | {met} |")
+    lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------- main

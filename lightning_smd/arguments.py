@@ -37,6 +37,9 @@ def validate(a: dict[str, Any]) -> None:
         raise ValueError(f"SMDCallback(warm_start=...) must be True, False or a step count >= 1, got {warm!r}")
     if not _positive_int(a["unit_grad_every"]):
         raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
+    if "per_channel" in a and not (isinstance(a["per_channel"], bool) or _positive_int(a["per_channel"])):
+        raise ValueError(f"SMDCallback(per_channel=...) must be True, False or a positive int (steps between "
+                         f"per-channel measurements), got {a['per_channel']!r}")
     select([], include=a["include"], exclude=a["exclude"])  # regexes and types now, not at fit start
 
 

@@ -19,6 +19,7 @@ from lightning_smd.detection_session import Decision, DetectionSession, check_fi
 from lightning_smd.distributed import check_supported
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
+from lightning_smd.channels import ChannelMetrics
 from lightning_smd.history import History
 from lightning_smd.metrics import MetricsBuilder
 from lightning_smd.plan import Plan, plan_from_trainer
@@ -27,10 +28,12 @@ from lightning_smd.rescale import RescalePolicy
 from lightning_smd.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.steps import StepRecorder
 from lightning_smd.tracking import Tracked, TrackedSet, param_counts, trainable
+from lightning_smd.units import Unit, format_units, invariance_units
 
 __all__ = ["SMDCallback"]
 
 _STATE_VERSION = 1
+DEFAULT_CHANNEL_EVERY = 50  # per_channel=True: per-unit statistics once per 50 optimizer steps
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
@@ -87,6 +90,13 @@ class SMDCallback(pl.Callback):
             rendered at the end of fit.
         figures_dir: where figures go; default ``<trainer.log_dir or default_root_dir>/smd``.
         verbose: print the detection report (and the equilibrium summary at the end) on rank 0.
+        per_channel: also measure every tensor per invariance unit (output channel under
+            BatchNorm, channel group under GroupNorm, head under a per-head norm; see
+            ``docs/per_channel.md``), from the same reads: ``smd/channel/...`` percentiles, stalled
+            fractions, histograms (TensorBoard, W&B) and figures. ``True``: on the measured step
+            that ends every block of 50 optimizer steps (every measured step at the default
+            cadence, one in 50 when measuring every step); an int: every this many steps instead
+            (``1``: every measured step).
     """
 
     def __init__(
@@ -109,6 +119,7 @@ class SMDCallback(pl.Callback):
         figures_every_n_steps: int | None = None,
         figures_dir: str | None = None,
         verbose: bool = True,
+        per_channel: bool | int = True,
     ) -> None:
         given = dict(
             log_every_n_steps=log_every_n_steps, rescale=rescale, include=include, exclude=exclude, detect=detect,
@@ -116,7 +127,7 @@ class SMDCallback(pl.Callback):
             unit_grad_every=unit_grad_every, rescale_min_drop=rescale_min_drop, rescale_min_lr_ratio=rescale_min_lr_ratio,
             rescale_on_increase=rescale_on_increase, warm_start=warm_start, equilibrium_tolerance=equilibrium_tolerance,
             equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
-            verbose=verbose,
+            verbose=verbose, per_channel=per_channel,
         )
         arguments.validate(given)
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
@@ -138,11 +149,16 @@ class SMDCallback(pl.Callback):
         # the parts (see docs/architecture.md); unit_grad, equilibrium and the watcher's state are checkpointed
         self.unit_grad = RunningMean(ema_steps)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
-        self.publisher = Publisher(figures_dir)
+        self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
+        self.publisher = Publisher(figures_dir, self.channels)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
                                         unit_grad=self.unit_grad, warm_start=warm_start)
-        self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium)
+        self.per_channel = per_channel is not False
+        # per-unit statistics on the measured step that ends each block of this many steps
+        self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
+        self.units: dict[str, Unit] = {}  # per_channel: each tracked tensor's invariance unit
+        self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium, self.channels)
 
         self.candidates: dict[str, Candidate] = {}  # the scale-invariant tensors, name → why
         self.skipped_steps = 0  # measured steps the GradScaler skipped (not logged)
@@ -225,7 +241,8 @@ class SMDCallback(pl.Callback):
             rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
                            "training and measurement go on without a plan.")
             return
-        self.plan.write_csv(self.figures_path(trainer) / "plan.csv")
+        if self.figures_dir is not None or trainer.loggers:  # no files in the working directory of a logger-less run
+            self.plan.write_csv(self.figures_path(trainer) / "plan.csv")
         wandb_extras.log_plan_table(trainer, self.plan.rows(), trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -259,6 +276,8 @@ class SMDCallback(pl.Callback):
                 self._start_tracking(trainer, decision, scale_grads=True)
                 if self.verbose:
                     rank_zero_info(detection_report(trainer, self._trainable, decision))
+                    if self.units:
+                        rank_zero_info(format_units(self.units))
                     if self.plan is not None:
                         rank_zero_info(self.plan.format())
             return
@@ -303,9 +322,19 @@ class SMDCallback(pl.Callback):
 
     def _start_tracking(self, trainer: pl.Trainer, decision: Decision, scale_grads: bool) -> None:
         self.candidates = decision.chosen
-        self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in decision.chosen], self.unit_grad_every)
+        self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in decision.chosen], self.unit_grad_every,
+                                   self._unit_counts(trainer), self.channel_every)
         self._param_counts = param_counts(trainer)
         self.schedule.apply_deferred(trainer, self._tracked, scale_grads=scale_grads)
+
+    def _unit_counts(self, trainer: pl.Trainer) -> dict[str, int] | None:
+        """per_channel: the invariance units of the chosen tensors, from detection's evidence."""
+        if not self.per_channel:
+            return None
+        derived = invariance_units(trainer.lightning_module, {n: c.reason for n, c in self.candidates.items()})
+        # after a resume the candidates' evidence is gone ("restored from checkpoint"): the checkpointed units
+        self.units = {n: self.units.get(n, u) if self.candidates[n].source == "checkpoint" else u for n, u in derived.items()}
+        return {n: u.count for n, u in self.units.items()}
 
     def _detect_added_tensors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The optimizers hold more tensors than when detection decided (``add_param_group``, e.g.
@@ -321,7 +350,8 @@ class SMDCallback(pl.Callback):
     def _add_tracking(self, trainer: pl.Trainer, decision: Decision) -> None:
         """Track the scale-invariant ones among the added tensors from now on, next to the others."""
         self.candidates = {**self.candidates, **decision.chosen}
-        self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in self.candidates], self.unit_grad_every)
+        self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in self.candidates], self.unit_grad_every,
+                                   self._unit_counts(trainer), self.channel_every)
         step = log_step_of(trainer)
         for group in sorted({g for n, g in zip(self._tracked.names, self._tracked.groups) if n in decision.chosen}):
             if self.equilibrium.current_stage(group) is None:  # a new param group: its first stage starts now
@@ -344,6 +374,7 @@ class SMDCallback(pl.Callback):
             **self.schedule.state_dict(),
             "tracked": names,
             "arguments": dict(self._arguments),
+            "units": {n: [u.count, u.kind, u.why] for n, u in self.units.items()},
         }
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -365,6 +396,7 @@ class SMDCallback(pl.Callback):
         self.equilibrium.load_state_dict(state_dict["equilibrium"])
         self.schedule.load_state_dict(state_dict)
         self._saved_names = state_dict["tracked"]
+        self.units = {n: Unit(int(c), str(k), str(w)) for n, (c, k, w) in (state_dict.get("units") or {}).items()}
         self._tracked = None
         if changed := arguments.changes(state_dict.get("arguments") or {}, self._arguments):
             rank_zero_warn(

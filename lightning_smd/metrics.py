@@ -8,6 +8,7 @@ from typing import NamedTuple
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_smd.channels import ChannelMetrics
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.steps import Finished
@@ -31,12 +32,15 @@ class MetricsBuilder:
     aggregates, and equilibrium tracking (which it advances).
 
     ``unit_grad`` (the running L) and ``equilibrium`` are the callback's checkpointed state,
-    updated here in place.
+    updated here in place. ``channels``: the per-channel metrics, built from the unit columns of
+    the statistics (``None``: per-tensor metrics only).
     """
 
-    def __init__(self, unit_grad: RunningMean, equilibrium: EquilibriumTracker) -> None:
+    def __init__(self, unit_grad: RunningMean, equilibrium: EquilibriumTracker,
+                 channels: ChannelMetrics | None = None) -> None:
         self.unit_grad = unit_grad
         self.equilibrium = equilibrium
+        self.channels = channels
         self._key_cache: dict[str, TensorKeys] = {}
         self._warned_not_finite = False
 
@@ -48,8 +52,11 @@ class MetricsBuilder:
         return keys
 
     def build(self, stats: Tensor, finished: Finished, tracked: TrackedSet, step: int) -> dict[str, float]:
-        """``stats``: the host ``[3, n]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices."""
-        delta, w_norm, unit_grad_sample = stats.double().tolist()
+        """``stats``: the host ``[3, n + m]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices:
+        ``n`` tensor columns, then ``m`` invariance-unit columns (see :meth:`StepMeasurer.after_step`)."""
+        n = sum(len(s.params) for s in finished.slices)
+        stats = stats.double()
+        delta, w_norm, unit_grad_sample = stats[:, :n].tolist()
         index = [i for s in finished.slices for i in range(s.start, s.stop)]
         names = [tracked.names[i] for i in index]
         groups = [tracked.groups[i] for i in index]
@@ -102,4 +109,15 @@ class MetricsBuilder:
             metrics[f"smd/steps_to_equilibrium/measured/{name}"] = float(reached - stage.start_step)
         if finite:
             metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked.groups, tracked.names)
+        if self.channels is not None and stats.shape[1] > n:
+            metrics.update(self._channel_metrics(stats[:, n:].numpy(), finished, tracked, step))
         return metrics
+
+    def _channel_metrics(self, units, finished: Finished, tracked: TrackedSet, step: int) -> dict[str, float]:
+        names, counts, theories = [], [], []
+        for s, group_theory in zip(finished.slices, finished.theories):
+            if s.units is not None:
+                names.extend(tracked.names[s.start:s.stop])
+                counts.extend(s.units)
+                theories.extend([group_theory] * len(s.params))
+        return self.channels.build(units, names, counts, theories, step, finished.log_step)

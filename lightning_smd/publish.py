@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from lightning_smd import report, wandb_extras
+from lightning_smd import channel_figures, report, wandb_extras
+from lightning_smd.channels import ChannelMetrics
 from lightning_smd.history import History
 from lightning_smd.series import RunSeries
 
@@ -38,16 +39,25 @@ def check_writable(directory: str | Path, argument: str) -> None:
 
 class Publisher:
     """Logs metric dicts through every logger (keeping :attr:`records`, what the figures are drawn
-    from) and renders the figures into ``figures_dir`` (default ``<log dir>/smd``). Rank 0 only."""
+    from) and renders the figures into ``figures_dir`` (default ``<log dir>/smd``). Rank 0 only.
 
-    def __init__(self, figures_dir: str | None = None) -> None:
+    ``channels``: the per-channel metrics; after a step that built them, :meth:`log` also sends
+    their per-layer histograms to TensorBoard and W&B, and :meth:`render_figures` draws the
+    per-channel figures (:mod:`lightning_smd.channel_figures`).
+    """
+
+    def __init__(self, figures_dir: str | None = None, channels: ChannelMetrics | None = None) -> None:
         self.figures_dir = figures_dir
         self.records = History()
+        self.channels = channels
 
     def log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         self.records.append(step, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        if self.channels is not None and self.channels.fresh:
+            self.channels.fresh = False
+            channel_figures.log_histograms(trainer, self.channels, step)
 
     def figures_path(self, trainer: pl.Trainer) -> Path:
         if self.figures_dir is not None:
@@ -59,6 +69,7 @@ class Publisher:
         """Write the figures and hand them, and at the end the per-layer table, to W&B."""
         series = RunSeries.from_records(self.records)
         figures = report.save_figures(series, self.figures_path(trainer))
+        figures.update(channel_figures.save_channel_figures(self.channels, self.figures_path(trainer)))
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         wandb_extras.log_figures(trainer, figures, step)
         wandb_extras.log_concern_charts(trainer, series, step)

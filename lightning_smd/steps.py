@@ -93,7 +93,8 @@ class _Pending:
 
 @dataclass
 class Finished:
-    """A measured step whose optimizer(s) stepped: ``stats`` is ``[3, n]`` over ``slices``."""
+    """A measured step whose optimizer(s) stepped: ``stats`` is ``[3, n + m]`` over ``slices``: the
+    ``n`` tensors, then the ``m`` invariance units of the slices with per-unit statistics."""
 
     log_step: int
     global_step: int
@@ -120,12 +121,15 @@ class StepRecorder:
     """
 
     def __init__(self, slices: list[GroupSlice], make_reduce: Callable[[list[Tensor]], ReduceFn | None],
-                 unit_grad_every: int = 1) -> None:
+                 unit_grad_every: int = 1, channel_every: int = 1) -> None:
         # The unit-gradient statistics (with momentum: 3 reads of the tracked tensors' size, on top of 4)
         # are sampled at most every `unit_grad_every` steps: the running L averages over ~200 steps
         # anyway. Which steps sample is a function of the step alone (samples_unit_grad), so a
         # resumed run, every rank and every strategy sample the same ones.
         self.unit_grad_every = unit_grad_every
+        # Per-unit statistics (slices with `units`) on the measured step that ends each block of
+        # `channel_every` optimizer steps (every measured step at a cadence >= channel_every)
+        self.channel_every = channel_every
         by_optimizer: dict[int, list[GroupSlice]] = {}
         for s in slices:
             by_optimizer.setdefault(id(s.optimizer), []).append(s)
@@ -148,7 +152,8 @@ class StepRecorder:
         scale = _scale_tensor(scaler)
         grad_scale = scale if scale is not None and handles_unscaling(optimizer) and not _unscaled(scaler, optimizer) else None
         unit_grad = samples_unit_grad(log_step, every, self.unit_grad_every)
-        slices = measurer.before_step(optimizer, grad_scale=grad_scale, unit_grad=unit_grad)
+        per_unit = samples_unit_grad(log_step + 1, every, self.channel_every)
+        slices = measurer.before_step(optimizer, grad_scale=grad_scale, unit_grad=unit_grad, per_unit=per_unit)
         theories = [theory.from_param_group(s.optimizer, s.group) for s in slices]
         self._pending[key] = _Pending(measurer, log_step, trainer.global_step, slices, theories,
                                       scale.clone() if scale is not None else None, scaler)
@@ -161,10 +166,11 @@ class StepRecorder:
         if not self._pending or trainer.global_step <= min(p.global_step for p in self._pending.values()):
             return None  # nothing measured, or the optimizer did not step (yet)
         pending, self._pending = list(self._pending.values()), {}
-        stats, slices, theories, skipped = [], [], [], None
+        stats, slices, theories, skipped, n_tensors = [], [], [], None, []
         for p in pending:
             s, active = p.measurer.after_step()
             stats.append(s)
+            n_tensors.append(sum(len(a.params) for a in active))
             slices.extend(active)
             theories.extend(p.theories)
             if p.scale_before is not None:
@@ -174,6 +180,9 @@ class StepRecorder:
                 if dropped is not None:
                     skipped = dropped if skipped is None else skipped | dropped
         first = pending[0]
+        if len(stats) > 1 and any(s.units is not None for s in slices):
+            # each measurer's [tensors, units] columns → [all tensors, all units]
+            stats = [t[:, :k] for t, k in zip(stats, n_tensors)] + [t[:, k:] for t, k in zip(stats, n_tensors)]
         return Finished(first.log_step, first.global_step, torch.cat(stats, dim=1), slices, theories, skipped)
 
 

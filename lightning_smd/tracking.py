@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Mapping
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
@@ -74,7 +75,15 @@ class TrackedSet:
     ``groups[i]`` label column ``i`` of the statistics the :class:`StepRecorder` produces.
     """
 
-    def __init__(self, trainer: pl.Trainer, chosen: list[Tracked], unit_grad_every: int) -> None:
+    def __init__(self, trainer: pl.Trainer, chosen: list[Tracked], unit_grad_every: int,
+                 units: Mapping[str, int] | None = None, channel_every: int = 1) -> None:
+        # units: name → invariance units per tensor (lightning_smd.units) for per-unit statistics,
+        # taken on the measured step ending each block of channel_every steps; not for sharded
+        # tensors (a shard's rows are not whole units on every rank)
+        if units is not None and is_sharded(trainer.strategy, [t.param for t in chosen]):
+            rank_zero_warn("SMDCallback(per_channel=True): the tracked tensors are sharded; per-channel "
+                           "statistics are not measured for sharded training yet (per-tensor ones are).")
+            units = None
         by_group: dict[tuple[int, int], list[Tracked]] = {}
         for t in chosen:
             by_group.setdefault(t.group_key, []).append(t)
@@ -85,14 +94,15 @@ class TrackedSet:
         for (oi, gi), members in self.by_group.items():
             optimizer = trainer.optimizers[oi]
             params = [m.param for m in members]
-            slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(trainer, optimizer, gi, params)))
+            slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(trainer, optimizer, gi, params),
+                                     units=[units.get(m.name, 1) for m in members] if units is not None else None))
             self.names.extend(m.name for m in members)
             self.groups.extend([group_label(trainer, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
         # sharded tensors: every rank holds a part of each sum and must take part in the reduction
         self.measure_on_all_ranks = is_sharded(trainer.strategy, params)
         make_reduce = functools.partial(make_reduce_fn, trainer.strategy)
-        self.recorder = StepRecorder(slices, make_reduce, unit_grad_every) if slices else None
+        self.recorder = StepRecorder(slices, make_reduce, unit_grad_every, channel_every) if slices else None
         for t in chosen:
             if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
                 rank_zero_warn(

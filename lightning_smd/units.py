@@ -1,0 +1,111 @@
+"""The invariance unit of each tracked tensor: the slices of it (rows of dim 0) that are scale-invariant on their own.
+
+A normalization makes its input invariant to a scale per *what it normalizes together*:
+
+* BatchNorm / InstanceNorm (and GroupNorm with one channel per group): each output channel, so a
+  conv/linear weight has ``C_out`` units, rows ``w[c]``;
+* GroupNorm with ``G`` groups: each group of ``C_out/G`` consecutive output channels;
+* LayerNorm / RMSNorm over the last ``d`` features of an output of ``C_out`` features with
+  ``d < C_out`` (a per-head norm, e.g. QK-norm after splitting heads): each head, ``C_out/d`` units;
+* LayerNorm / RMSNorm over all features, weight normalization, tensors found numerically, and
+  anything not recognised: the whole tensor (1 unit), which is always invariant when its units are.
+
+The unit is re-derived from the detection evidence (:attr:`~lightning_smd.detect.Candidate.reason`
+names the normalization modules the tensor's output feeds, ``"Conv2d → BatchNorm2d (layer1.0.bn1)"``)
+and the module graph. A tensor feeding several normalizations gets the coarsest unit consistent
+with all of them (the gcd of their unit counts). Units are rows of dim 0, so a transposed
+convolution (output channels on dim 1) is measured as one unit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from torch import nn
+
+__all__ = ["Unit", "format_units", "invariance_unit", "invariance_units"]
+
+_LABEL = re.compile(r"(\w+) \(([^()]*)\)")
+_ROW_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``count`` units of ``kind`` (``"channel"``, ``"group"``, ``"head"`` or ``"tensor"``) along dim 0."""
+
+    count: int
+    kind: str
+    why: str = ""
+
+    def __str__(self) -> str:
+        return "whole tensor" if self.kind == "tensor" else f"{self.count} {self.kind}s"
+
+
+_TENSOR = Unit(1, "tensor")
+
+
+def _norm_unit(norm: nn.Module, out_features: int) -> Unit | None:
+    """The unit one normalization module gives a producer of ``out_features`` output features."""
+    if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return Unit(out_features, "channel")
+    if isinstance(norm, nn.GroupNorm):
+        if norm.num_channels != out_features:
+            return None
+        return Unit(norm.num_groups, "channel" if norm.num_groups == out_features else "group")
+    if isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
+        shape = tuple(norm.normalized_shape)
+        if len(shape) != 1:
+            return _TENSOR
+        d = int(shape[0])
+        if d < out_features and out_features % d == 0:
+            return Unit(out_features // d, "head")
+        return _TENSOR
+    return None
+
+
+def invariance_unit(root: nn.Module, name: str, reason: str) -> Unit:
+    """The invariance unit of parameter ``name`` of ``root``, from its detection ``reason``."""
+    module_name, _, local = name.rpartition(".")
+    try:
+        producer = root.get_submodule(module_name) if module_name else root
+    except AttributeError:
+        return _TENSOR
+    if local != "weight" or not isinstance(producer, _ROW_PRODUCERS) or "→" not in reason:
+        return _TENSOR
+    out_features = int(producer.weight.shape[0])
+    units: list[Unit] = []
+    for cls_name, norm_name in _LABEL.findall(reason.split("→", 1)[1]):
+        try:
+            norm = root.get_submodule(norm_name)
+        except AttributeError:
+            return _TENSOR  # a functional norm or an unknown module: nothing finer is known
+        unit = _norm_unit(norm, out_features)
+        if unit is None:
+            return _TENSOR
+        units.append(unit)
+    if not units:
+        return _TENSOR
+    count = math.gcd(*(u.count for u in units))
+    if count == 1:
+        return _TENSOR
+    kinds = {u.kind for u in units if u.count == count}
+    kind = kinds.pop() if len(kinds) == 1 else "group"
+    return Unit(count, kind, reason.split("→", 1)[1].strip())
+
+
+def invariance_units(root: nn.Module, reasons: Mapping[str, str]) -> dict[str, Unit]:
+    """:func:`invariance_unit` for every ``name → reason``."""
+    return {name: invariance_unit(root, name, reason) for name, reason in reasons.items()}
+
+
+def format_units(units: Mapping[str, Unit]) -> str:
+    """The per-channel part of the detection report: each tensor's invariance unit."""
+    if not units:
+        return ""
+    width = max(len(n) for n in units)
+    lines = [f"SMD per-channel: {sum(u.count for u in units.values())} invariance units in {len(units)} tensors"]
+    lines += [f"  {name:<{width}}  {unit}" for name, unit in units.items()]
+    return "\n".join(lines)
