@@ -10,6 +10,7 @@ from tests.models import DigitsCNN, NoisyRayleighQuotient
 NAME = "X"
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_nrq_reaches_equilibrium(tmp_path, momentum):
     lr, wd, p, sigma = 0.1, 5e-3, 64, 1.0

@@ -92,6 +92,7 @@ def test_nrq_equilibrium_rescale_equals_k_quarter_at_equilibrium(tmp_path):
     assert not [w for w in caught if "away from equilibrium" in w]
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 @pytest.mark.parametrize("init_norm", [20.0, 1.5])  # far above / below ‖x*‖ ≈ 5 when the LR drops
 def test_nrq_drop_before_equilibrium(tmp_path, init_norm):
     drop = 150
@@ -114,6 +115,7 @@ def test_nrq_drop_before_equilibrium(tmp_path, init_norm):
         assert ("rescale='equilibrium'" in far) and ("the estimate is stale" in far) == (rescale == "equilibrium")
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 def test_digits_bn_cnn_drop_before_equilibrium(tmp_path):
     # λη = 2.5e-5, momentum 0.9: relaxation time 1000 steps; the kaiming init is far below ‖w*‖ (Δ ≈ 3 Δ*)
     drop = 200
@@ -154,6 +156,7 @@ def _steps_to_equilibrium(cb):
     return reached
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 def test_nrq_warm_start_removes_the_transient(tmp_path):
     # λη = 4e-3: relaxation time 62 steps; the start ‖x‖ = 10 is 2.8× ‖x*‖ (Δ ≈ Δ*/8)
     kw = dict(p=64, sigma=1.0, lr=0.1, weight_decay=4e-2, init_norm=10.0)
@@ -171,6 +174,7 @@ def test_nrq_warm_start_removes_the_transient(tmp_path):
     print(f"NRQ steps to ±10 % equilibrium: {steps}; noise-free risk, last 100 steps: {risks}")
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 def test_digits_bn_cnn_warm_start_removes_the_transient(tmp_path):
     # λη = 1e-4, momentum 0.9: relaxation time 250 steps; the kaiming init is far below ‖w*‖ (Δ ≈ 2.5 Δ*).
     # Input noise keeps the gradient noise (L) stationary. The warm start waits 150 steps: before, the
@@ -188,6 +192,7 @@ def test_digits_bn_cnn_warm_start_removes_the_transient(tmp_path):
     print(f"digits CNN steps to ±10 % equilibrium (slowest conv): {steps}; train loss, last 100 steps: {final}")
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 @pytest.mark.parametrize("resume_at", [40, 80])  # checkpoint before / after the warm start at step 60
 def test_warm_start_exactly_once_across_resume(tmp_path, resume_at):
     kw = dict(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, init_norm=4.0)

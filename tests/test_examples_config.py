@@ -138,6 +138,7 @@ def test_norm_weight_decay_param_groups(tmp_path):
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(5e-3)
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 def test_cli_missing_dataset_exits_with_hint(tmp_path):
     """The CLI fails before training, says where it looked and which key to set."""
     cmd = [sys.executable, str(TRAIN_PY), "experiment=cifar10_resnet18_sgd", f"data.root={tmp_path / 'none'}",
@@ -149,6 +150,7 @@ def test_cli_missing_dataset_exits_with_hint(tmp_path):
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 def test_cli_unknown_model_is_a_hydra_error(tmp_path):
     cmd = [sys.executable, str(TRAIN_PY), "model=resnet1000", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)

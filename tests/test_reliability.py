@@ -160,6 +160,7 @@ def test_a_second_smd_callback_is_refused_before_training(tmp_path):
     assert module.risks == []
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 @pytest.mark.parametrize("resume_at", [300, 320])  # checkpoint with the new LR but before the rescale / after it
 def test_resume_with_other_arguments_neither_skips_nor_repeats_a_rescale(tmp_path, resume_at):
     drop, total = 300, 400

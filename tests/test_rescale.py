@@ -130,6 +130,7 @@ def test_digits_bn_cnn_rescale_after_drop(tmp_path):
         assert ratio < 0.7
 
 
+@pytest.mark.slow  # over 7 s on 2 cores
 @pytest.mark.parametrize("resume_at", [300, 320])  # checkpoint with the new LR but before the rescale / after it
 def test_resume_across_drop_neither_skips_nor_repeats(tmp_path, resume_at):
     drop, total = 300, 400
