@@ -148,6 +148,7 @@ def test_simulation_follows_theory(drop_series: RunSeries, rescaled_series: RunS
 
 
 # ------------------------------------------------------------------ figures
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_figures_from_simulated_lr_drop(tmp_path: Path, rescaled_series: RunSeries) -> None:
     written = report.save_figures(rescaled_series, tmp_path / "figs")
     assert set(written) == set(report.FIGURE_FILES)
@@ -172,6 +173,7 @@ def test_figures_skip_missing_data(tmp_path: Path) -> None:
     assert report.save_figures(RunSeries.from_records([]), tmp_path / "empty") == {}
 
 
+@pytest.mark.slow  # over 5 s on 2 cores
 def test_many_tensors_heatmap_thins_labels(tmp_path: Path) -> None:
     series = RunSeries.from_records(simulate_records(n_layers=90, dim=8, steps=400, drop_at=200, log_every=5))
     written = report.save_figures(series, tmp_path)
