@@ -37,9 +37,10 @@ def test_overhead_benchmark_runs_and_reports(tmp_path, bench_path, capsys):
         for name in ("smd_default", "smd_every", "naive_every"):
             assert variants[name]["step_ms_median"] > 0 and variants[name]["self_ms_median"] > 0
     # no copy of the weights with momentum; one copy of the tracked tensors for AdamW
-    assert by_opt["sgdm"]["smd_every"]["persistent_bytes"] < 4096
+    # (the rest: cached coefficients, masks and the per-unit segment indices, ~8 B per invariance unit)
+    assert by_opt["sgdm"]["smd_every"]["persistent_bytes"] < 64 * 1024
     adamw = by_opt["adamw"]["smd_every"]
-    assert 0 <= adamw["persistent_bytes"] - adamw["tracked_bytes"] < 4096
+    assert 0 <= adamw["persistent_bytes"] - adamw["tracked_bytes"] < 64 * 1024
 
 
 @pytest.mark.slow
