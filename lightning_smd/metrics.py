@@ -12,6 +12,7 @@ from lightning_smd.channels import ChannelMetrics
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.steps import Finished
+from lightning_smd.summary import first_names
 from lightning_smd.tracking import TrackedSet
 
 __all__ = ["MetricsBuilder", "TensorKeys"]
@@ -91,10 +92,9 @@ class MetricsBuilder:
                 i += 1
         if not_finite and not self._warned_not_finite:
             self._warned_not_finite = True
-            more = f" and {len(not_finite) - 3} more" if len(not_finite) > 3 else ""
             rank_zero_warn(
                 f"SMDCallback: step {finished.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
-                f"{', '.join(not_finite[:3])}{more}: the weights or their update hold NaN/inf and no GradScaler "
+                f"{first_names(not_finite)}: the weights or their update hold NaN/inf and no GradScaler "
                 "skipped the step. Their running L and ‖w*‖ are neither updated nor logged until they are finite "
                 "again. Check the loss, the learning rate, or train with a GradScaler (precision='16-mixed')."
             )

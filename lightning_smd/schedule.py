@@ -39,6 +39,7 @@ from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.measure import local
 from lightning_smd.rescale import RescalePolicy, rescale_, rescale_averaged_models
+from lightning_smd.summary import first_names
 from lightning_smd.tracking import Tracked, TrackedSet, group_label
 
 __all__ = ["FAR_FROM_EQUILIBRIUM", "ScheduleWatcher", "default_warm_start_steps"]
@@ -217,10 +218,9 @@ class ScheduleWatcher:
         if per_tensor:
             factors, missing = self._target_factors(trainer, members, opt, gi, fallback=factor)
             if missing:
-                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 rank_zero_warn(
                     f"SMDCallback(rescale='equilibrium'): step {log_step}: group {label}: no estimate of the new "
-                    f"equilibrium norm yet for {', '.join(missing[:3])}{more} (L or the update RMS is measured from "
+                    f"equilibrium norm yet for {first_names(missing)} (L or the update RMS is measured from "
                     f"the first measured steps after detection on); they are multiplied by the fixed factor "
                     f"{factor:.4f} (k^(-1/4)) instead."
                 )
@@ -292,10 +292,9 @@ class ScheduleWatcher:
             label = group_label(trainer, oi, gi)
             factors, missing = self._target_factors(trainer, members, opt, gi, fallback=None)
             if missing:
-                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 rank_zero_warn(
                     f"SMDCallback(warm_start=...): step {log_step}: group {label}: no predicted equilibrium norm for "
-                    f"{', '.join(missing[:3])}{more} (no estimate of L / the update RMS yet, or no formula for this "
+                    f"{first_names(missing)} (no estimate of L / the update RMS yet, or no formula for this "
                     "optimizer); they are left as they are. Give warm_start a later step."
                 )
             chosen = [(t, f) for t, f in zip(members, factors) if f is not None]
@@ -362,7 +361,7 @@ class ScheduleWatcher:
         if not far:
             return
         far.sort(key=lambda x: -abs(x[1] - 1.0))
-        listed = ", ".join(f"{n} ({r:.2f})" for n, r in far[:3]) + (f" and {len(far) - 3} more" if len(far) > 3 else "")
+        listed = first_names([f"{n} ({r:.2f})" for n, r in far])
         lo, hi = min(r for _, r in far), max(r for _, r in far)
         span = f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
         head = (f"SMDCallback: step {log_step}: group {label} is rescaled while {len(far)} of its {len(members)} "

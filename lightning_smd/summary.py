@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from lightning_smd.theory import GroupTheory
 
-__all__ = ["DetectionRow", "format_detection_report"]
+__all__ = ["DetectionRow", "first_names", "format_detection_report"]
 
 
 @dataclass(frozen=True)
@@ -76,26 +76,21 @@ def format_detection_report(
     return "\n".join(lines)
 
 
+def _section(header: str, entries: dict[str, str]) -> list[str]:
+    return [header, *(f"  {name}: {why}" for name, why in sorted(entries.items()))] if entries else []
+
+
 def _dead_section(dead: dict[str, str]) -> list[str]:
-    if not dead:
-        return []
-    lines = [
+    return _section(
         f"Dead tensors ({len(dead)}): no gradient ever reaches them; weight decay only shrinks them: "
-        "exclude them from the optimizer or remove the bias."
-    ]
-    lines += [f"  {name}: {why}" for name, why in sorted(dead.items())]
-    return lines
+        "exclude them from the optimizer or remove the bias.", dead)
 
 
 def _eps_section(eps_dominated: dict[str, str]) -> list[str]:
-    if not eps_dominated:
-        return []
-    lines = [
+    return _section(
         f"Eps-dominated ({len(eps_dominated)}): scale-invariant by structure, but the normalization's input "
-        "variance is close to its eps, so the scale matters a little (and the numerical check may leave them out)."
-    ]
-    lines += [f"  {name}: {why}" for name, why in sorted(eps_dominated.items())]
-    return lines
+        "variance is close to its eps, so the scale matters a little (and the numerical check may leave them out).",
+        eps_dominated)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -103,3 +98,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def first_names(names: list[str], shown: int = 3) -> str:
+    """``"a, b, c and 4 more"``: the first ``shown`` of ``names`` for a one-line warning."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -154,9 +154,8 @@ def log_figures(trainer: Any, figures: Mapping[str, Path], step: int) -> None:
                            if Path(path).is_file()}, step)
 
 
-def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
-    """Log ``rows`` (:func:`lightning_smd.report.summary_rows`) as a ``wandb.Table`` under
-    ``smd_summary/layers`` at ``step``."""
+def _log_table(trainer: Any, key: str, rows: list[dict[str, Any]], step: int) -> None:
+    """``rows`` (dicts with the same keys) as one ``wandb.Table`` under ``key`` at ``step``."""
     if not rows or not _wandb_loggers(trainer):
         return
     import wandb
@@ -165,9 +164,15 @@ def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> No
 
     def make() -> dict[str, Any]:
         data = [[row.get(col) for col in columns] for row in rows]
-        return {TABLE_KEY: wandb.Table(columns=columns, data=data)}
+        return {key: wandb.Table(columns=columns, data=data)}
 
     _log(trainer, make, step)
+
+
+def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
+    """Log ``rows`` (:func:`lightning_smd.report.summary_rows`) as a ``wandb.Table`` under
+    ``smd_summary/layers`` at ``step``."""
+    _log_table(trainer, TABLE_KEY, rows, step)
 
 
 def log_plan_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
@@ -175,17 +180,7 @@ def log_plan_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
     ``wandb.Table`` under ``smd_equilibrium/plan`` at ``step`` (the fit's first step): the
     prediction that ``smd_equilibrium/steps_to_equilibrium`` measures. Rank 0; nothing without a
     ``WandbLogger``."""
-    if not rows or not _wandb_loggers(trainer):
-        return
-    import wandb
-
-    columns = list(rows[0])
-
-    def make() -> dict[str, Any]:
-        data = [[row.get(col) for col in columns] for row in rows]
-        return {PLAN_TABLE_KEY: wandb.Table(columns=columns, data=data)}
-
-    _log(trainer, make, step)
+    _log_table(trainer, PLAN_TABLE_KEY, rows, step)
 
 
 # ------------------------------------------------------------ concern charts

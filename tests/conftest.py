@@ -40,3 +40,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """Offline, silent W&B; the environment (WandbLogger sets WANDB_MODE itself) is restored."""
+    wandb = pytest.importorskip("wandb")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_DIR": str(tmp_path), "WANDB_DISABLE_GIT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if wandb.run is not None:
+        wandb.finish()

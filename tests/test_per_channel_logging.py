@@ -22,14 +22,6 @@ from tests.models import DigitsCNN
 wandb = pytest.importorskip("wandb")
 
 
-@pytest.fixture
-def offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_DIR": str(tmp_path), "WANDB_DISABLE_GIT": "true"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if wandb.run is not None:
-        wandb.finish()
 
 
 def test_histograms_to_tensorboard_and_wandb_and_figures(tmp_path: Path, offline_wandb):

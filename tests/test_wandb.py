@@ -25,15 +25,6 @@ wandb = pytest.importorskip("wandb")
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 
-@pytest.fixture
-def offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Offline, silent W&B; the environment (WandbLogger sets WANDB_MODE itself) is restored."""
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_DIR": str(tmp_path), "WANDB_DISABLE_GIT": "true"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if wandb.run is not None:
-        wandb.finish()
 
 
 class WandbReplay(ReplayRecords):
