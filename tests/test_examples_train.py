@@ -130,6 +130,7 @@ def test_tensorboard_logger(tmp_path):
     _report_reads(out, "tensorboard")
 
 
+@pytest.mark.slow  # ~6 s on 2 cores
 def test_wandb_logger_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
