@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 
 def _force_eager() -> Any:
@@ -40,3 +41,17 @@ def _restore_buffers(saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None
             sub._buffers[name] = buf
             buf.copy_(value)
 
+
+
+def isolated_call(module: nn.Module, swap: dict[str, Tensor], args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` with the tensors in ``swap`` (parameter names relative to
+    ``module``) in place of its own, writing into nothing the caller holds.
+
+    Runs on copies: every buffer and every tensor input is cloned first, so a forward that
+    updates BatchNorm's running statistics (or works in place on its input) cannot bump the
+    version of a tensor an autograd graph saved, as the live forward detection records will be
+    backpropagated after this runs. Call under ``torch.no_grad()`` and ``_fork_rng``.
+    """
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers() if not nn.parameter.is_lazy(b)}
+    copy = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731
+    return torch.func.functional_call(module, {**buffers, **swap}, tree_map(copy, args), tree_map(copy, kwargs))

@@ -32,7 +32,7 @@ from lightning_smd.detect.modules import (
     _per_channel_module,
 )
 from lightning_smd.detect.numerics import _generic_values
-from lightning_smd.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers
+from lightning_smd.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers, isolated_call
 
 __all__ = ["DataflowRecorder", "structural_candidates"]
 
@@ -431,7 +431,6 @@ def _affine_output(module: nn.Module, inputs: tuple[tuple, dict] | None) -> bool
     args, kwargs = inputs
     gamma = module._parameters.get("weight")
     beta = module._parameters.get("bias")
-    buffers = _snapshot_buffers(module)
     generator = torch.Generator().manual_seed(0)
     g = _generic_values(gamma, generator)
     b = _generic_values(beta, generator) if beta is not None else None
@@ -444,12 +443,9 @@ def _affine_output(module: nn.Module, inputs: tuple[tuple, dict] | None) -> bool
                     swap["bias"] = torch.zeros_like(beta) if bv is None else bv
                 with _fork_rng(module):
                     torch.manual_seed(0)
-                    outs.append(torch.func.functional_call(module, swap, args, kwargs))
-                _restore_buffers(buffers)
+                    outs.append(isolated_call(module, swap, args, kwargs))
     except Exception:
         return False
-    finally:
-        _restore_buffers(buffers)
     if not all(isinstance(o, Tensor) and o.is_floating_point() and o.ndim >= 2 for o in outs):
         return False
     a0, a2, a1 = (o.detach().double() for o in outs)
@@ -603,10 +599,9 @@ def _rerun(
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Outputs of ``module`` on its recorded inputs with ``param`` as is, doubled, and
     perturbed in a random non-radial direction. The parameter is swapped in with
-    ``functional_call`` (never written to, so an autograd graph that saved it stays valid);
-    buffers are restored."""
+    ``functional_call`` on copies of the buffers and inputs (:func:`isolated_call`): nothing an
+    autograd graph saved is written to."""
     args, kwargs = inputs
-    buffers = _snapshot_buffers(module)
     outputs = []
     try:
         with torch.no_grad():
@@ -625,13 +620,9 @@ def _rerun(
             for value in (original, 2.0 * original, original * (1.0 + 0.5 * noise.to(original))):
                 with _fork_rng(module):
                     torch.manual_seed(0)
-                    swapped = {**others, local: value}
-                    outputs.append(torch.func.functional_call(module, swapped, args, kwargs))
-                _restore_buffers(buffers)
+                    outputs.append(isolated_call(module, {**others, local: value}, args, kwargs))
     except Exception:  # a module that cannot be re-run in isolation: no verdict
         return None
-    finally:
-        _restore_buffers(buffers)
     if not all(isinstance(o, Tensor) and o.is_floating_point() for o in outputs):
         return None
     return tuple(o.detach().float() for o in outputs)  # type: ignore[return-value]
