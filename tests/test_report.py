@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_smd import report
+from lightning_smd.report import figures as report
 from lightning_smd.series import RunSeries
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,14 +33,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_smd import theory
-from lightning_smd.distributed import make_reduce_fn
-from lightning_smd.equilibrium import EquilibriumTracker
-from lightning_smd.estimates import RunningMean
-from lightning_smd.measure import local
-from lightning_smd.rescale import RescalePolicy, rescale_, rescale_averaged_models
-from lightning_smd.summary import first_names
-from lightning_smd.tracking import Tracked, TrackedSet, group_label
+from lightning_smd.core import theory
+from lightning_smd.lightning.distributed import make_reduce_fn
+from lightning_smd.core.equilibrium import EquilibriumTracker
+from lightning_smd.core.estimates import RunningMean
+from lightning_smd.core.measure import local
+from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
+from lightning_smd.report.summary import first_names
+from lightning_smd.lightning.tracking import Tracked, TrackedSet, group_label
 
 __all__ = ["FAR_FROM_EQUILIBRIUM", "ScheduleWatcher", "default_warm_start_steps"]
 

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from lightning_smd.series import RunSeries
+    from lightning_smd.report.series import RunSeries
 
 __all__ = ["log_concern_charts", "log_figures", "log_plan_table", "log_summary_table", "setup", "wandb_key"]
 
@@ -300,7 +300,7 @@ def _of_total(shown: int, total: int) -> str:
 
 
 def _angular_update_lines(series: RunSeries) -> dict[str, Any] | None:
-    from lightning_smd.report import _unique_columns
+    from lightning_smd.report.figures import _unique_columns
 
     columns = _tensor_columns(series, series.angular_update)
     if not columns:
@@ -324,7 +324,7 @@ def _ratio_stat_lines(series: RunSeries) -> dict[str, Any] | None:
 
 
 def _weight_norm_layer_lines(series: RunSeries) -> dict[str, Any] | None:
-    from lightning_smd.report import _default_layer
+    from lightning_smd.report.figures import _default_layer
 
     layer = _default_layer(series)
     if layer is None:
@@ -351,7 +351,7 @@ def _weight_norm_ratio_lines(series: RunSeries) -> dict[str, Any] | None:
 
 def _lr_changes(series: RunSeries) -> list[tuple[int, float | None]]:
     """``(first logged step with the new rate, new/old LR or None)`` per LR change."""
-    from lightning_smd.report import lr_change_steps
+    from lightning_smd.report.figures import lr_change_steps
 
     out = []
     index = {int(s): i for i, s in enumerate(series.steps)}

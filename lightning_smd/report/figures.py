@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lightning_smd.series import RunSeries
+from lightning_smd.report.series import RunSeries
 
 __all__ = [
     "FIGURE_FILES",
@@ -522,7 +522,7 @@ def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: P
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lightning_smd.report``; returns the exit status."""
-    from lightning_smd.series import find_runs
+    from lightning_smd.report.series import find_runs
 
     args = _parse_args(argv)
     base = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent

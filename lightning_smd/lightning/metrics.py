@@ -8,12 +8,12 @@ from typing import NamedTuple
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_smd.channels import ChannelMetrics
-from lightning_smd.equilibrium import EquilibriumTracker
-from lightning_smd.estimates import RunningMean
-from lightning_smd.steps import Finished
-from lightning_smd.summary import first_names
-from lightning_smd.tracking import TrackedSet
+from lightning_smd.core.channels import ChannelMetrics
+from lightning_smd.core.equilibrium import EquilibriumTracker
+from lightning_smd.core.estimates import RunningMean
+from lightning_smd.lightning.steps import Finished
+from lightning_smd.report.summary import first_names
+from lightning_smd.lightning.tracking import TrackedSet
 
 __all__ = ["MetricsBuilder", "TensorKeys"]
 

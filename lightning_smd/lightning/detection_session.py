@@ -8,10 +8,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from lightning_smd import theory
+from lightning_smd.core import theory
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_smd.detect import (
+from lightning_smd.core.detect import (
     Candidate,
     DataflowRecorder,
     RadialCosineCheck,
@@ -21,10 +21,10 @@ from lightning_smd.detect import (
     precision_floor,
     select,
 )
-from lightning_smd.distributed import is_sharded, make_reduce_fn
-from lightning_smd.steps import radial_floor
-from lightning_smd.summary import DetectionRow, format_detection_report
-from lightning_smd.tracking import Tracked, group_label
+from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
+from lightning_smd.lightning.steps import radial_floor
+from lightning_smd.report.summary import DetectionRow, format_detection_report
+from lightning_smd.lightning.tracking import Tracked, group_label
 
 __all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
 

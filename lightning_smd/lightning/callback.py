@@ -13,22 +13,23 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_smd import arguments, wandb_extras
-from lightning_smd.detect import Candidate
-from lightning_smd.detection_session import Decision, DetectionSession, check_filters, detection_report
-from lightning_smd.distributed import check_supported
-from lightning_smd.equilibrium import EquilibriumTracker
-from lightning_smd.estimates import RunningMean
-from lightning_smd.channels import ChannelMetrics
-from lightning_smd.history import History
-from lightning_smd.metrics import MetricsBuilder
-from lightning_smd.plan import Plan, plan_from_trainer
-from lightning_smd.publish import Publisher, check_writable
-from lightning_smd.rescale import RescalePolicy
-from lightning_smd.schedule import ScheduleWatcher, log_step_of
-from lightning_smd.steps import StepRecorder
-from lightning_smd.tracking import Tracked, TrackedSet, param_counts, trainable
-from lightning_smd.units import Unit, format_units, invariance_units
+from lightning_smd.lightning import arguments
+from lightning_smd.report import wandb_extras
+from lightning_smd.core.detect import Candidate
+from lightning_smd.lightning.detection_session import Decision, DetectionSession, check_filters, detection_report
+from lightning_smd.lightning.distributed import check_supported
+from lightning_smd.core.equilibrium import EquilibriumTracker
+from lightning_smd.core.estimates import RunningMean
+from lightning_smd.core.channels import ChannelMetrics
+from lightning_smd.report.history import History
+from lightning_smd.lightning.metrics import MetricsBuilder
+from lightning_smd.core.plan import Plan, plan_from_trainer
+from lightning_smd.lightning.publish import Publisher, check_writable
+from lightning_smd.core.rescale import RescalePolicy
+from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
+from lightning_smd.lightning.steps import StepRecorder
+from lightning_smd.lightning.tracking import Tracked, TrackedSet, param_counts, trainable
+from lightning_smd.core.units import Unit, format_units, invariance_units
 
 __all__ = ["SMDCallback"]
 

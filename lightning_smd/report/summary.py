@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_smd.theory import GroupTheory
+from lightning_smd.core.theory import GroupTheory
 
 __all__ = ["DetectionRow", "first_names", "format_detection_report"]
 

@@ -21,11 +21,11 @@ calls are normalizations, producers, casts), ``sandbox`` (side-effect-free forwa
 
 from __future__ import annotations
 
-from lightning_smd.detect.api import DetectionNotes, detection_notes, find_scale_invariant, notes_from_recorder
-from lightning_smd.detect.candidate import Candidate, clean_name
-from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
-from lightning_smd.detect.modules import is_norm_module
-from lightning_smd.detect.numerics import (
+from lightning_smd.core.detect.api import DetectionNotes, detection_notes, find_scale_invariant, notes_from_recorder
+from lightning_smd.core.detect.candidate import Candidate, clean_name
+from lightning_smd.core.detect.decision import DETECT_MODES, decide, normalization_parameters, select
+from lightning_smd.core.detect.modules import is_norm_module
+from lightning_smd.core.detect.numerics import (
     RadialCosineCheck,
     _projection_loss,
     _radial_cosines,
@@ -33,12 +33,12 @@ from lightning_smd.detect.numerics import (
     discovery_threshold,
     precision_floor,
 )
-from lightning_smd.detect.structure import DataflowRecorder, structural_candidates
+from lightning_smd.core.detect.structure import DataflowRecorder, structural_candidates
 
 # Private helpers that lived in the single-file ``detect.py``, still importable from here.
-from lightning_smd.detect.candidate import _WRAPPER_SEGMENTS  # noqa: F401
-from lightning_smd.detect.decision import _matcher  # noqa: F401
-from lightning_smd.detect.modules import (  # noqa: F401
+from lightning_smd.core.detect.candidate import _WRAPPER_SEGMENTS  # noqa: F401
+from lightning_smd.core.detect.decision import _matcher  # noqa: F401
+from lightning_smd.core.detect.modules import (  # noqa: F401
     _CASTS,
     _DATA_READS,
     _FROM_METADATA,
@@ -57,15 +57,15 @@ from lightning_smd.detect.modules import (  # noqa: F401
     _owns_weights,
     _per_channel_module,
 )
-from lightning_smd.detect.numerics import _local  # noqa: F401
-from lightning_smd.detect.sandbox import (  # noqa: F401
+from lightning_smd.core.detect.numerics import _local  # noqa: F401
+from lightning_smd.core.detect.sandbox import (  # noqa: F401
     _cuda_devices,
     _force_eager,
     _fork_rng,
     _restore_buffers,
     _snapshot_buffers,
 )
-from lightning_smd.detect.structure import (  # noqa: F401
+from lightning_smd.core.detect.structure import (  # noqa: F401
     _bias_cancels,
     _close,
     _Flow,

@@ -27,8 +27,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from lightning_smd.detect import clean_name
-from lightning_smd.measure import local
+from lightning_smd.core.detect import clean_name
+from lightning_smd.core.measure import local
 
 __all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_", "rescale_averaged_models"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_smd.channels import STALL_RATIO, ChannelMetrics
+from lightning_smd.core.channels import STALL_RATIO, ChannelMetrics
 
 __all__ = ["CHANNEL_FIGURE_FILES", "HIST_PREFIX", "default_heatmap_layer", "log_histograms",
            "plot_channel_bands", "plot_channel_heatmap", "save_channel_figures"]
@@ -41,7 +41,7 @@ def _tensorboard_writers(trainer: Any) -> list[Any]:
 
 def log_histograms(trainer: Any, channels: ChannelMetrics, step: int) -> None:
     """The per-unit distributions of the last per-channel step, per layer, to TensorBoard and W&B (rank 0)."""
-    from lightning_smd import wandb_extras
+    from lightning_smd.report import wandb_extras
 
     values: dict[str, np.ndarray] = {}
     for name, ratio in channels.latest.items():

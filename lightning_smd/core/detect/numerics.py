@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_smd.detect.candidate import clean_name
-from lightning_smd.detect.sandbox import _fork_rng, _restore_buffers, _snapshot_buffers
+from lightning_smd.core.detect.candidate import clean_name
+from lightning_smd.core.detect.sandbox import _fork_rng, _restore_buffers, _snapshot_buffers
 
 __all__ = ["CHANCE", "RadialCosineCheck", "confirm_scale_invariance", "discovery_threshold", "precision_floor"]
 

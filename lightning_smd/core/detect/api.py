@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from lightning_smd.detect.candidate import Candidate, clean_name
-from lightning_smd.detect.decision import DETECT_MODES, decide, normalization_parameters, select
-from lightning_smd.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
-from lightning_smd.detect.structure import DataflowRecorder, _recorded, structural_candidates
+from lightning_smd.core.detect.candidate import Candidate, clean_name
+from lightning_smd.core.detect.decision import DETECT_MODES, decide, normalization_parameters, select
+from lightning_smd.core.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
+from lightning_smd.core.detect.structure import DataflowRecorder, _recorded, structural_candidates
 
 __all__ = ["DetectionNotes", "detection_notes", "find_scale_invariant", "notes_from_recorder"]
 

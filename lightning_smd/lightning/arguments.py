@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-from lightning_smd.detect import select
+from lightning_smd.core.detect import select
 
 __all__ = ["DETECT_MODES", "RESCALE_MODES", "changes", "from_legacy_state_key", "record", "validate"]
 

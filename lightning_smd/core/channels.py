@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_smd import theory
+from lightning_smd.core import theory
 
 __all__ = ["PERCENTILES", "STALL_RATIO", "ChannelMetrics", "UnitHistory"]
 

@@ -52,8 +52,8 @@ ticks) in about 0.3 s, COCO 4x (360 000 LambdaLR ticks with warm-up) in under 1 
 busy 2-core CPU).
 """
 
-from lightning_smd.plan.simulate import plan_from_trainer, scheduler_ticks
-from lightning_smd.plan.stages import (
+from lightning_smd.core.plan.simulate import plan_from_trainer, scheduler_ticks
+from lightning_smd.core.plan.stages import (
     DEFAULT_MIN_DROP,
     DEFAULT_MIN_STAGE_FRACTION,
     FIRST_STAGE_TIME_CONSTANTS,

@@ -32,8 +32,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_smd import theory
-from lightning_smd.measure import GroupSlice, ReduceFn, StepMeasurer, measurement_mode
+from lightning_smd.core import theory
+from lightning_smd.core.measure import GroupSlice, ReduceFn, StepMeasurer, measurement_mode
 
 __all__ = ["StepRecorder", "choose_mode", "grad_scaler", "radial_floor"]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lightning_smd import theory
-from lightning_smd.theory import GroupTheory
+from lightning_smd.core import theory
+from lightning_smd.core.theory import GroupTheory
 
 
 DEFAULT_MIN_DROP = 2.0

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_smd.detect.candidate import Candidate, clean_name
-from lightning_smd.detect.modules import is_norm_module
-from lightning_smd.detect.numerics import discovery_threshold
+from lightning_smd.core.detect.candidate import Candidate, clean_name
+from lightning_smd.core.detect.modules import is_norm_module
+from lightning_smd.core.detect.numerics import discovery_threshold
 
 __all__ = ["DETECT_MODES", "decide", "normalization_parameters", "select"]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from lightning_smd import channel_figures, report, wandb_extras
-from lightning_smd.channels import ChannelMetrics
-from lightning_smd.history import History
-from lightning_smd.series import RunSeries
+from lightning_smd.report import channel_figures, figures as report, wandb_extras
+from lightning_smd.core.channels import ChannelMetrics
+from lightning_smd.report.history import History
+from lightning_smd.report.series import RunSeries
 
 __all__ = ["Publisher", "check_writable", "log_dir"]
 

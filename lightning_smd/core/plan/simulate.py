@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
-from lightning_smd.plan.stages import (
+from lightning_smd.core.plan.stages import (
     DEFAULT_MIN_DROP,
     DEFAULT_MIN_STAGE_FRACTION,
     FIRST_STAGE_TIME_CONSTANTS,

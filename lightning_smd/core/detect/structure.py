@@ -14,8 +14,8 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_smd.detect.candidate import Candidate, clean_name
-from lightning_smd.detect.modules import (
+from lightning_smd.core.detect.candidate import Candidate, clean_name
+from lightning_smd.core.detect.modules import (
     _CASTS,
     _DATA_READS,
     _FROM_METADATA,
@@ -31,8 +31,8 @@ from lightning_smd.detect.modules import (
     _owns_weights,
     _per_channel_module,
 )
-from lightning_smd.detect.numerics import _generic_values
-from lightning_smd.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers, isolated_call
+from lightning_smd.core.detect.numerics import _generic_values
+from lightning_smd.core.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers, isolated_call
 
 __all__ = ["DataflowRecorder", "structural_candidates"]
 

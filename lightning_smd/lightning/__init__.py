@@ -1,0 +1,1 @@
+"""The Lightning adapter: ``SMDCallback`` and the parts that read a Trainer."""
