@@ -51,6 +51,8 @@ def _smd_caller() -> str | None:
     while frame is not None:
         filename = frame.f_code.co_filename
         if filename.startswith(PACKAGE_DIRS):
+            if frame.f_code.co_name == "closure_then_before":
+                return None  # the training closure (forward, backward) that the step hook runs first
             return f"{Path(filename).name}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return None

@@ -95,19 +95,27 @@ def test_ema_copy_is_rescaled_with_the_weights(tmp_path):
     drop = 100
 
     class AveragedX(pl.Callback):
-        def __init__(self):
-            self.at_drop = None
+        def __init__(self, at_batch_end: bool = False):
+            self.at_drop, self.at_batch_end = None, at_batch_end
+
+        def _keep(self, trainer):
+            ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMAWeightAveraging))
+            self.at_drop = ema._average_model.module.X.detach().clone()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == drop:
-                ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMAWeightAveraging))
-                self.at_drop = ema._average_model.module.X.detach().clone()
+            if not self.at_batch_end and trainer.global_step == drop:
+                self._keep(trainer)
 
-    before, after = AveragedX(), AveragedX()
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.at_batch_end and trainer.global_step == drop + 1:
+                self._keep(trainer)
+
+    before, after = AveragedX(), AveragedX(at_batch_end=True)
     module = NoisyRayleighQuotient(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, milestones=[drop], init_norm=2.0)
     smd = SMDCallback(log_every_n_steps=10, rescale=True, verbose=False)
-    # callbacks run in list order at batch start: `before` sees the EMA copy before the rescale, `after` after it
-    fit(module, tmp_path, [EMAWeightAveraging(decay=0.99), before, smd, after], max_steps=drop + 20)
+    # the rescale happens in the optimizer's step pre-hook: `before` sees the EMA copy at the batch
+    # start, `after` at the batch end, before the EMA's own update (callbacks run in list order)
+    fit(module, tmp_path, [after, EMAWeightAveraging(decay=0.99), before, smd], max_steps=drop + 20)
     (event,) = smd.rescale_events
     assert event["step"] == drop and event["averaged_models"] == 1
     torch.testing.assert_close(after.at_drop, before.at_drop * event["factor"])

@@ -27,7 +27,7 @@ from lightning_smd.core.plan import Plan, plan_from_trainer
 from lightning_smd.lightning.publish import Publisher, check_writable
 from lightning_smd.core.rescale import RescalePolicy
 from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
-from lightning_smd.lightning.steps import StepRecorder
+from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad_scaler
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, param_counts, trainable
 from lightning_smd.core.units import Unit, format_units, invariance_units
 
@@ -170,6 +170,12 @@ class SMDCallback(pl.Callback):
         self.plan: Plan | None = None  # the LR stages of the fit, predicted at train start (rank 0)
         self._param_counts: tuple[int, ...] = ()  # tensors per param group when detection last decided
         self._added_at = 0
+        # torch's step hooks on the Trainer's optimizers (fit only); the Trainer they read
+        self._hooks: StepHooks | None = None
+        self._trainer: pl.Trainer | None = None
+        # optimizer id → log step: a measured step Lightning announced (on_before_optimizer_step)
+        # and torch has not run yet; left at the batch end, the GradScaler skipped it
+        self._due: dict[int, int] = {}
 
     @property
     def state_key(self) -> str:
@@ -218,6 +224,11 @@ class SMDCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer)
+        self._remove_hooks()
+        self._trainer = trainer
+        # measured at the step that really happens: after clipping and unscaling, once per step() call
+        self._hooks = StepHooks(list(trainer.optimizers), self._before_step, self._after_step)
+        self._due = {}
         self._trainable = trainable(trainer, pl_module)
         check_filters([t.name for t in self._trainable], self.include, self.exclude)
         self._tracked = None
@@ -259,17 +270,24 @@ class SMDCallback(pl.Callback):
             if self._tracked is not None and param_counts(trainer) != self._param_counts:
                 self._detect_added_tensors(trainer, pl_module)
             self.detection.start_recording(pl_module)
-        self.schedule.check(trainer, self._tracked)
+        self.schedule.warm_start_if_due(trainer, self._tracked)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.detection.stop_recording()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.detection.stop_recording()
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+        self._hooks, self._trainer = None, None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if not pl_module.automatic_optimization:
-            self.schedule.check(trainer, self._tracked, optimizer)  # a scheduler may have stepped inside training_step
         if self._tracked is None:
             decision = self.detection.step(trainer, optimizer)
             if decision is not None:
@@ -290,22 +308,44 @@ class SMDCallback(pl.Callback):
         if self._measurer is None or (log_step + 1) % self._every(trainer) != 0:
             return
         if self._tracked.measure_on_all_ranks or trainer.is_global_zero:
-            self._measurer.begin(trainer, optimizer, log_step, self._every(trainer))
+            self._due[id(optimizer)] = log_step  # measured by the step hooks, if the step happens
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]) -> None:
+        """torch's step pre-hook: the gradients are final (clipped, unscaled) and the step happens."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        # an (η, λ) change since this optimizer's last step (schedulers, ReduceLROnPlateau, the user):
+        # a new equilibrium stage, and the rescale, gradients included
+        self.schedule.check(trainer, self._tracked, optimizer)
+        log_step = self._due.pop(id(optimizer), None)
+        if log_step is not None and self._measurer is not None:
+            self._measurer.begin(optimizer, log_step, trainer.global_step, self._every(trainer), grad_scaler(trainer),
+                                 found_inf_of(optimizer, kwargs))
+
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """torch's step post-hook: finish the measurement on the device (a collective where sharded)."""
+        if self._measurer is not None:
+            self._measurer.finish(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._measurer is None:
             return
-        finished = self._measurer.finish(trainer)  # collectives (sharded): every rank that measures calls this
-        if finished is None or not trainer.is_global_zero:
+        if self._due and trainer.is_global_zero:
+            self.skipped_steps += 1  # announced, never run: the GradScaler skipped it (inf/NaN gradients)
+        self._due = {}
+        steps = self._measurer.pop_finished()
+        if not trainer.is_global_zero:
             return
-        stats, skipped = finished.to_host()
-        if skipped:  # the GradScaler skipped the step (inf/NaN gradients): nothing moved, nothing to log
-            self.skipped_steps += 1
-            return
-        self.publisher.log(trainer, self.metrics.build(stats, finished, self._tracked, trainer.global_step - 1),
-                           finished.log_step)
-        self.schedule.observe(stats, finished, self._tracked)  # the update RMS of AdamW/Lion tensors
-        if self.figures_every_n_steps and (finished.log_step + 1) % self.figures_every_n_steps < self._every(trainer):
+        for finished in steps:
+            stats, skipped = finished.to_host()
+            if skipped:  # a fused optimizer's step the GradScaler skipped: nothing moved, nothing to log
+                self.skipped_steps += 1
+                continue
+            self.publisher.log(trainer, self.metrics.build(stats, finished, self._tracked, finished.step),
+                               finished.log_step)
+            self.schedule.observe(stats, finished, self._tracked)  # the update RMS of AdamW/Lion tensors
+        if steps and self.figures_every_n_steps and (steps[-1].log_step + 1) % self.figures_every_n_steps < self._every(trainer):
             self.publisher.render_figures(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -22,7 +22,7 @@ from lightning_smd.core.detect import (
     select,
 )
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
-from lightning_smd.lightning.steps import radial_floor
+from lightning_smd.core.steps import radial_floor
 from lightning_smd.report.summary import DetectionRow, format_detection_report
 from lightning_smd.lightning.tracking import Tracked, group_label
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_smd.core.channels import ChannelMetrics
 from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
-from lightning_smd.lightning.steps import Finished
+from lightning_smd.core.steps import Finished
 from lightning_smd.report.summary import first_names
 from lightning_smd.lightning.tracking import TrackedSet
 

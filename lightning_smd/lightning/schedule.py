@@ -149,6 +149,10 @@ class ScheduleWatcher:
         if optimizer is None:
             self._maybe_warm_start(trainer, tracked, log_step)
 
+    def warm_start_if_due(self, trainer: pl.Trainer, tracked: TrackedSet | None) -> None:
+        """The warm start, once, at ``warm_start_steps`` (before the batch: no gradients yet)."""
+        self._maybe_warm_start(trainer, tracked, log_step_of(trainer))
+
     def apply_deferred(self, trainer: pl.Trainer, tracked: TrackedSet, scale_grads: bool) -> None:
         """Apply the rescales deferred until detection decided (``scale_grads``: gradients exist now)."""
         log_step = log_step_of(trainer)

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_smd.core.detect import clean_name, normalization_parameters
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.measure import GroupSlice
-from lightning_smd.lightning.steps import StepRecorder, choose_mode
+from lightning_smd.core.steps import StepRecorder, choose_mode
 
 __all__ = ["Tracked", "TrackedSet", "group_label", "param_counts", "trainable"]
 
