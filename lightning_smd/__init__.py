@@ -21,8 +21,9 @@ from lightning_smd.core import theory
 if TYPE_CHECKING:
     from lightning_smd.core.detect import find_scale_invariant
     from lightning_smd.lightning.callback import SMDCallback
+    from lightning_smd.monitor import SMDMonitor
 
-__all__ = ["SMDCallback", "find_scale_invariant", "theory"]
+__all__ = ["SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
 __version__ = "0.1.0"
 
 # Modules that moved into core/, lightning/ and report/: the old names stay importable (the same
@@ -74,6 +75,10 @@ def __getattr__(name: str) -> Any:
         from lightning_smd.lightning.callback import SMDCallback
 
         return SMDCallback
+    if name == "SMDMonitor":
+        from lightning_smd.monitor import SMDMonitor
+
+        return SMDMonitor
     if name == "find_scale_invariant":
         from lightning_smd.core.detect import find_scale_invariant
 

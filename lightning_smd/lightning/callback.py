@@ -162,6 +162,7 @@ class SMDCallback(pl.Callback):
         self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium, self.channels)
 
         self.candidates: dict[str, Candidate] = {}  # the scale-invariant tensors, name → why
+        self.detection_text: str | None = None  # the detection report, once decided
         self.skipped_steps = 0  # measured steps the GradScaler skipped (not logged)
         self._trainable: list[Tracked] = []
         self._tracked: TrackedSet | None = None  # None until detection decided
@@ -293,8 +294,9 @@ class SMDCallback(pl.Callback):
             if decision is not None:
                 # detection ends in on_before_optimizer_step: gradients exist and must follow the weights
                 self._start_tracking(trainer, decision, scale_grads=True)
+                self.detection_text = detection_report(trainer, self._trainable, decision)
                 if self.verbose:
-                    rank_zero_info(detection_report(trainer, self._trainable, decision))
+                    rank_zero_info(self.detection_text)
                     if self.units:
                         rank_zero_info(format_units(self.units))
                     if self.plan is not None:
