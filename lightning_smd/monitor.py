@@ -116,9 +116,9 @@ class SMDMonitor:
     """Measure (and optionally control) the Spherical Motion Dynamics of ``model`` in any loop.
 
     Args:
-        model: the ``nn.Module`` whose parameters the optimizers train; metric names are its
-            parameter names (``smd/angular_update/{name}``, ...).
-        optimizers: one optimizer or a list.
+        model: the ``nn.Module`` whose parameters the optimizers train (or what ``fabric.setup``
+            returned); metric names are its parameter names (``smd/angular_update/{name}``, ...).
+        optimizers: one optimizer or a list (Fabric's wrapped ones too).
         schedulers: the LR schedulers (stepped once per iteration), for the fit-start plan
             (:attr:`plan`, :meth:`plan_text`); with ``total_steps``.
         total_steps: the optimizer steps the run will take (the plan's horizon).
@@ -132,9 +132,15 @@ class SMDMonitor:
                  grad_scaler: Any | None = None, **options: Any) -> None:
         from lightning_smd.lightning.callback import SMDCallback
 
+        # Lightning Fabric's wrappers: the user's module (its names; its forward runs inside the
+        # wrapper's) and the torch optimizer (the wrapper's step() calls it)
+        model = getattr(model, "_original_module", model)
+        if not isinstance(optimizers, (list, tuple)):
+            optimizers = [optimizers]
+        optimizers = [o.optimizer if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer) else o
+                      for o in optimizers]
         if not isinstance(model, nn.Module):
             raise TypeError(f"SMDMonitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
-        optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError("SMDMonitor(optimizers=...): expected a torch.optim.Optimizer or a list of them")
         if schedulers is not None and not isinstance(schedulers, (list, tuple)):

@@ -70,3 +70,25 @@ def test_bad_arguments_are_refused():
         SMDMonitor(model, [model])
     with pytest.raises(ValueError, match="rescale"):
         SMDMonitor(model, model.configure_optimizers(), rescale="sometimes")
+
+
+def test_fabric_loop_names_the_users_parameters():
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    model, optimizer = fabric.setup(model, optimizer)
+    monitor = SMDMonitor(model, optimizer, **OPTIONS)
+    logged = {}
+    for _ in range(8):
+        x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+        fabric.backward(nn.functional.cross_entropy(model(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+        logged.update(monitor.pop_metrics())
+    monitor.close()
+    assert set(monitor.candidates) == {"0.weight"}
+    assert sorted(logged) == [4, 5, 6, 7]
+    assert all(0 < m["smd/angular_update/0.weight"] < 0.2 for m in logged.values())
