@@ -10,10 +10,10 @@ from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_smd.lightning import arguments
+from lightning_smd.lightning import arguments, namespace
 from lightning_smd.report import wandb_extras
 from lightning_smd.core.detect import Candidate
 from lightning_smd.lightning.detection_session import Decision, DetectionSession, check_filters, detection_report
@@ -213,6 +213,7 @@ class SMDCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        namespace.bind(trainer)  # pytorch_lightning or lightning.pytorch: the rank from this Trainer
         others = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback) and cb is not self]
         if others:
             raise ValueError(

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_smd.core import theory
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_smd.lightning.namespace import rank_zero_warn
 
 from lightning_smd.core.detect import (
     Candidate,

@@ -41,7 +41,7 @@ def _dtensor_cls():
 
 
 def _is_fsdp1(strategy: pl.strategies.Strategy) -> bool:
-    return type(strategy).__name__ == "FSDPStrategy" or isinstance(strategy, pl.strategies.FSDPStrategy)
+    return any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__)  # either Lightning namespace
 
 
 def check_supported(trainer: "pl.Trainer") -> None:

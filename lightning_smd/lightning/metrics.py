@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_smd.lightning.namespace import rank_zero_warn
 from torch import Tensor
 
 from lightning_smd.core.channels import ChannelMetrics

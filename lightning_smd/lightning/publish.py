@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from lightning_smd.lightning.namespace import is_kind
+
 from lightning_smd.report import channel_figures, figures as report, wandb_extras
 from lightning_smd.core.channels import ChannelMetrics
 from lightning_smd.report.history import History
@@ -20,7 +22,7 @@ def log_dir(trainer: pl.Trainer) -> str | None:
     if not loggers:
         return None
     logger = loggers[0]
-    if isinstance(logger, (pl.loggers.TensorBoardLogger, pl.loggers.CSVLogger)):
+    if is_kind(logger, "TensorBoardLogger", "CSVLogger"):
         return logger.log_dir
     return logger.save_dir
 

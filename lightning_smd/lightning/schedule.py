@@ -31,7 +31,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
 
 from lightning_smd.core import theory
 from lightning_smd.lightning.distributed import make_reduce_fn

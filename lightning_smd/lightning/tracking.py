@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_smd.lightning.namespace import rank_zero_warn
 from torch import Tensor
 
 from lightning_smd.core.detect import clean_name, normalization_parameters

@@ -34,9 +34,9 @@ CHANNEL_FIGURE_FILES = {"channel_bands": "smd_channel_bands.png", "channel_heatm
 def _tensorboard_writers(trainer: Any) -> list[Any]:
     if not getattr(trainer, "is_global_zero", True):
         return []
-    from pytorch_lightning.loggers import TensorBoardLogger
+    from lightning_smd.lightning.namespace import is_kind
 
-    return [lg.experiment for lg in getattr(trainer, "loggers", []) if isinstance(lg, TensorBoardLogger)]
+    return [lg.experiment for lg in getattr(trainer, "loggers", []) if is_kind(lg, "TensorBoardLogger")]
 
 
 def log_histograms(trainer: Any, channels: ChannelMetrics, step: int) -> None:

@@ -79,9 +79,9 @@ def _wandb_loggers(trainer: Any) -> list[Any]:
     """The trainer's ``WandbLogger`` instances, on global rank 0 only."""
     if not getattr(trainer, "is_global_zero", True):
         return []
-    from pytorch_lightning.loggers import WandbLogger
+    from lightning_smd.lightning.namespace import is_kind
 
-    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)]
+    return [lg for lg in getattr(trainer, "loggers", []) if is_kind(lg, "WandbLogger")]
 
 
 def wandb_key(logger: Any, key: str) -> str:

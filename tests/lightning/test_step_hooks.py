@@ -40,6 +40,7 @@ class GradientProbe(pl.Callback):
         self.clipped[trainer.fit_loop.epoch_loop._batches_that_stepped] = self._read(trainer, pl_module)
 
 
+@pytest.mark.slow
 def test_unit_gradient_sample_is_the_clipped_gradients(tmp_path):
     probe = GradientProbe()
     # ema_steps tiny: the logged running L is the latest sample itself; SGD without momentum: the
@@ -81,6 +82,7 @@ class TwoStepsPerBatch(TinyNet):
                 self.angles[n].append(float(2 * torch.atan2((a - b).norm(), (a + b).norm())))
 
 
+@pytest.mark.slow
 def test_two_steps_of_one_optimizer_in_a_batch_are_two_measured_steps(tmp_path):
     steps = 8
     cb = SMDCallback(log_every_n_steps=1, verbose=False)

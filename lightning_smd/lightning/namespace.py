@@ -1,0 +1,45 @@
+"""One wheel for both Lightning namespaces: ``pytorch_lightning`` and ``lightning.pytorch``.
+
+Their classes are distinct (an ``isinstance`` against the other namespace's loggers or strategies
+is False) and each namespace's ``rank_zero_only.rank`` is set by its own Trainer only. So the
+adapter resolves the namespace of the Trainer it is given (``type(trainer).__module__``), recognises
+loggers and strategies by class name (through the MRO: subclasses count), and takes the rank from
+the Trainer itself (``trainer.global_rank``), kept here for the warnings and reports of the parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+__all__ = ["bind", "is_kind", "namespace_of", "rank_zero_info", "rank_zero_warn"]
+
+_state = {"rank": 0, "logger": "pytorch_lightning.utilities.rank_zero"}
+
+
+def namespace_of(trainer: Any) -> str:
+    """``"lightning.pytorch"`` or ``"pytorch_lightning"``: the package the Trainer comes from."""
+    module = type(trainer).__module__
+    return "lightning.pytorch" if module == "lightning" or module.startswith("lightning.") else "pytorch_lightning"
+
+
+def bind(trainer: Any) -> None:
+    """Take the rank from ``trainer`` and log reports where its namespace logs its own."""
+    _state["rank"] = int(getattr(trainer, "global_rank", 0) or 0)
+    _state["logger"] = f"{namespace_of(trainer)}.utilities.rank_zero"
+
+
+def is_kind(obj: Any, *class_names: str) -> bool:
+    """Whether ``obj`` is an instance of a class of one of these names, in either namespace."""
+    return any(cls.__name__ in class_names for cls in type(obj).__mro__)
+
+
+def rank_zero_warn(message: str, stacklevel: int = 4, **kwargs: Any) -> None:
+    if _state["rank"] == 0:
+        warnings.warn(message, stacklevel=stacklevel, **kwargs)
+
+
+def rank_zero_info(message: str, stacklevel: int = 4, **kwargs: Any) -> None:
+    if _state["rank"] == 0:
+        logging.getLogger(_state["logger"]).info(message, stacklevel=stacklevel, **kwargs)
