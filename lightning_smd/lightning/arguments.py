@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ast
+import math
+import os
 from typing import Any
 
 from lightning_smd.core.detect import select
 
-__all__ = ["DETECT_MODES", "RESCALE_MODES", "changes", "from_legacy_state_key", "record", "validate"]
+__all__ = ["DETECT_MODES", "RESCALE_MODES", "changes", "record", "validate"]
 
 DETECT_MODES = ("auto", "structural", "numerical")
 RESCALE_MODES = (False, True, "drop", "continuous", "equilibrium")
@@ -15,6 +16,10 @@ RESCALE_MODES = (False, True, "drop", "continuous", "equilibrium")
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate(a: dict[str, Any]) -> None:
@@ -25,11 +30,27 @@ def validate(a: dict[str, Any]) -> None:
         raise ValueError(f"SMDCallback(detect=...) must be one of {DETECT_MODES}, got {a['detect']!r}")
     if not _positive_int(a["detect_steps"]):
         raise ValueError(f"SMDCallback(detect_steps=...) must be an int >= 1, got {a['detect_steps']!r}")
-    if not a["radial_threshold"] > 0:
-        raise ValueError(f"SMDCallback(radial_threshold=...) must be > 0, got {a['radial_threshold']!r}")
-    if a["figures_every_n_steps"] is not None and a["figures_every_n_steps"] < 1:
-        raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be >= 1 or None, got {a['figures_every_n_steps']!r}")
-    if a["rescale"] not in RESCALE_MODES:
+    if not (_number(a["radial_threshold"]) and a["radial_threshold"] > 0):
+        raise ValueError(f"SMDCallback(radial_threshold=...) must be a number > 0, got {a['radial_threshold']!r}")
+    if a["figures_every_n_steps"] is not None and not _positive_int(a["figures_every_n_steps"]):
+        raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be an int >= 1 or None, got {a['figures_every_n_steps']!r}")
+    if a["figures_dir"] is not None and not isinstance(a["figures_dir"], (str, os.PathLike)):
+        raise ValueError(f"SMDCallback(figures_dir=...) must be a path (str or os.PathLike) or None, got {a['figures_dir']!r}")
+    if not (_number(a["rescale_min_drop"]) and a["rescale_min_drop"] > 1):
+        raise ValueError(f"SMDCallback(rescale_min_drop=...) must be a number > 1 (the factor by which η·λ must drop "
+                         f"to rescale; 2 = halved), got {a['rescale_min_drop']!r}")
+    if not (_number(a["rescale_min_lr_ratio"]) and 0 < a["rescale_min_lr_ratio"] <= 1):
+        raise ValueError(f"SMDCallback(rescale_min_lr_ratio=...) must be a number in (0, 1], got {a['rescale_min_lr_ratio']!r}")
+    if not (_number(a["ema_steps"]) and a["ema_steps"] > 0):
+        raise ValueError(f"SMDCallback(ema_steps=...) must be a number > 0, got {a['ema_steps']!r}")
+    if not (_number(a["equilibrium_tolerance"]) and a["equilibrium_tolerance"] > 0):
+        raise ValueError(f"SMDCallback(equilibrium_tolerance=...) must be a number > 0, got {a['equilibrium_tolerance']!r}")
+    if not _positive_int(a["equilibrium_window"]):
+        raise ValueError(f"SMDCallback(equilibrium_window=...) must be an int >= 1, got {a['equilibrium_window']!r}")
+    for flag in ("rescale_on_increase", "verbose"):
+        if not isinstance(a[flag], bool):
+            raise ValueError(f"SMDCallback({flag}=...) must be True or False, got {a[flag]!r}")
+    if not any(a["rescale"] is m if isinstance(m, bool) else a["rescale"] == m for m in RESCALE_MODES):
         raise ValueError(
             f"SMDCallback(rescale=...) must be False, True, 'drop', 'continuous' or 'equilibrium', got {a['rescale']!r}")
     warm = a.get("warm_start", False)
@@ -56,15 +77,6 @@ def record(a: dict[str, Any]) -> dict[str, Any]:
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"name=old → new"`` for every argument both records hold with different values."""
     return [f"{k}={saved[k]!r} → {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
-
-
-def from_legacy_state_key(key: str, prefix: str) -> dict[str, Any]:
-    """The arguments older versions put into the callback's state key (``SMDCallback{'detect': ...}``)."""
-    try:
-        arguments = ast.literal_eval(key[len(prefix):])
-    except (ValueError, SyntaxError):
-        return {}
-    return arguments if isinstance(arguments, dict) else {}
 
 
 def _plain(value: Any) -> Any:

@@ -421,18 +421,6 @@ class SMDCallback(pl.Callback):
             "units": {n: [u.count, u.kind, u.why] for n, u in self.units.items()},
         }
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Find the state of checkpoints written before the state key was the class name alone
-        (it held ``log_every_n_steps`` and ``detect``), so that such a resume restores it too."""
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return
-        legacy = [k for k in states if isinstance(k, str) and k.startswith(self.state_key + "{")]
-        if len(legacy) == 1:
-            state = dict(states[legacy[0]])
-            state.setdefault("arguments", arguments.from_legacy_state_key(legacy[0], self.state_key))
-            states[self.state_key] = state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"SMDCallback: unknown checkpoint state version {state_dict.get('version')!r}")
