@@ -100,8 +100,9 @@ TARGETS = {("smd_default", "sgdm"): 1.0, ("smd_default", "adamw"): 1.0,
            ("smd_every", "sgdm"): 10.0, ("smd_every", "adamw"): 20.0}
 # Per-channel bars (issue 15), added self time over the per-tensor variant, % of the `none` step
 PER_CHANNEL_TARGETS = {"default": 0.5, "every": 3.0}
+# the Lightning hooks, and SMDCallback's torch step hooks (its measurement runs inside optimizer.step())
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-         "on_before_zero_grad", "on_train_batch_end")
+         "on_before_zero_grad", "on_train_batch_end", "_before_step", "_after_step")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -257,7 +258,9 @@ class _ClockEnd(pl.Callback):
 def _time_hooks(callback: pl.Callback, clock: StepClock) -> None:
     """Wrap the callback's hooks (instance attributes) to add their wall time to ``clock``."""
     for name in HOOKS:
-        fn = getattr(callback, name)
+        fn = getattr(callback, name, None)
+        if fn is None:
+            continue
 
         def timed(*args, __fn=fn, **kwargs):
             t0 = time.perf_counter()
