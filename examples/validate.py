@@ -183,7 +183,7 @@ def _check_ddp_multirun(cfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN and basic and not launched_outside:
         raise ConfigError(
             "strategy=ddp cannot run inside a local Hydra multirun (Lightning re-launches the script "
-            "per rank); use strategy=ddp_spawn, or hydra/launcher=submitit_slurm, or torchrun"
+            "per rank); use strategy=ddp_spawn, or hydra/launcher=slurm, or torchrun"
         )
 
 
