@@ -242,7 +242,8 @@ class SMDCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self.plan = plan_from_trainer(trainer, rescale=self.rescale, min_drop=self.rescale_min_drop)
+            self.plan = plan_from_trainer(trainer, rescale=self.rescale, min_drop=self.rescale_min_drop,
+                                          warmup_steps=self.schedule.warmup.warmup_steps)
         except Exception as err:  # a prediction must never stop a training run
             rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
                            "training and measurement go on without a plan.")

@@ -110,3 +110,8 @@ def test_explicit_warmup_steps(tmp_path):
     cb = SMDCallback(log_every_n_steps=1, warmup_steps=0, verbose=False, per_channel=False)
     fit(WarmupNRQ(linear(5), drop=40, interval="step"), tmp_path, [cb], max_steps=45)
     assert len(cb.equilibrium.stages) == 4 + 1  # one per ramp step, one for the drop
+    assert [len(cb.plan.stages_of(g)) for g in cb.plan.groups] == [3 + 1]  # 0.2 | 0.4, 0.6 | 0.8, 1.0 (cut per ×2) | the drop
+    cb = SMDCallback(log_every_n_steps=1, warmup_steps=50, verbose=False, per_channel=False)
+    fit(WarmupNRQ(linear(5), drop=40, interval="step"), tmp_path / "b", [cb], max_steps=45)
+    assert len(cb.equilibrium.stages) == 1 and cb.equilibrium.stages[0].warmup_until == 40  # the drop too
+    assert [len(cb.plan.stages_of(g)) for g in cb.plan.groups] == [1]
