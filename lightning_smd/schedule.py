@@ -38,7 +38,7 @@ from lightning_smd.distributed import make_reduce_fn
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.estimates import RunningMean
 from lightning_smd.measure import local
-from lightning_smd.plan.warmup import WarmupTracker
+from lightning_smd.plan.warmup import WarmupTracker, is_warmup_change
 from lightning_smd.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.summary import first_names
 from lightning_smd.tracking import Tracked, TrackedSet, group_label
@@ -182,6 +182,9 @@ class ScheduleWatcher:
                 last, reference = self.last_hparams.get(key), self.reference.get(key)
                 if last is None or last == current or reference is None or key in self.deferred:
                     continue
+                if is_warmup_change(last, current, log_step_of(trainer), key not in self.warmup.ended,
+                                    self.warmup.warmup_steps):
+                    continue  # a warm-up change: never rescaled
                 if tracked is not None and not tracked.members(oi, gi):
                     continue
                 factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]))
