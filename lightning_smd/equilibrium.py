@@ -88,7 +88,7 @@ class EquilibriumTracker:
             covered = step - start >= self.window and points[0][0] >= start
             mean = total / len(points)
             if covered and abs(mean - 1.0) <= self.tolerance:
-                stage.reached[name] = newly[name] = max(step - self.window + 1, stage.start_step)
+                stage.reached[name] = newly[name] = max(step - self.window + 1, start)
         return newly
 
     def window_mean(self, name: str) -> tuple[float, int] | None:
