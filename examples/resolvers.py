@@ -1,8 +1,14 @@
 """OmegaConf resolvers used by the configs; registered on import (idempotent).
 
-- ``${linear_lr:base_lr,base_batch,per_device_batch,devices,num_nodes[,accumulate]}``:
+- ``${linear_lr:base_lr,base_batch,per_device_batch,devices,num_nodes[,accumulate[,accelerator]]}``:
   the linear scaling rule ``base_lr · total_batch / base_batch``.
-- ``${world_size:devices,num_nodes}``: ``devices × num_nodes``.
+- ``${linear_steps:steps,base_batch,per_device_batch,devices,num_nodes[,accumulate[,accelerator]]}``:
+  a schedule given in iterations at ``base_batch`` images, in iterations at the total batch.
+- ``${world_size:devices,num_nodes[,accelerator]}``: ``devices × num_nodes``.
+- ``${slurm_devices:devices}``: GPUs (= tasks) per SLURM node; refuses ``auto`` naming the key.
+
+``devices`` may be ``auto`` (or -1) where the accelerator is known: ``cpu`` → 1 process, ``gpu`` /
+``cuda`` / ``auto`` → the CUDA devices of this machine (1 without one), as Lightning resolves it.
 - ``${wandb_offline_default:}``: ``True`` unless W&B credentials are available.
 """
 
@@ -15,28 +21,52 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
-def linear_lr(base_lr, base_batch, per_device_batch, devices, num_nodes=1, accumulate=1) -> float:
-    """``base_lr × (per_device_batch × devices × num_nodes × accumulate) / base_batch``."""
+def device_count(devices, accelerator="auto") -> int:
+    """Processes per node for ``trainer.devices`` (an int, a list of ids, a "0,1" string, or ``auto`` / -1)."""
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        devices = len(devices)
+        return len(devices)
+    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
+        parts = [p for p in devices.split(",") if p.strip()]
+        if len(parts) > 1 or devices.strip().endswith(","):
+            return len(parts)  # Lightning: "0,1" and "3," are device ids
+        devices = int(parts[0]) if parts and parts[0].strip().lstrip("-").isdigit() else devices
+    if devices in ("auto", -1):
+        if str(accelerator).lower() == "cpu":
+            return 1
+        import torch
+
+        return max(1, torch.cuda.device_count()) if str(accelerator).lower() in ("gpu", "cuda", "auto") else 1
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ValueError(
-            f"linear_lr needs the device count to be a number, got trainer.devices={devices!r}; "
-            "set trainer.devices=<int> (or optimizer.lr=<value> directly)"
-        )
-    total = int(per_device_batch) * devices * int(num_nodes) * int(accumulate)
+        raise ValueError(f"trainer.devices must be a positive int, a list of device ids or auto, got {devices!r}")
+    return devices
+
+
+def linear_lr(base_lr, base_batch, per_device_batch, devices, num_nodes=1, accumulate=1, accelerator="auto") -> float:
+    """``base_lr × (per_device_batch × devices × num_nodes × accumulate) / base_batch``."""
+    total = int(per_device_batch) * device_count(devices, accelerator) * int(num_nodes) * int(accumulate)
     return float(base_lr) * total / float(base_batch)
 
 
-def world_size(devices, num_nodes=1) -> int:
+def linear_steps(steps, base_batch, per_device_batch, devices, num_nodes=1, accumulate=1, accelerator="auto") -> int:
+    """``steps × base_batch / total_batch``, rounded, at least 1: the same number of images seen."""
+    total = int(per_device_batch) * device_count(devices, accelerator) * int(num_nodes) * int(accumulate)
+    return max(1, round(int(steps) * float(base_batch) / total))
+
+
+def world_size(devices, num_nodes=1, accelerator="auto") -> int:
     """``devices × num_nodes`` (FSDP2's data-parallel size: shard over every process)."""
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        devices = len(devices)
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+    return device_count(devices, accelerator) * int(num_nodes)
+
+
+def slurm_devices(devices) -> int:
+    """GPUs per node (one SLURM task each) for the submitit launcher: ``auto`` cannot be resolved on
+    the machine that submits the job (often without a GPU), so it is refused, naming the key."""
+    if devices in ("auto", -1, "-1"):
         raise ValueError(
-            f"world_size needs trainer.devices to be a number, got {devices!r}; set trainer.devices=<int>"
+            "hydra/launcher=slurm needs trainer.devices=<GPUs per node> (e.g. trainer.devices=8): "
+            "'auto' would count the GPUs of the machine that submits the job, not of the compute nodes"
         )
-    return devices * int(num_nodes)
+    return device_count(devices)
 
 
 def _netrc_has_wandb() -> bool:
@@ -63,7 +93,9 @@ def wandb_offline_default() -> bool:
 def register() -> None:
     """Register the resolvers (safe to call more than once)."""
     OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
+    OmegaConf.register_new_resolver("linear_steps", linear_steps, replace=True)
     OmegaConf.register_new_resolver("world_size", world_size, replace=True)
+    OmegaConf.register_new_resolver("slurm_devices", slurm_devices, replace=True)
     OmegaConf.register_new_resolver("wandb_offline_default", wandb_offline_default, replace=True, use_cache=False)
 
 

@@ -31,9 +31,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only  # noqa: 
 
 from examples import resolvers  # noqa: E402,F401  (registers ${linear_lr:...}, ${wandb_offline_default:})
 from examples.console import progress_bar_for, route_lightning_logs  # noqa: E402
-from examples.data.common import DatasetNotFoundError  # noqa: E402
+from examples.data.common import DatasetError  # noqa: E402
 from examples.threads import pin_torch_threads  # noqa: E402
-from examples.validate import ConfigError, check_cli_overrides, validate_config  # noqa: E402
+from examples.validate import ConfigError, check_cli_overrides, check_data, validate_config  # noqa: E402
 
 
 def _enabled(node: Any) -> bool:
@@ -151,7 +151,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ConfigError: a bad value (the message names the key).
-        DatasetNotFoundError: the dataset is not where the config points.
+        DatasetError: the dataset is not where the config points, or does not fit it (damaged files,
+            other classes, too few samples for one batch); raised before the model is built.
     """
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -170,8 +171,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         pl.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = build_datamodule(cfg)
-    if hasattr(datamodule, "check"):
-        datamodule.check()  # missing dataset -> clear error before any process starts
+    check_data(datamodule, cfg)  # missing / damaged / mismatched data: a clear error before the model is built
     module = build_module(cfg)
 
     wandb_mode = os.environ.get("WANDB_MODE")  # WandbLogger(offline=True) sets it process-wide
@@ -235,7 +235,7 @@ def main(cfg: DictConfig) -> float | None:
     route_lightning_logs()  # Lightning's lines through Hydra's handlers: own lines, and train.log
     try:
         result = train(cfg)
-    except (ConfigError, DatasetNotFoundError) as err:
+    except (ConfigError, DatasetError) as err:
         print(f"\n[examples/train.py] error: {err}\n", file=sys.stderr, flush=True)
         sys.exit(2)
     metric = cfg.get("optimized_metric")

@@ -183,7 +183,7 @@ def _check_ddp_multirun(cfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN and basic and not launched_outside:
         raise ConfigError(
             "strategy=ddp cannot run inside a local Hydra multirun (Lightning re-launches the script "
-            "per rank); use strategy=ddp_spawn, or hydra/launcher=submitit_slurm, or torchrun"
+            "per rank); use strategy=ddp_spawn, or hydra/launcher=slurm, or torchrun"
         )
 
 
@@ -193,6 +193,83 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("set trainer.max_epochs or trainer.max_steps (both are unbounded)")
     if int(t.get("num_nodes", 1)) < 1:
         raise ConfigError(f"trainer.num_nodes must be ≥ 1, got {t.num_nodes}")
+
+
+def _preset(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = OmegaConf.select(HydraConfig.get(), "runtime.choices.experiment", default=None)
+        if choice:
+            return f"experiment={choice}"
+    return "this config"
+
+
+def machine_forms(cfg: DictConfig) -> tuple[str, str]:
+    """The overrides that run ``cfg`` on one GPU and on the CPU (what the README's preset table lists)."""
+    common = ["trainer.devices=1", "strategy=single"]
+    if cfg.trainer.get("sync_batchnorm"):
+        common.append("trainer.sync_batchnorm=false")
+    return " ".join(["trainer.accelerator=gpu", *common]), " ".join(["trainer.accelerator=cpu", *common])
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """The accelerator, device count and SyncBatchNorm the config asks for must exist on this machine
+    (a paper preset asks for 8 GPUs): refuse before Lightning does, with the one-GPU and CPU overrides."""
+    from examples.resolvers import device_count
+
+    t = cfg.trainer
+    accelerator = str(t.get("accelerator", "auto")).lower()
+    try:
+        devices = device_count(t.get("devices", "auto"), accelerator)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_form, cpu_form = machine_forms(cfg)
+    scaled = (" The learning rate (and the preset's schedule) follow the total batch "
+              "data.batch_size × trainer.devices × trainer.num_nodes, as the preset states.")
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(
+            f"{_preset(cfg)} runs on CUDA GPUs (trainer.accelerator={accelerator}, trainer.devices={t.get('devices')}, "
+            f"trainer.num_nodes={t.get('num_nodes', 1)}) and this machine has none. On one GPU add: {gpu_form}. "
+            f"On the CPU add: {cpu_form}.{scaled}"
+        )
+    if accelerator in ("gpu", "cuda", "auto") and gpus and devices > gpus and not _launched_by_cluster():
+        raise ConfigError(
+            f"{_preset(cfg)} asks for trainer.devices={t.get('devices')} GPUs per node and this machine has {gpus}: "
+            f"set trainer.devices={gpus} (one GPU: {gpu_form}), or run it through SLURM (README, 'Where each "
+            f"preset runs').{scaled}"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)
+    if t.get("sync_batchnorm") and on_cpu:
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm refuses CPU tensors, and with one "
+            f"process there is nothing to synchronize. On the CPU add: {cpu_form}"
+        )
+
+
+def _launched_by_cluster() -> bool:
+    """Under SLURM / torchrun the process sees its own share of the node's GPUs."""
+    return any(k in os.environ for k in ("SLURM_JOB_ID", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"))
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes of the fit: devices per node (``auto`` resolved as Lightning does) × nodes."""
+    from examples.resolvers import device_count
+
+    return device_count(cfg.trainer.get("devices", "auto"), cfg.trainer.get("accelerator", "auto")) * int(
+        cfg.trainer.get("num_nodes", 1))
+
+
+def check_data(datamodule: Any, cfg: DictConfig) -> None:
+    """``datamodule.check(world_size=...)``: the dataset on disk against the config, before the model is built."""
+    check = getattr(datamodule, "check", None)
+    if check is None:
+        return
+    if "world_size" in inspect.signature(check).parameters:
+        check(world_size=world_size(cfg))
+    else:
+        check()
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -206,3 +283,4 @@ def validate_config(cfg: DictConfig) -> None:
     check_scheduler(cfg)
     check_smd(cfg)
     check_strategy(cfg)
+    check_machine(cfg)

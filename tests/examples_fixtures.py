@@ -128,12 +128,13 @@ def _polygon_ann(ann_id: int, img_id: int, cat: int, x: float, y: float, w: floa
 
 
 def make_coco(root: str | Path, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (64, 48),
-              seed: int = 0) -> Path:
+              seed: int = 0, unannotated: bool = False) -> Path:
     """COCO layout: ``train2017/``, ``val2017/`` JPEGs and ``annotations/instances_*.json``.
 
     Each image has two polygon instances (category ids 1 and 3, sparse like COCO's); image 1
     of each split also has a crowd annotation (RLE) and a zero-width box, which the loader
-    must skip; the last train image has only those two (dropped for training).
+    must skip; the last train image has only those two (dropped for training). With
+    ``unannotated``, each split also lists one more image without any annotation (as COCO does).
     """
     rng = np.random.default_rng(seed)
     w, h = size
@@ -158,6 +159,10 @@ def make_coco(root: str | Path, n_train: int = 4, n_val: int = 2, size: tuple[in
                              "segmentation": {"size": [h, w], "counts": [h * 10 + 10, 5, h - 5, 5, w * h]}})
                 anns.append({**_polygon_ann(ann_id + 1, i, 3, 40.0, 4.0, 0.0, 10.0), "area": 0.0})
                 ann_id += 2
+        if unannotated:
+            fname = f"{n + 1:012d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / fname)
+            images.append({"id": n + 1, "file_name": fname, "width": w, "height": h})
         # RLE counts must sum to h*w
         for a in anns:
             if a["iscrowd"]:

@@ -53,7 +53,7 @@ def _data_overrides(data: str, root: Path) -> list[str]:
         make_image_folder(root / "imagenet", per_class=2, size=(72, 72))
         # 64 px: the ImageNet stem is kept (≥ 64), at a 12th of the cost of 224
         return [f"data.root={root / 'imagenet'}", "data.image_size=64", "data.num_workers=0",
-                "data.pin_memory=false"]
+                "data.pin_memory=false", "data.num_classes=3"]  # the class folders (checked before training)
     return []
 
 

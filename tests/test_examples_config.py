@@ -10,7 +10,7 @@ import pytest
 
 from examples_fixtures import CONF_DIR, TRAIN_PY, composed, subprocess_env
 
-from examples.resolvers import linear_lr, wandb_offline_default
+from examples.resolvers import linear_lr, linear_steps, slurm_devices, wandb_offline_default
 from examples.train import build_module, train
 from examples.validate import ConfigError
 
@@ -82,8 +82,10 @@ def test_goyal_linear_scaling_and_maskrcnn_syncbn(tmp_path):
 def test_resolvers():
     assert linear_lr(0.1, 256, 32, 8, 1) == pytest.approx(0.1)
     assert linear_lr(0.1, 256, 32, [0, 1], 2, 2) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="trainer.devices"):
-        linear_lr(0.1, 256, 32, "auto", 1)
+    assert linear_lr(0.1, 256, 32, "auto", 1, 1, "cpu") == pytest.approx(0.0125)  # auto on CPU: 1 process
+    assert linear_steps(360000, 16, 2, 8, 2) == 180000 and linear_steps(1000, 16, 2, 1, 1) == 8000
+    with pytest.raises(ValueError, match="trainer.devices=<GPUs per node>"):
+        slurm_devices("auto")
 
 
 def test_wandb_offline_default(monkeypatch, tmp_path):
@@ -123,10 +125,11 @@ def test_bad_values_fail_before_training(tmp_path, override, match):
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
-def test_linear_lr_needs_numeric_devices(tmp_path):
-    with composed(["experiment=imagenet_resnet50_goyal", "trainer.devices=auto"], tmp_path) as cfg:
-        with pytest.raises(ConfigError, match="optimizer.lr cannot be resolved.*trainer.devices"):
-            train(cfg)
+def test_devices_auto_resolves_like_lightning(tmp_path):
+    """Issue 27: ``trainer.devices=auto`` resolves (CPU: one process) instead of failing in linear_lr."""
+    with composed(["experiment=imagenet_resnet50_goyal", "trainer.devices=auto", "trainer.accelerator=cpu"],
+                  tmp_path) as cfg:
+        assert cfg.optimizer.lr == pytest.approx(0.1 * 32 / 256)
 
 
 def test_norm_weight_decay_param_groups(tmp_path):

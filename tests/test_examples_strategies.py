@@ -19,7 +19,6 @@ from examples.validate import ConfigError
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
-    "ignore:\\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
 )
 
 
@@ -127,7 +126,7 @@ def test_ddp_and_trainer_knobs_compose(tmp_path):
 
 
 def test_submitit_slurm_launcher_config(tmp_path):
-    overrides = ["hydra/launcher=submitit_slurm", "experiment=imagenet_resnet50_goyal", "trainer.num_nodes=2",
+    overrides = ["hydra/launcher=slurm", "experiment=imagenet_resnet50_goyal", "trainer.num_nodes=2",
                  "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60"]
     with composed(overrides, tmp_path) as cfg:
         launcher = cfg.hydra.launcher

@@ -64,7 +64,7 @@ def test_cifar10_resnet18(tmp_path):
 def test_imagenet_models(tmp_path, experiment, first):
     make_image_folder(tmp_path / "imagenet", per_class=2, size=(40, 40))
     result = _run(tmp_path, [f"experiment={experiment}", f"data.root={tmp_path / 'imagenet'}",
-                             "strategy=single", "model.num_classes=3", "data.image_size=32",
+                             "strategy=single", "data.num_classes=3", "data.image_size=32",
                              "data.batch_size=2", "data.num_workers=0", "data.pin_memory=false",
                              "trainer.limit_train_batches=2", "smd.detect=structural",
                              # one thread: the h̃ sample of mobilenet_v2 at lr 0.5 comes out slightly

@@ -2,7 +2,7 @@
 
 from examples.data.cifar import CIFAR10DataModule, UnverifiedCIFAR10
 from examples.data.coco import COCODataModule, CocoInstances
-from examples.data.common import DatasetNotFoundError
+from examples.data.common import DatasetError, DatasetNotFoundError
 from examples.data.digits import DigitsDataModule
 from examples.data.imagenet import ImageNetDataModule
 from examples.data.markov import MarkovSequenceDataModule
@@ -12,6 +12,7 @@ __all__ = [
     "CIFAR10DataModule",
     "COCODataModule",
     "CocoInstances",
+    "DatasetError",
     "DatasetNotFoundError",
     "DigitsDataModule",
     "ImageNetDataModule",

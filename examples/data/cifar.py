@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 
-from examples.data.common import DatasetNotFoundError, loader_kwargs, require
+from examples.data.common import DatasetError, DatasetNotFoundError, check_batches, check_num_classes, loader_kwargs, require
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -47,7 +47,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         verify: check the official md5 sums (torchvision's behaviour). ``false`` accepts any
             files in the same format (re-packed / generated data, see :class:`UnverifiedCIFAR10`).
         batch_size: per-device batch size.
+        num_workers: loader workers; ``None``: the CPUs available per device, minus one (≤ 8).
+        pin_memory: ``None``: pin when training on a CUDA device.
         augment: random crop + flip on the training set.
+        num_classes: the model's classes (``data.num_classes``), checked against ``batches.meta``.
     """
 
     def __init__(
@@ -56,9 +59,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: bool = False,
         verify: bool = True,
         batch_size: int = 256,
-        num_workers: int = 2,
-        pin_memory: bool = True,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         augment: bool = True,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.root = str(root)
@@ -68,14 +72,18 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.augment = augment
+        self.num_classes = num_classes
         self.train_set = self.val_set = None
 
     @property
     def dataset_cls(self) -> type[torchvision.datasets.CIFAR10]:
         return torchvision.datasets.CIFAR10 if self.verify else UnverifiedCIFAR10
 
-    def check(self) -> None:
-        """Raise a clear error now (before training) when the data is not on disk."""
+    def check(self, world_size: int = 1) -> None:
+        """Raise a clear error now (before the model is built) when the data is not on disk, a batch
+        file is unreadable or not CIFAR-shaped, ``num_classes`` differs from ``batches.meta``, or
+        ``batch_size`` leaves no training batch over ``world_size`` processes. Reads the 7 small
+        pickles once (≈ 180 MB for the real set)."""
         if self.download:
             return
         folder = require(
@@ -96,6 +104,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 f"CIFAR10 at {folder.resolve()} does not match the official md5 sums; "
                 "set data.verify=false to use a re-packed or generated copy."
             )
+        names = _read_pickle(folder / "batches.meta", "label_names", list)["label_names"]
+        check_num_classes(self.num_classes, len(names), f"{folder / 'batches.meta'} (data.root)", "label_names")
+        train = sum(_check_batch(folder / f"data_batch_{i}", len(names)) for i in range(1, 6))
+        _check_batch(folder / "test_batch", len(names))
+        check_batches(train, self.batch_size, world_size, f"{folder} (data.root)")
 
     def prepare_data(self) -> None:
         if self.download:
@@ -111,8 +124,46 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
-                          **loader_kwargs(self.num_workers, self.pin_memory))
+                          **loader_kwargs(self.num_workers, self.pin_memory, self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, shuffle=False,
-                          **loader_kwargs(self.num_workers, self.pin_memory))
+                          **loader_kwargs(self.num_workers, self.pin_memory, self.trainer))
+
+
+_FIX = ("Re-extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into data.root, "
+        "or rewrite the file as a pickled dict like the official one.")
+
+
+def _read_pickle(path: Path, key: str, kind: type) -> dict:
+    """One official CIFAR pickle (python 2 protocol: latin-1 strings), checked to hold ``key``."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as err:  # truncated (EOFError, UnpicklingError), not a pickle, unreadable
+        raise DatasetError(f"CIFAR10 file {path.resolve()} (data.root) cannot be read: "
+                           f"{type(err).__name__}: {err}. {_FIX}") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), kind):
+        found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise DatasetError(f"CIFAR10 file {path.resolve()} (data.root) has no {key!r} {kind.__name__} "
+                           f"(found {found}). {_FIX}")
+    return entry
+
+
+def _check_batch(path: Path, num_classes: int) -> int:
+    """A data batch: ``data`` uint8 ``[N, 3072]`` and ``labels`` N ints in ``[0, num_classes)``; returns N."""
+    import numpy as np
+
+    entry = _read_pickle(path, "data", np.ndarray)
+    data, labels = entry["data"], entry.get("labels")
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise DatasetError(f"CIFAR10 file {path.resolve()} (data.root): 'data' is {data.dtype} {list(data.shape)}, "
+                           f"expected uint8 [N, 3072] (32×32×3 rows). {_FIX}")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else "no 'labels' list"
+        raise DatasetError(f"CIFAR10 file {path.resolve()} (data.root) has {got} for {len(data)} images. {_FIX}")
+    bad = [y for y in labels if not isinstance(y, int) or not 0 <= y < num_classes]
+    if bad:
+        raise DatasetError(f"CIFAR10 file {path.resolve()} (data.root) has labels outside [0, {num_classes}) "
+                           f"(e.g. {bad[0]!r}), the classes of batches.meta. {_FIX}")
+    return len(data)

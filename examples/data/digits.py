@@ -61,6 +61,14 @@ class DigitsDataModule(pl.LightningDataModule):
         self.label_noise = label_noise
         self.train_set = self.val_set = None
 
+    def check(self, world_size: int = 1) -> None:
+        """The batch size must leave at least one training batch (the loader drops the last one)."""
+        from examples.data.common import check_batches
+
+        total = 1797
+        check_batches(total - int(round(self.val_fraction * total)), self.batch_size, world_size,
+                      "sklearn's digits (data.val_fraction of them held out)")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

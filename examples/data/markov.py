@@ -63,6 +63,12 @@ class MarkovSequenceDataModule(pl.LightningDataModule):
     def loss_floor(self) -> float:
         return entropy_rate(self.transition)
 
+    def check(self, world_size: int = 1) -> None:
+        """The batch size must leave at least one training batch (the loader drops the last one)."""
+        from examples.data.common import check_batches
+
+        check_batches(self.train_sequences, self.batch_size, world_size, "the generated sequences (data.train_sequences)")
+
     def setup(self, stage: str | None = None) -> None:
         self.train = TensorDataset(sample_sequences(self.transition, self.train_sequences, self.seq_len + 1, self.seed + 1))
         self.val = TensorDataset(sample_sequences(self.transition, self.val_sequences, self.seq_len + 1, self.seed + 2))

@@ -19,10 +19,11 @@ class Stage:
     predicted_steps: int | None  # Corollary 3.1, without rescale (None for the first stage / no formula)
     rescaled: bool = False
     reached: dict[str, int] = field(default_factory=dict)  # tensor -> first step of its stable window
+    warmup_until: int | None = None  # last step of an LR warm-up inside the stage: equilibrium is judged after it
 
     def as_dict(self) -> dict[str, Any]:
         return {"group": self.group, "start_step": self.start_step, "predicted_steps": self.predicted_steps,
-                "rescaled": self.rescaled, "reached": dict(self.reached)}
+                "rescaled": self.rescaled, "reached": dict(self.reached), "warmup_until": self.warmup_until}
 
 
 class EquilibriumTracker:
@@ -53,6 +54,19 @@ class EquilibriumTracker:
             self._points.pop(name, None)
             self._sums.pop(name, None)
 
+    def restart(self, group: str, step: int, names: Sequence[str]) -> None:
+        """An LR warm-up step: the group stays in its stage, measured afresh from ``step`` (the ramp
+        and the plateau it climbs to are one stage, see :mod:`lightning_smd.plan.warmup`)."""
+        stage = self._current.get(group)
+        if stage is None:
+            stage = self._current[group] = Stage(group, 0, None)
+            self.stages.append(stage)
+        stage.warmup_until = step
+        stage.reached.clear()
+        for name in names:
+            self._points.pop(name, None)
+            self._sums.pop(name, None)
+
     def update(self, step: int, groups: Sequence[str], names: Sequence[str], ratios: Sequence[float]) -> dict[str, int]:
         """Add one measured ratio per tensor; return the tensors that just reached equilibrium."""
         newly: dict[str, int] = {}
@@ -70,10 +84,11 @@ class EquilibriumTracker:
             while points and points[0][0] <= step - self.window:
                 total -= points.popleft()[1]
             self._sums[name] = total
-            covered = step - stage.start_step >= self.window and points[0][0] >= stage.start_step
+            start = max(stage.start_step, stage.warmup_until or 0)
+            covered = step - start >= self.window and points[0][0] >= start
             mean = total / len(points)
             if covered and abs(mean - 1.0) <= self.tolerance:
-                stage.reached[name] = newly[name] = max(step - self.window + 1, stage.start_step)
+                stage.reached[name] = newly[name] = max(step - self.window + 1, start)
         return newly
 
     def window_mean(self, name: str) -> tuple[float, int] | None:
@@ -117,6 +132,10 @@ class EquilibriumTracker:
             predicted = "-" if s.predicted_steps is None else str(s.predicted_steps)
             lines.append(f"{s.group:<8}{s.start_step:>10}{str(s.rescaled):>10}{predicted:>11}{median:>22}"
                          f"{len(s.reached):>9}")
+        for s in self.stages:
+            if s.warmup_until is not None:
+                lines.append(f"  group {s.group}: LR warm-up until step {s.warmup_until}, one stage with the plateau "
+                             "it climbs to; equilibrium is judged from its end")
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -56,6 +56,10 @@ def validate(a: dict[str, Any]) -> None:
     warm = a.get("warm_start", False)
     if not (isinstance(warm, bool) or _positive_int(warm)):
         raise ValueError(f"SMDCallback(warm_start=...) must be True, False or a step count >= 1, got {warm!r}")
+    steps = a.get("warmup_steps")
+    if steps is not None and not (_positive_int(steps) or steps == 0 and not isinstance(steps, bool)):
+        raise ValueError(f"SMDCallback(warmup_steps=...) must be None (recognize a warm-up from the LR) or an int >= 0 "
+                         f"(0: no warm-up), got {steps!r}")
     if not _positive_int(a["unit_grad_every"]):
         raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
     if "per_channel" in a and not (isinstance(a["per_channel"], bool) or _positive_int(a["per_channel"])):

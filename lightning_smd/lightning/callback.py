@@ -98,6 +98,11 @@ class SMDCallback(pl.Callback):
             that ends every block of 50 optimizer steps (every measured step at the default
             cadence, one in 50 when measuring every step); an int: every this many steps instead
             (``1``: every measured step).
+        warmup_steps: ``None``: an LR that only rises from the start of training is a warm-up
+            (recognized from the LR each step, see :mod:`lightning_smd.core.plan.warmup`); an int N: the
+            LR changes at optimizer steps ≤ N are the warm-up; ``0``: no warm-up. A warm-up is one
+            stage with the plateau it climbs to: no stage, no predicted steps to equilibrium and
+            no rescale during it; equilibrium is judged from its end.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class SMDCallback(pl.Callback):
         figures_dir: str | None = None,
         verbose: bool = True,
         per_channel: bool | int = True,
+        warmup_steps: int | None = None,
     ) -> None:
         given = dict(
             log_every_n_steps=log_every_n_steps, rescale=rescale, include=include, exclude=exclude, detect=detect,
@@ -128,7 +134,7 @@ class SMDCallback(pl.Callback):
             unit_grad_every=unit_grad_every, rescale_min_drop=rescale_min_drop, rescale_min_lr_ratio=rescale_min_lr_ratio,
             rescale_on_increase=rescale_on_increase, warm_start=warm_start, equilibrium_tolerance=equilibrium_tolerance,
             equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
-            verbose=verbose, per_channel=per_channel,
+            verbose=verbose, per_channel=per_channel, warmup_steps=warmup_steps,
         )
         arguments.validate(given)
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
@@ -154,7 +160,7 @@ class SMDCallback(pl.Callback):
         self.publisher = Publisher(figures_dir, self.channels)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
-                                        unit_grad=self.unit_grad, warm_start=warm_start)
+                                        unit_grad=self.unit_grad, warm_start=warm_start, warmup_steps=warmup_steps)
         self.per_channel = per_channel is not False
         # per-unit statistics on the measured step that ends each block of this many steps
         self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
@@ -250,7 +256,8 @@ class SMDCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self.plan = plan_from_trainer(trainer, rescale=self.rescale, min_drop=self.rescale_min_drop)
+            self.plan = plan_from_trainer(trainer, rescale=self.rescale, min_drop=self.rescale_min_drop,
+                                          warmup_steps=self.schedule.warmup.warmup_steps)
         except Exception as err:  # a prediction must never stop a training run
             rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
                            "training and measurement go on without a plan.")

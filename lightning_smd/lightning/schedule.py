@@ -38,6 +38,7 @@ from lightning_smd.lightning.distributed import make_reduce_fn
 from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.measure import local
+from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
 from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.report.summary import first_names
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, group_label
@@ -82,8 +83,10 @@ class ScheduleWatcher:
     """
 
     def __init__(self, policy: RescalePolicy | None, equilibrium: EquilibriumTracker, publish: Publish,
-                 detect_steps: int, unit_grad: RunningMean | None = None, warm_start: bool | int = False) -> None:
+                 detect_steps: int, unit_grad: RunningMean | None = None, warm_start: bool | int = False,
+                 warmup_steps: int | None = None) -> None:
         self.policy = policy
+        self.warmup = WarmupTracker(warmup_steps)  # LR warm-up: one stage with its plateau, never rescaled
         self.equilibrium = equilibrium
         self.publish = publish
         self.detect_steps = detect_steps
@@ -119,6 +122,9 @@ class ScheduleWatcher:
                 if current[0] * current[1] > 0:
                     self.reference[key] = current
                 if last is None or last == current:
+                    continue
+                if self.warmup.classify(key, last, current, log_step):  # no stage, no prediction, no rescale
+                    self.equilibrium.restart(key, log_step, tracked.names_of(key) if tracked is not None else [])
                     continue
                 if current[0] * current[1] <= 0:
                     # η·λ = 0 has no equilibrium: decide when it is non-zero again, against `reference`
@@ -180,6 +186,9 @@ class ScheduleWatcher:
                 last, reference = self.last_hparams.get(key), self.reference.get(key)
                 if last is None or last == current or reference is None or key in self.deferred:
                     continue
+                if is_warmup_change(last, current, log_step_of(trainer), key not in self.warmup.ended,
+                                    self.warmup.warmup_steps):
+                    continue  # a warm-up change: never rescaled
                 if tracked is not None and not tracked.members(oi, gi):
                     continue
                 factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]))
@@ -404,6 +413,7 @@ class ScheduleWatcher:
             "reference_hparams": {k: list(v) for k, v in self.reference.items()},
             "warm_start_done": self.warm_start_done,
             "update_rms_sq": self.update_sq.state_dict(),
+            "warmup": self.warmup.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,6 +423,7 @@ class ScheduleWatcher:
         self.deferred = dict(state.get("deferred_rescales", {}))
         self.warm_start_done = bool(state.get("warm_start_done", False))  # older checkpoints: not done
         self.update_sq.load_state_dict(state.get("update_rms_sq", {}))
+        self.warmup.load_state_dict(state.get("warmup"), list(self.last_hparams))
         # checkpoints from before 0.2 have no reference: the last non-zero (η, λ) seen is the best guess
         self.reference = {k: (float(v[0]), float(v[1])) for k, v in
                           state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()

@@ -271,6 +271,7 @@ def plan_from_trainer(
     min_stage_fraction: float = DEFAULT_MIN_STAGE_FRACTION,
     first_stage_time_constants: float = FIRST_STAGE_TIME_CONSTANTS,
     batches_per_epoch: float | None = None,
+    warmup_steps: int | None = None,
 ) -> Plan:
     """Predict the LR stages of ``trainer``'s fit from its optimizers and ``lr_scheduler_configs``.
 
@@ -288,6 +289,7 @@ def plan_from_trainer(
         min_drop: stage threshold on the equilibrium ratio; pass the callback's ``rescale_min_drop``.
         min_stage_fraction, first_stage_time_constants: see :func:`build_plan`.
         batches_per_epoch: override ``trainer.num_training_batches`` (e.g. a known dataset size).
+        warmup_steps: the callback's ``warmup_steps`` (:func:`split_stages`).
     """
     started = time.perf_counter()
     optimizers = list(getattr(trainer, "optimizers", []) or [])
@@ -374,7 +376,8 @@ def plan_from_trainer(
 
     plan = build_plan(schedules, end, start, min_drop=min_drop, min_stage_fraction=min_stage_fraction,
                       first_stage_time_constants=first_stage_time_constants, steps_per_epoch=per_epoch,
-                      rescale=rescale, unpredictable=unpredictable, warnings=extra_warnings, notes=notes)
+                      rescale=rescale, unpredictable=unpredictable, warnings=extra_warnings, notes=notes,
+                      warmup_steps=warmup_steps)
     plan.elapsed_s = time.perf_counter() - started
     return plan
 

@@ -167,8 +167,12 @@ def split_stages(
     end: int,
     min_drop: float = DEFAULT_MIN_DROP,
     min_stage_steps: int = 1,
+    warmup_steps: int | None = None,
 ) -> list[tuple[int, int]]:
     """Cut one param group's schedule into stages (rules 1–4 of the module docstring).
+
+    ``warmup_steps`` (``SMDCallback(warmup_steps=...)``): ``None``, rule 4 recognizes the warm-up;
+    N: the stages starting at steps ≤ N join the first one; ``0``: no warm-up.
 
     Returns ``[a, b)`` ranges of change-point indices (``schedule.steps[a]`` starts the stage), for
     the change points before ``end``. Vectorised: a 450 000-point cosine takes milliseconds.
@@ -200,8 +204,10 @@ def split_stages(
         i = found
     # rule 4: leading stages that only rise (a warm-up) join the first one that does not
     lead = 0
-    while (lead + 1 < len(raw) and kind[raw[lead]] and kind[raw[lead + 1]] == kind[raw[lead]]
+    while (warmup_steps is None and lead + 1 < len(raw) and kind[raw[lead]] and kind[raw[lead + 1]] == kind[raw[lead]]
            and cut[raw[lead + 1]] > cut[raw[lead]]):
+        lead += 1
+    while warmup_steps and lead + 1 < len(raw) and int(schedule.steps[raw[lead + 1]]) <= warmup_steps:
         lead += 1
     if lead:
         raw = [0] + raw[lead + 1:]
@@ -252,6 +258,7 @@ def build_plan(
     unpredictable: Mapping[str, str] | None = None,
     warnings: Sequence[str] = (),
     notes: Sequence[str] = (),
+    warmup_steps: int | None = None,
 ) -> Plan:
     """The plan of optimizer steps ``[start_step, end_step)`` from each group's schedule.
 
@@ -278,7 +285,7 @@ def build_plan(
             continue
         durations, valid, q, lr, _, _ = _arrays(schedule, end_step)
         previous: GroupTheory | None = None
-        for index, (a, b) in enumerate(split_stages(schedule, end_step, min_drop, min_steps)):
+        for index, (a, b) in enumerate(split_stages(schedule, end_step, min_drop, min_steps, warmup_steps)):
             values = schedule.theory_at(_representative(durations[a:b], valid[a:b], q[a:b], lr[a:b]) + a)
             change = None
             if previous is not None and previous.has_formula and values.has_formula:
