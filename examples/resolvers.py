@@ -4,6 +4,9 @@
   the linear scaling rule ``base_lr · total_batch / base_batch``.
 - ``${world_size:devices,num_nodes}``: ``devices × num_nodes``.
 - ``${wandb_offline_default:}``: ``True`` unless W&B credentials are available.
+- ``${milestones_at:[0.5,0.75],${trainer.max_epochs}}``: milestones as fractions of the run's
+  length (``round(f × total)``, each ≥ 1), so a schedule scales with ``trainer.max_epochs``
+  (or ``max_steps`` for ``interval: step``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ def world_size(devices, num_nodes=1) -> int:
     return devices * int(num_nodes)
 
 
+def milestones_at(fractions, total) -> list[int]:
+    """``[round(f × total) for f in fractions]``: LR milestones at fractions of the run's length."""
+    if OmegaConf.is_list(fractions):
+        fractions = list(fractions)
+    if not isinstance(fractions, (list, tuple)) or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
+        raise ValueError(f"milestones_at needs a list of fractions in (0, 1), got {fractions!r}")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 2:
+        raise ValueError(
+            f"milestones_at needs the run's length (trainer.max_epochs, or trainer.max_steps for interval: step) "
+            f"to be an integer >= 2, got {total!r}; set scheduler.milestones=[...] explicitly"
+        )
+    return [min(max(1, round(f * total)), total - 1) for f in fractions]
+
+
 def _netrc_has_wandb() -> bool:
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if not path.is_file():
@@ -64,6 +81,7 @@ def register() -> None:
     """Register the resolvers (safe to call more than once)."""
     OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
     OmegaConf.register_new_resolver("world_size", world_size, replace=True)
+    OmegaConf.register_new_resolver("milestones_at", milestones_at, replace=True)
     OmegaConf.register_new_resolver("wandb_offline_default", wandb_offline_default, replace=True, use_cache=False)
 
 
