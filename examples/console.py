@@ -55,15 +55,35 @@ def silence_known_noise() -> None:
         logging.getLogger(name).addFilter(noise)
 
 
+#: console lines longer than this are wrapped (train.log keeps them whole)
+CONSOLE_WIDTH = 120
+
+
+def wrap_lines(text: str, width: int = CONSOLE_WIDTH) -> str:
+    """Every line of ``text`` longer than ``width`` wrapped at spaces, continuation lines indented."""
+    import textwrap
+
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = " " * (len(line) - len(line.lstrip(" ")))
+        out += textwrap.wrap(line, width, subsequent_indent=indent + "    ", break_long_words=True,
+                             break_on_hyphens=False)
+    return "\n".join(out)
+
+
 class TqdmHandler(logging.StreamHandler):
     """A console handler that writes with ``tqdm.write``: an active bar is cleared first and
-    redrawn after, so a log line never lands on a bar's line."""
+    redrawn after, so a log line never lands on a bar's line. Lines wider than
+    :data:`CONSOLE_WIDTH` (a warning's one long sentence) are wrapped."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(wrap_lines(self.format(record)), file=self.stream)
         except Exception:  # noqa: BLE001  (logging must never raise)
             self.handleError(record)
 
