@@ -63,10 +63,12 @@ def log_histograms(trainer: Any, channels: ChannelMetrics, step: int) -> None:
 
 
 #: above this many layers the bands figure shows a selection (the heatmap keeps every unit of its layer)
-BANDS_MAX_PANELS = 12
+BANDS_MAX_PANELS = 9
 #: of the selection, how many are the layers farthest from Δ*; first, middle and last complete it
-BANDS_FARTHEST = 9
+BANDS_FARTHEST = 6
 _BAND_QUANTILES = (5, 25, 50, 75, 95)
+#: y range of every bands panel, the same in every run unless the bands go beyond it (log scale)
+BANDS_YLIM = (0.03, 30.0)
 
 
 def _figure(size: tuple[float, float]) -> Any:
@@ -85,8 +87,12 @@ def channel_bands(channels: ChannelMetrics) -> dict[str, tuple[np.ndarray, dict[
         if not history.columns or not channels.has_theory.get(name):
             continue
         matrix = history.matrix()
+        positive = np.where(matrix > 0, matrix, np.nan)
         with np.errstate(invalid="ignore"), _quiet():
-            q = np.nanpercentile(np.where(matrix > 0, matrix, np.nan), _BAND_QUANTILES, axis=0)
+            if np.isfinite(positive).all():  # the usual case, ~10× faster than nanpercentile
+                q = np.percentile(positive, _BAND_QUANTILES, axis=0)
+            else:
+                q = np.nanpercentile(positive, _BAND_QUANTILES, axis=0)
         out[name] = (np.asarray(history.steps), dict(zip(_BAND_QUANTILES, q)))
     return out
 
@@ -123,14 +129,17 @@ def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path:
     with Δ* (1) and the stall threshold; one title and one legend for the figure. ``None`` without data."""
     if not bands:
         return None
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
     layers, how = select_layers(bands)
     cols = min(4 if len(layers) > 9 else 3, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig = _figure((3.3 * cols, 2.3 * rows + 1.0))
     if fig is None:
         return None
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     stalled = stalled or {}
+    limits = _band_limits([bands[n][1] for n in layers])
     for ax, name in zip(axes.flat, layers):
         steps, q = bands[name]
         ax.fill_between(steps, q[5], q[95], alpha=0.2, color="C0", lw=0, label="5–95 % of units")
@@ -140,17 +149,25 @@ def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path:
         ax.axhline(1.0, color="k", lw=0.8, ls="--", label=r"$\Delta^*$ (ratio 1)")
         ax.axhline(STALL_RATIO, color="C3", lw=0.8, ls=":", label=f"stalled (< {STALL_RATIO:g})")
         share = stalled.get(name)
-        ax.set_title(_short(name) + ("" if share is None else f" (stalled {share:.0%})"), fontsize=7)
+        # a fixed title position and fixed, few ticks: matplotlib's automatic ones cost ~1 s per panel
+        ax.set_title(_short(name) + ("" if share is None else f" (stalled {share:.0%})"), fontsize=7, y=1.0)
         ax.set_yscale("log")
+        ax.set_ylim(*limits)
+        ax.yaxis.set_major_locator(FixedLocator([10.0 ** k for k in range(-4, 4)]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
         ax.tick_params(labelsize=6)
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
+    for ax in axes.flat:
+        ax.label_outer()
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    top = 1.0 - 0.5 / fig.get_figheight()
+    top = 1.0 - 0.62 / fig.get_figheight()
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, top + 0.02))
-    title = r"Per-unit angular update $\Delta_t/\Delta^*$ over the units of each layer: " + how
+    title = r"Per-unit angular update $\Delta_t/\Delta^*$ over the units of each layer" + "\n" + how
     fig.suptitle(title + (f"\n{source}" if source else ""), fontsize=9, y=0.995)
     fig.supxlabel("optimizer step", fontsize=8)
     fig.supylabel(r"$\Delta_t\,/\,\Delta^*$ per unit (log)", fontsize=8)
@@ -159,6 +176,17 @@ def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path:
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def _band_limits(quantiles: list[dict[int, np.ndarray]]) -> tuple[float, float]:
+    """:data:`BANDS_YLIM` in every run, widened to whole decades only where the bands go beyond it."""
+    low, high = BANDS_YLIM
+    values = np.concatenate([np.concatenate([q[5], q[95]]) for q in quantiles]) if quantiles else np.zeros(0)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size:
+        low = min(low, 10.0 ** np.floor(np.log10(values.min())))
+        high = max(high, 10.0 ** np.ceil(np.log10(values.max())))
+    return max(low, 1e-4), min(high, 1e4)
 
 
 def _short(name: str, width: int = 40) -> str:

@@ -19,8 +19,11 @@ Command line, on a finished run's CSV logs, TensorBoard event files or offline W
 
     python -m lightning_smd.report RUN_DIR [--out DIR] [--layer NAME] [--all]
 
-It writes into ``RUN_DIR/smd_report/`` (never over the callback's own ``smd/`` figures). A
-folder holding several runs is refused with the list of them; ``--all`` reports each.
+It writes into ``RUN_DIR/smd_report/`` (never over the callback's own ``smd/`` figures) every
+figure the live run renders: these four and the per-channel ones (bands from the logged
+percentiles, the heatmap from the ``smd_channel_heatmap.npz`` the callback left), and says which
+log it read (CSV, TensorBoard or W&B). A folder holding several runs is refused with the list of
+them; ``--all`` reports each.
 
 matplotlib is optional (``examples`` extra): without it :func:`save_figures` warns once and
 returns ``{}``.
