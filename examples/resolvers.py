@@ -6,7 +6,8 @@
 - ``${wandb_offline_default:}``: ``True`` unless W&B credentials are available.
 - ``${milestones_at:[0.5,0.75],${trainer.max_epochs}}``: milestones as fractions of the run's
   length (``round(f × total)``, each ≥ 1), so a schedule scales with ``trainer.max_epochs``
-  (or ``max_steps`` for ``interval: step``).
+  (or ``max_steps`` for ``interval: step``); no milestone when the length is -1 (a ``max_steps``
+  run) or 1 (set ``scheduler.milestones`` then).
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ def milestones_at(fractions, total) -> list[int]:
         fractions = list(fractions)
     if not isinstance(fractions, (list, tuple)) or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
         raise ValueError(f"milestones_at needs a list of fractions in (0, 1), got {fractions!r}")
-    if isinstance(total, bool) or not isinstance(total, int) or total < 2:
-        raise ValueError(
-            f"milestones_at needs the run's length (trainer.max_epochs, or trainer.max_steps for interval: step) "
-            f"to be an integer >= 2, got {total!r}; set scheduler.milestones=[...] explicitly"
-        )
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise ValueError(f"milestones_at needs the run's length (trainer.max_epochs) as an integer, got {total!r}")
+    if total < 2:  # max_epochs=-1 (a max_steps run) or a one-epoch run: no room for a drop
+        return []
     return [min(max(1, round(f * total)), total - 1) for f in fractions]
 
 
