@@ -116,7 +116,7 @@ def test_piped_cli_run_output_and_train_log(tmp_path):
     assert end - start <= 25, "\n".join(lines[start:end])
     assert max(len(line) for line in lines) <= 120, max(lines, key=len)
     assert "LeafSpec" not in out and "litlogger" not in out and "task_name:" not in out
-    assert "model.0.weight" in (run / "smd" / "smd_tensors.txt").read_text()
+    assert "model.features.0.weight" in (run / "smd" / "smd_tensors.txt").read_text()
     assert any(line.startswith("[examples/train.py] expected: val/acc swings") for line in lines)
     assert sum(line.startswith("Epoch") for line in lines) <= 12
     log = (run / "train.log").read_text()
