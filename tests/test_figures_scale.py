@@ -170,3 +170,10 @@ def test_detection_report_of_a_large_model_fits_a_screen(arch):
     assert len(lines) <= 20, "\n".join(lines)
     assert max(len(line) for line in lines) <= MAX_WIDTH, "\n".join(lines)
     assert any("layer3" in line or "features." in line for line in lines)
+
+
+def test_verbose_levels_are_checked():
+    SMDCallback(verbose=2)
+    SMDCallback(verbose=False)
+    with pytest.raises(ValueError, match=r"verbose=\.\.\.\) must be True/False, 0, 1 or 2"):
+        SMDCallback(verbose=3)
