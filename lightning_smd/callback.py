@@ -28,7 +28,7 @@ from lightning_smd.rescale import RescalePolicy
 from lightning_smd.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.steps import StepRecorder
 from lightning_smd.tracking import Tracked, TrackedSet, param_counts, trainable
-from lightning_smd.units import Unit, format_units, invariance_units
+from lightning_smd.units import Unit, invariance_units
 
 #: the full per-tensor detection table, written next to the figures
 TENSORS_FILE = "smd_tensors.txt"
