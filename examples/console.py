@@ -6,6 +6,9 @@
   write them to ``<run dir>/train.log``; console handlers write through ``tqdm.write``.
 * :class:`LineProgressBar`: when stdout is not a terminal (a pipe, a batch job's log), the
   training bar prints a few whole lines per epoch instead of hundreds of ``\\r`` redraws.
+* :func:`silence_known_noise`: the example scripts (never the library) drop two third-party lines
+  every run prints and no user can act on: Lightning's ``isinstance(treespec, LeafSpec)``
+  FutureWarning (torch 2.14 deprecates what Lightning 2.6 still calls) and its litlogger tip.
 """
 
 from __future__ import annotations
@@ -18,18 +21,69 @@ from typing import Any
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
-__all__ = ["LineProgressBar", "TqdmHandler", "progress_bar_for", "route_lightning_logs"]
+__all__ = ["KNOWN_NOISE", "LineProgressBar", "TqdmHandler", "progress_bar_for", "route_lightning_logs",
+           "silence_known_noise"]
+
+#: (what, regex of the message) of third-party lines the examples drop; each is matched exactly
+KNOWN_NOISE = (
+    ("FutureWarning from pytorch_lightning/utilities/_pytree.py (torch 2.14)", r"`isinstance\(treespec, LeafSpec\)`"),
+    ("Lightning's litlogger advert", r"💡 Tip: For seamless cloud logging"),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        import re
+
+        self.patterns = [re.compile(pattern) for _, pattern in KNOWN_NOISE]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def silence_known_noise() -> None:
+    """For the example scripts' own process: ignore :data:`KNOWN_NOISE` (one exact warning
+    message, one exact log line). Called by ``examples/train.py``'s CLI, not by :func:`train`
+    (tests and notebooks keep every warning), and never by the library."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    noise = _DropKnownNoise()
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(noise)
+
+
+#: console lines longer than this are wrapped (train.log keeps them whole)
+CONSOLE_WIDTH = 120
+
+
+def wrap_lines(text: str, width: int = CONSOLE_WIDTH) -> str:
+    """Every line of ``text`` longer than ``width`` wrapped at spaces, continuation lines indented."""
+    import textwrap
+
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = " " * (len(line) - len(line.lstrip(" ")))
+        out += textwrap.wrap(line, width, subsequent_indent=indent + "    ", break_long_words=True,
+                             break_on_hyphens=False)
+    return "\n".join(out)
 
 
 class TqdmHandler(logging.StreamHandler):
     """A console handler that writes with ``tqdm.write``: an active bar is cleared first and
-    redrawn after, so a log line never lands on a bar's line."""
+    redrawn after, so a log line never lands on a bar's line. Lines wider than
+    :data:`CONSOLE_WIDTH` (a warning's one long sentence) are wrapped."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(wrap_lines(self.format(record)), file=self.stream)
         except Exception:  # noqa: BLE001  (logging must never raise)
             self.handleError(record)
 

@@ -10,6 +10,10 @@
 ``devices`` may be ``auto`` (or -1) where the accelerator is known: ``cpu`` → 1 process, ``gpu`` /
 ``cuda`` / ``auto`` → the CUDA devices of this machine (1 without one), as Lightning resolves it.
 - ``${wandb_offline_default:}``: ``True`` unless W&B credentials are available.
+- ``${milestones_at:[0.5,0.75],${trainer.max_epochs}}``: milestones as fractions of the run's
+  length (``round(f × total)``, each ≥ 1), so a schedule scales with ``trainer.max_epochs``
+  (or ``max_steps`` for ``interval: step``); no milestone when the length is -1 (a ``max_steps``
+  run) or 1 (set ``scheduler.milestones`` then).
 """
 
 from __future__ import annotations
@@ -69,6 +73,19 @@ def slurm_devices(devices) -> int:
     return device_count(devices)
 
 
+def milestones_at(fractions, total) -> list[int]:
+    """``[round(f × total) for f in fractions]``: LR milestones at fractions of the run's length."""
+    if OmegaConf.is_list(fractions):
+        fractions = list(fractions)
+    if not isinstance(fractions, (list, tuple)) or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
+        raise ValueError(f"milestones_at needs a list of fractions in (0, 1), got {fractions!r}")
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise ValueError(f"milestones_at needs the run's length (trainer.max_epochs) as an integer, got {total!r}")
+    if total < 2:  # max_epochs=-1 (a max_steps run) or a one-epoch run: no room for a drop
+        return []
+    return [min(max(1, round(f * total)), total - 1) for f in fractions]
+
+
 def _netrc_has_wandb() -> bool:
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if not path.is_file():
@@ -96,6 +113,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("linear_steps", linear_steps, replace=True)
     OmegaConf.register_new_resolver("world_size", world_size, replace=True)
     OmegaConf.register_new_resolver("slurm_devices", slurm_devices, replace=True)
+    OmegaConf.register_new_resolver("milestones_at", milestones_at, replace=True)
     OmegaConf.register_new_resolver("wandb_offline_default", wandb_offline_default, replace=True, use_cache=False)
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only  # noqa: E402
 
 from examples import resolvers  # noqa: E402,F401  (registers ${linear_lr:...}, ${wandb_offline_default:})
-from examples.console import progress_bar_for, route_lightning_logs  # noqa: E402
+from examples.console import progress_bar_for, route_lightning_logs, silence_known_noise  # noqa: E402
 from examples.data.common import DatasetError  # noqa: E402
 from examples.threads import pin_torch_threads  # noqa: E402
 from examples.validate import ConfigError, check_cli_overrides, check_data, validate_config  # noqa: E402
@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config", True):
+    if cfg.get("print_config", False):
         print_config(cfg)
     threads = torch.get_num_threads()
     try:
@@ -217,6 +217,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "checkpoint": ckpt,
     }
     rank_zero_info(f"[examples/train.py] run dir: {output_dir}")
+    if cfg.get("expected"):
+        rank_zero_info(f"[examples/train.py] expected: {' '.join(str(cfg.expected).split())}")
     return result
 
 
@@ -233,6 +235,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
 def main(cfg: DictConfig) -> float | None:
     """CLI: compose with Hydra, then :func:`train`. Config/data errors exit with status 2."""
     route_lightning_logs()  # Lightning's lines through Hydra's handlers: own lines, and train.log
+    silence_known_noise()  # two third-party lines no user can act on (examples/console.py: KNOWN_NOISE)
     try:
         result = train(cfg)
     except (ConfigError, DatasetError) as err:

@@ -108,6 +108,16 @@ def test_piped_cli_run_output_and_train_log(tmp_path):
                    "SMD: equilibrium per learning-rate stage"):
         assert any(line.startswith(marker) for line in lines), marker
     assert not any("SMD" in line and "Epoch" in line for line in lines)
+    # issue 26: the SMD start-up report and plan fit a screen, no line is wider than 120 columns,
+    # no known third-party noise, no resolved config unless asked
+    start = next(i for i, line in enumerate(lines) if line.startswith("SMD: scale-invariant tensors"))
+    end = next(i for i in range(start + 1, len(lines))
+               if lines[i].startswith(("Epoch", "SMD: step", "`Trainer", "[examples")))
+    assert end - start <= 25, "\n".join(lines[start:end])
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert "LeafSpec" not in out and "litlogger" not in out and "task_name:" not in out
+    assert "model.features.0.weight" in (run / "smd" / "smd_tensors.txt").read_text()
+    assert any(line.startswith("[examples/train.py] expected: val/acc swings") for line in lines)
     assert sum(line.startswith("Epoch") for line in lines) <= 12
     log = (run / "train.log").read_text()
     for marker in ("SMD: scale-invariant tensors", "SMD: step 8:", "SMD: equilibrium per learning-rate stage",

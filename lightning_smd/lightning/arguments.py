@@ -65,6 +65,9 @@ def validate(a: dict[str, Any]) -> None:
     if "per_channel" in a and not (isinstance(a["per_channel"], bool) or _positive_int(a["per_channel"])):
         raise ValueError(f"SMDCallback(per_channel=...) must be True, False or a positive int (steps between "
                          f"per-channel measurements), got {a['per_channel']!r}")
+    if "verbose" in a and not (isinstance(a["verbose"], bool) or a["verbose"] in (0, 1, 2)):
+        raise ValueError(f"SMDCallback(verbose=...) must be True/False, 0, 1 or 2 (2: one row per tensor), "
+                         f"got {a['verbose']!r}")
     select([], include=a["include"], exclude=a["exclude"])  # regexes and types now, not at fit start
 
 

@@ -29,7 +29,10 @@ from lightning_smd.core.rescale import RescalePolicy
 from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad_scaler
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, param_counts, trainable
-from lightning_smd.core.units import Unit, format_units, invariance_units
+from lightning_smd.core.units import Unit, invariance_units
+
+#: the full per-tensor detection table, written next to the figures
+TENSORS_FILE = "smd_tensors.txt"
 
 __all__ = ["SMDCallback"]
 
@@ -90,7 +93,10 @@ class SMDCallback(pl.Callback):
         figures_every_n_steps: also render the figures periodically (rank 0); they are always
             rendered at the end of fit.
         figures_dir: where figures go; default ``<trainer.log_dir or default_root_dir>/smd``.
-        verbose: print the detection report (and the equilibrium summary at the end) on rank 0.
+        verbose: print the detection report (and the equilibrium summary at the end) on rank 0:
+            ``True`` (or 1) grouped by stage of the network, with counts (a screen, whatever the
+            model); ``2`` one row per tensor, and the plan's column legend; ``False`` nothing. The
+            per-tensor table is also written to ``<figures dir>/smd_tensors.txt``.
         per_channel: also measure every tensor per invariance unit (output channel under
             BatchNorm, channel group under GroupNorm, head under a per-head norm; see
             ``docs/per_channel.md``), from the same reads: ``smd/channel/...`` percentiles, stalled
@@ -124,7 +130,7 @@ class SMDCallback(pl.Callback):
         equilibrium_window: int = 200,
         figures_every_n_steps: int | None = None,
         figures_dir: str | None = None,
-        verbose: bool = True,
+        verbose: bool | int = True,
         per_channel: bool | int = True,
         warmup_steps: int | None = None,
     ) -> None:
@@ -302,13 +308,7 @@ class SMDCallback(pl.Callback):
             if decision is not None:
                 # detection ends in on_before_optimizer_step: gradients exist and must follow the weights
                 self._start_tracking(trainer, decision, scale_grads=True)
-                self.detection_text = detection_report(trainer, self._trainable, decision)
-                if self.verbose:
-                    rank_zero_info(self.detection_text)
-                    if self.units:
-                        rank_zero_info(format_units(self.units))
-                    if self.plan is not None:
-                        rank_zero_info(self.plan.format())
+                self._report_detection(trainer, decision)
             return
         if not self.detection.done:  # tensors added to the optimizers after fit start
             decision = self.detection.step(trainer, optimizer)
@@ -370,6 +370,29 @@ class SMDCallback(pl.Callback):
             rank_zero_info(self.equilibrium.summary())
         if self.records:
             self.publisher.render_figures(trainer, summary_table=True)
+
+    def _report_detection(self, trainer: pl.Trainer, decision: Decision) -> None:
+        """Rank 0: the full per-tensor table into ``<figures dir>/smd_tensors.txt``; on the console
+        the grouped report (``verbose=True``) or the full table (``verbose=2``), then the plan."""
+        self.detection_text = detection_report(trainer, self._trainable, decision, units=self.units)
+        if not trainer.is_global_zero:
+            return
+        where = None
+        if self.figures_dir is not None or trainer.loggers:  # no files in the working directory of a logger-less run
+            path = self.figures_path(trainer) / TENSORS_FILE
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.detection_text + "\n")
+                where = f"SMDCallback(verbose=2), and {path}"
+            except OSError as err:
+                rank_zero_warn(f"SMDCallback: could not write {path}: {err}")
+        if not self.verbose:
+            return
+        full = self.verbose is not True and int(self.verbose) >= 2
+        rank_zero_info(detection_report(trainer, self._trainable, decision, units=self.units, full=full,
+                                        full_table_at=where or "SMDCallback(verbose=2)"))
+        if self.plan is not None:
+            rank_zero_info(self.plan.format(legend=full))
 
     def _start_tracking(self, trainer: pl.Trainer, decision: Decision, scale_grads: bool) -> None:
         self.candidates = decision.chosen

@@ -187,8 +187,10 @@ def check_filters(names: list[str], include: Any, exclude: Any) -> None:
                 ) from err
 
 
-def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision) -> str:
-    """The table printed once detection is decided (rank 0)."""
+def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision, units: Any = None,
+                     full: bool = True, full_table_at: str | None = None) -> str:
+    """The report printed once detection is decided (rank 0): per tensor (``full``) or grouped
+    (see :func:`~lightning_smd.summary.format_detection_report`)."""
     rows = []
     for t in tracked:
         if t.name not in decision.chosen:
@@ -212,4 +214,5 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
     names = {t.name for t in tracked}
     return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other,
                                    total=len(tracked), dead={n: w for n, w in decision.dead.items() if n in names},
-                                   eps_dominated=decision.eps_dominated)
+                                   eps_dominated=decision.eps_dominated, units=units, full=full,
+                                   full_table_at=full_table_at)

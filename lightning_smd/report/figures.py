@@ -19,8 +19,11 @@ Command line, on a finished run's CSV logs, TensorBoard event files or offline W
 
     python -m lightning_smd.report RUN_DIR [--out DIR] [--layer NAME] [--all]
 
-It writes into ``RUN_DIR/smd_report/`` (never over the callback's own ``smd/`` figures). A
-folder holding several runs is refused with the list of them; ``--all`` reports each.
+It writes into ``RUN_DIR/smd_report/`` (never over the callback's own ``smd/`` figures) every
+figure the live run renders: these four and the per-channel ones (bands from the logged
+percentiles, the heatmap from the ``smd_channel_heatmap.npz`` the callback left), and says which
+log it read (CSV, TensorBoard or W&B). A folder holding several runs is refused with the list of
+them; ``--all`` reports each.
 
 matplotlib is optional (``examples`` extra): without it :func:`save_figures` warns once and
 returns ``{}``.
@@ -52,6 +55,7 @@ __all__ = [
     "plot_weight_norm",
     "save_figures",
     "summary_rows",
+    "theory_steps",
 ]
 
 #: File name of each figure written by :func:`save_figures`.
@@ -65,6 +69,10 @@ SUMMARY_FILE = "smd_summary.md"
 #: Folder (inside the run dir) the report command writes to by default.
 REPORT_DIR = "smd_report"
 
+#: every Δ_t/Δ* colour scale (this heatmap, the per-unit one) spans [1/RATIO_SPAN, RATIO_SPAN] on a
+#: log scale centred on 1, in every run, so two runs' figures compare; values beyond it saturate
+RATIO_SPAN = 10.0
+RATIO_LABEL = "$\\Delta_t\\,/\\,\\Delta^*$  (1 = equilibrium)\nlog scale, fixed 0.1–10 in every run"
 _DPI = 110
 _WIDE = (10.0, 5.0)
 _CMAP = "viridis"
@@ -180,6 +188,32 @@ def lr_changes(series: RunSeries) -> list[int]:
     return out
 
 
+def theory_steps(steps: np.ndarray, values: np.ndarray, events: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The points of a theory line to draw with ``drawstyle="steps-post"`` (each value holds from
+    its step to the next point), changing at the exact step of the event that changed it.
+
+    A logged theory value is the value at its step; between two logged points the value changed at
+    an unknown step, unless an event (an LR change, a rescale: :func:`lr_changes`) lies in
+    ``(previous logged step, this one]``: then the new value starts at that event's step. Missing
+    and non-positive values are dropped.
+    """
+    keep = np.isfinite(values) & (values > 0)
+    xs, ys = steps[keep].astype(float), values[keep]
+    if xs.size < 2 or not len(events):
+        return xs, ys
+    out_x, out_y = [xs[0]], [ys[0]]
+    marks = np.asarray(sorted(events), dtype=float)
+    for i in range(1, xs.size):
+        if ys[i] != ys[i - 1]:
+            inside = marks[(marks > xs[i - 1]) & (marks <= xs[i])]
+            if inside.size and inside[0] < xs[i]:
+                out_x.append(inside[0])
+                out_y.append(ys[i])
+        out_x.append(xs[i])
+        out_y.append(ys[i])
+    return np.asarray(out_x), np.asarray(out_y)
+
+
 def _mark_events(ax: Any, series: RunSeries) -> None:
     """Vertical lines: LR changes (grey, dash-dot) and rescale events (red, dotted)."""
     for k, step in enumerate(lr_changes(series)):
@@ -241,10 +275,10 @@ def draw_angular_update(ax: Any, series: RunSeries, title: str | None = None) ->
     """Draw Δ_t per tensor with Δ* dashed (log y), LR changes and rescales marked, on a
     matplotlib ``ax`` (to compose figures, e.g. runs side by side)."""
     _plot_lines(ax, series, series.angular_update, series.names)
+    events = lr_changes(series)
     for k, j in enumerate(_unique_columns(series.angular_update_theory)):
-        theory = series.angular_update_theory[:, j]
-        keep = np.isfinite(theory) & (theory > 0)
-        ax.plot(series.steps[keep], theory[keep], color="black", lw=1.6, ls="--", drawstyle="steps-pre",
+        steps, theory = theory_steps(series.steps, series.angular_update_theory[:, j], events)
+        ax.plot(steps, theory, color="black", lw=1.6, ls="--", drawstyle="steps-post",
                 label=r"theory $\Delta^*$" if k == 0 else None)
     _mark_events(ax, series)
     default = r"Angular update per step: measured $\Delta_t$ (solid) vs theory $\Delta^*$ (dashed)"
@@ -280,9 +314,11 @@ def plot_weight_norm(series: RunSeries, path: Path, layer: str | None = None) ->
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.plot(steps, norm, color="tab:blue", lw=1.2, label=r"measured $\|w_t\|$")
-    t_steps, theory = series.series("weight_norm_theory", layer)
+    j = series.names.index(layer)
+    t_steps, theory = theory_steps(series.steps, series.weight_norm_theory[:, j], lr_changes(series))
     if theory.size:
-        ax.plot(t_steps, theory, color="black", lw=1.6, ls="--", label=r"predicted equilibrium $\|w^*\|$")
+        ax.plot(t_steps, theory, color="black", lw=1.6, ls="--", drawstyle="steps-post",
+                label=r"predicted equilibrium $\|w^*\|$")
     _mark_events(ax, series)
     _finish_axes(ax, f"Weight norm vs predicted equilibrium: {_short(layer, 60)}",
                  r"weight norm $\|w\|$ (L2)", log=False)
@@ -306,8 +342,7 @@ def plot_ratio_heatmap(series: RunSeries, path: Path) -> Path | None:
         return None
     columns = np.flatnonzero(np.isfinite(ratio[:, rows]).any(axis=1))
     data = np.ma.masked_invalid(np.where(ratio > 0, ratio, np.nan)[np.ix_(columns, rows)].T)
-    spread = np.nanpercentile(np.abs(np.log10(data.compressed())), 98) if data.count() else 0.1
-    span = 10 ** float(np.clip(spread, 0.1, 2.0))
+    span = RATIO_SPAN
     height = float(np.clip(1.6 + 0.18 * len(rows), 3.5, 12.0))
     fig = _new_figure((10.0, height))
     ax = fig.add_subplot()
@@ -315,7 +350,7 @@ def plot_ratio_heatmap(series: RunSeries, path: Path) -> Path | None:
     mesh = ax.pcolormesh(_step_edges(series.steps[columns].astype(float)), np.arange(len(rows) + 1),
                          data, cmap=cmap, norm=LogNorm(1 / span, span), shading="flat")
     bar = fig.colorbar(mesh, ax=ax, pad=0.01, aspect=6 * height, extend="both")
-    bar.set_label(r"$\Delta_t\,/\,\Delta^*$  (1 = equilibrium)")
+    bar.set_label(RATIO_LABEL)
     _plain_log_ticks(bar, span)
     _label_rows(ax, [series.names[j] for j in rows])
     ax.set_ylim(len(rows), 0)
@@ -503,7 +538,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: Path) -> int:
+_SOURCE_NAMES = {"csv": "CSV (Lightning CSVLogger)", "tensorboard": "TensorBoard event files", "wandb": "W&B offline run"}
+
+
+def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: Path, root: Path | None = None,
+                kind: str | None = None) -> int:
+    from lightning_smd.channel_figures import report_channel_figures
+
+    if kind is not None:
+        print(f"read: {_SOURCE_NAMES.get(kind, kind)}, {where}")
     if not series.names:
         print(f"error: no smd/* per-tensor series found in {where}", file=sys.stderr)
         return 2
@@ -512,6 +555,11 @@ def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: P
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
+    if _matplotlib_available():
+        channel, notes = report_channel_figures(series, root, out)
+        written.update(channel)
+        for note in notes:
+            print(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
     summary = out / SUMMARY_FILE
     summary.write_text(markdown_summary(series, window=args.window))
@@ -538,19 +586,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 name = "_".join(run.root.relative_to(args.run_dir).parts) or run.root.name
                 out = args.out / name
-            print(f"run {run.root} ({run.kind}):")
+            print(f"run {run.root}:")
             try:
-                status = max(status, _report_one(run.load(), out, args, run.path))
+                status = max(status, _report_one(run.load(), out, args, run.path, run.root, run.kind))
             except (FileNotFoundError, ValueError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 status = 2
         return status
     try:
-        series = RunSeries.from_run_dir(args.run_dir)
+        source = _single_source(args.run_dir)
+        series = source.load()
     except (FileNotFoundError, ValueError) as err:  # includes MultipleRunsError, which lists the runs
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return _report_one(series, args.out or base / REPORT_DIR, args, args.run_dir)
+    search = args.run_dir if args.run_dir.is_dir() else source.root  # where the callback's smd/ may lie
+    return _report_one(series, args.out or base / REPORT_DIR, args, source.path, search, source.kind)
+
+
+def _single_source(path: Path) -> Any:
+    """The :class:`~lightning_smd.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
+    from lightning_smd.series import MultipleRunsError, RunSource, _kind_of_file, find_runs
+
+    if path.is_file():
+        return RunSource(path.parent, _kind_of_file(path), path)
+    runs = find_runs(path)
+    if not runs:
+        raise FileNotFoundError(
+            f"no metrics.csv, TensorBoard event file (events.out.tfevents.*) or .wandb run file below {path}")
+    if len(runs) > 1:
+        raise MultipleRunsError(path, runs)
+    return runs[0]
 
 
 if __name__ == "__main__":

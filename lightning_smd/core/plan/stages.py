@@ -445,8 +445,9 @@ class Plan:
             writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
         return path
 
-    def format(self) -> str:
-        """The printed plan: a title, the table, a line explaining every column, then the advice."""
+    def format(self, legend: bool = True) -> str:
+        """The printed plan: a title, the table, a line explaining every column (``legend``; else
+        a pointer to it), then the advice."""
         spe = self.steps_per_epoch
         span = f"optimizer steps {self.start_step}–{self.end_step}"
         if spe:
@@ -467,7 +468,7 @@ class Plan:
             table.append(row)
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
-        legend = (
+        legend_text = (
             "columns: steps = optimizer steps [start, end)"
             + ("; epochs = the same in epochs" if spe else "")
             + "; length = end − start; lr = η (first→last where it varies inside the stage); change = how the "
@@ -477,7 +478,10 @@ class Plan:
             "reach the stage's equilibrium: Corollary 3.1 ⌈|ln k|·(1−α)/(4λη')⌉ after a change, (init) = "
             f"{_num(FIRST_STAGE_TIME_CONSTANTS)}τ from the initial weights; enough = length ≥ needed "
             "(? = unpredictable schedule)")
-        advice = ([legend] + [f"warning: {w}" for w in self.warnings]
+        if not legend:
+            legend_text = "columns: τ = relaxation time (1−α)/(4λη); needed = steps to the stage's equilibrium " \
+                          "(all columns: docs/plan.md, SMDCallback(verbose=2))"
+        advice = ([legend_text] + [f"warning: {w}" for w in self.warnings]
                   + [f"recommendation: {r}" for r in self.recommendations] + [f"note: {n}" for n in self.notes])
         for paragraph in advice:
             lines += textwrap.wrap(paragraph, width=_WIDTH, initial_indent="  ", subsequent_indent="    ",

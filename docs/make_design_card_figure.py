@@ -1,0 +1,105 @@
+"""Run the design card's command as written and report what it shows (the README's numbers and figures).
+
+    python docs/make_design_card_figure.py [--run-dir DIR] [--docs docs]
+
+Runs ``python examples/train.py model=resnet50 smd.rescale=true`` (no other override: the default
+data, sklearn's digits, with the digits+resnet50 pairing of ``conf/pairing/``) in a subprocess,
+timing it (wall clock and the CPU time of the process and its children), then reads the run's
+``metrics.csv`` and prints: the final val/acc, the LR drop and rescale steps, the first stage's
+equilibrium as the plan predicted it (``smd/plan.csv``) and as measured, and the mean Δ_t/Δ* over
+the scale-invariant tensors before the drop and at the first logged points after it. Copies
+``smd_angular_update.png`` and ``smd_channel_bands.png`` into ``--docs`` as
+``design_card_angular_update.png`` and ``resnet50_channel_bands.png``.
+
+``--run-dir`` reads an existing run of the same command instead of training (no timing then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning_smd import report  # noqa: E402
+from lightning_smd.series import RunSeries  # noqa: E402
+
+COMMAND = ["examples/train.py", "model=resnet50", "smd.rescale=true"]
+
+
+def run_command(run_dir: Path) -> tuple[float, float]:
+    """Run the command into ``run_dir``; ``(wall seconds, CPU seconds of the children)``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *COMMAND, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (run_dir / "console.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"the command failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def last_value(path: Path, key: str) -> float | None:
+    value = None
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(key):
+                value = float(row[key])
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=None, help="read this finished run instead of training")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    args = parser.parse_args(argv)
+    timing = None
+    run_dir = args.run_dir
+    if run_dir is None:
+        run_dir = REPO / "outputs" / "design_card" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        timing = run_command(run_dir)
+    metrics = next(run_dir.rglob("metrics.csv"))
+    series = RunSeries.from_csv(metrics)
+    changes = report.lr_changes(series)
+    ratio = np.nanmean(series.ratio, axis=1)
+    print(f"command: python {' '.join(COMMAND)}  (run dir {run_dir})")
+    if timing:
+        print(f"time: {timing[0]:.0f} s wall, {timing[1]:.0f} s CPU (process + children), "
+              f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"final val/acc: {last_value(metrics, 'val/acc'):.3f}; optimizer steps: {int(series.steps[-1]) + 1}")
+    print(f"LR changes at steps: {changes}; rescales: {[(s, round(f, 4)) for s, f in series.rescale_events]}")
+    plan = run_dir / "smd" / "plan.csv"
+    if plan.is_file():
+        with plan.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                print(f"plan: stage {row['stage']} steps {row['start_step']}–{row['end_step']}, needs "
+                      f"{row['steps_to_equilibrium']} steps to its equilibrium")
+    if changes:
+        drop = changes[0]
+        before = (series.steps >= drop - 30) & (series.steps < drop)
+        after = (series.steps >= drop) & (series.steps < drop + 12)
+        print(f"mean Δ_t/Δ* over the tensors: steps {drop - 30}–{drop - 1}: {np.nanmean(ratio[before]):.3f}; "
+              f"steps {drop}–{drop + 11} (right after the drop): {np.nanmean(ratio[after]):.3f}")
+    args.docs.mkdir(parents=True, exist_ok=True)
+    for source, target in (("smd_angular_update.png", "design_card_angular_update.png"),
+                           ("smd_channel_bands.png", "resnet50_channel_bands.png")):
+        if (run_dir / "smd" / source).is_file():
+            shutil.copyfile(run_dir / "smd" / source, args.docs / target)
+            print(f"copied {run_dir / 'smd' / source} -> {args.docs / target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
