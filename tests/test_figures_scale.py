@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_smd import SMDCallback, report
+from lightning_smd import SMDCallback
+from lightning_smd.report import figures as report
 from lightning_smd.channel_figures import CHANNEL_FIGURE_FILES, HEATMAP_RECORD, plot_bands, select_layers
 from lightning_smd.series import RunSeries
 from lightning_smd.summary import MAX_WIDTH

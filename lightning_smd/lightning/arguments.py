@@ -47,7 +47,7 @@ def validate(a: dict[str, Any]) -> None:
         raise ValueError(f"SMDCallback(equilibrium_tolerance=...) must be a number > 0, got {a['equilibrium_tolerance']!r}")
     if not _positive_int(a["equilibrium_window"]):
         raise ValueError(f"SMDCallback(equilibrium_window=...) must be an int >= 1, got {a['equilibrium_window']!r}")
-    for flag in ("rescale_on_increase", "verbose"):
+    for flag in ("rescale_on_increase",):
         if not isinstance(a[flag], bool):
             raise ValueError(f"SMDCallback({flag}=...) must be True or False, got {a[flag]!r}")
     if not any(a["rescale"] is m if isinstance(m, bool) else a["rescale"] == m for m in RESCALE_MODES):
