@@ -33,7 +33,7 @@ from lightning_smd.units import Unit, format_units, invariance_units
 __all__ = ["SMDCallback"]
 
 _STATE_VERSION = 1
-DEFAULT_CHANNEL_EVERY = 50  # per_channel=True: per-unit statistics once per 50 optimizer steps
+DEFAULT_CHANNEL_EVERY = 1  # per_channel=True: per-unit statistics on every measured step (they come from the same row sums)
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
@@ -93,10 +93,10 @@ class SMDCallback(pl.Callback):
         per_channel: also measure every tensor per invariance unit (output channel under
             BatchNorm, channel group under GroupNorm, head under a per-head norm; see
             ``docs/per_channel.md``), from the same reads: ``smd/channel/...`` percentiles, stalled
-            fractions, histograms (TensorBoard, W&B) and figures. ``True``: on the measured step
-            that ends every block of 50 optimizer steps (every measured step at the default
-            cadence, one in 50 when measuring every step); an int: every this many steps instead
-            (``1``: every measured step).
+            fractions, histograms (TensorBoard, W&B; at most one set per 50 steps) and figures.
+            ``True``: on every measured step (the per-tensor sums are sums of the per-unit ones,
+            so the units cost no extra read); an int ``N``: on the measured step ending each block
+            of ``N`` optimizer steps.
     """
 
     def __init__(
@@ -150,7 +150,8 @@ class SMDCallback(pl.Callback):
         self.unit_grad = RunningMean(ema_steps)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
         self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
-        self.publisher = Publisher(figures_dir, self.channels)
+        # per_channel=True: units on every measured step, histograms once per 50 steps; N: both every N
+        self.publisher = Publisher(figures_dir, self.channels, 50 if isinstance(per_channel, bool) else per_channel)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
                                         unit_grad=self.unit_grad, warm_start=warm_start)
@@ -280,6 +281,8 @@ class SMDCallback(pl.Callback):
                         rank_zero_info(format_units(self.units))
                     if self.plan is not None:
                         rank_zero_info(self.plan.format())
+                    if (copied := self._tracked.snapshot_note()):
+                        rank_zero_info(copied)
             return
         if not self.detection.done:  # tensors added to the optimizers after fit start
             decision = self.detection.step(trainer, optimizer)
