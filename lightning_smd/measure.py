@@ -27,16 +27,16 @@ param group says where ``s`` comes from (:func:`measurement_mode`):
 The sources formed after the step (Nesterov, Adam, Lion) are transient too: nothing the size of
 the tracked tensors is held between steps.
 
-**One fused pass.** All sums are taken per row — a tensor viewed in memory order as
-``[rows, numel/rows]`` with one row per output channel (dim 0; 1-D tensors are one row) — by a
-row-wise ``vector_norm`` (squared norms) and ``linalg.vecdot`` (dots). The per-tensor sums and the
-per-unit sums (a unit = consecutive rows, see :mod:`lightning_smd.units`) are sums of the row sums
-(one ``index_add_`` each): per-channel statistics need no second read. Small tensors (under
-:data:`SMALL_NUMEL` elements) of the same trailing shape, dtype and device are concatenated
-along dim 0 and reduced together, so a model of thousands of small tensors costs a handful of
-kernel launches, not thousands; large tensors are reduced where they lie (one launch streams
-≥ 256 KiB, the loop over them does not show). The layout of that pass is planned once per set of
-shapes and cached.
+**One fused pass.** All sums are taken per row of a tensor viewed in memory order as
+``[rows, numel/rows]``: one row per invariance unit when its per-unit statistics are taken this step
+(a row-wise ``vector_norm`` for squared norms, ``linalg.vecdot`` for dots), else one row (a BLAS
+``dot``, the cheapest read on CPU). The per-tensor sums and the per-unit sums are sums of the row
+sums (one ``index_add_`` each): per-channel statistics need no second read. Small tensors (under
+:data:`SMALL_NUMEL` elements) of the same trailing shape, dtype, strides and device are
+concatenated along dim 0 and reduced together per output channel, so a model of thousands of small
+tensors costs a handful of kernel launches, not thousands; large tensors are reduced where they lie
+(one launch streams ≥ 256 KiB; the loop over them does not show). The layout of that pass is
+planned once per set of shapes and cached. All rows go to the host in the step's one transfer.
 
 Δ_t uses the stable form ``atan2(‖u_⊥‖, ‖w_t‖ + ⟨ŵ_t, u⟩)``, never ``acos`` of a cosine.
 """
@@ -234,9 +234,7 @@ class GroupSlice:
         steps = self._steps()
         denom = torch._foreach_sqrt([second[i] for i in idx])
         torch._foreach_add_(denom, [eps * math.sqrt(max(1.0 - beta2 ** steps[i], 0.0)) for i in idx])
-        torch._foreach_reciprocal_(denom)
-        torch._foreach_mul_(denom, [first[i] for i in idx])
-        for i, d in zip(idx, denom):
+        for i, d in zip(idx, torch._foreach_div([first[i] for i in idx], denom)):
             out[i] = d
         return out
 
@@ -257,9 +255,10 @@ def _combined(a: list[Tensor | None], b: list[Tensor | None], alpha: float, beta
 
 
 # ---------------------------------------------------------------------------- the fused row pass
-def _rows_of(x: Tensor, units: int) -> int:
-    """Rows a tensor is reduced in: one per output channel (dim 0), or ``units`` for a 1-D tensor."""
-    if x.dim() >= 2 and x.shape[0] > 0:
+def _rows_of(x: Tensor, units: int, shared: bool) -> int:
+    """Rows a tensor is reduced in: its ``units`` (1: the whole tensor, one ``dot``), or one per
+    output channel (dim 0) when it is reduced together with others of its trailing shape."""
+    if shared:
         return x.shape[0]
     return units
 
@@ -288,18 +287,21 @@ class RowPlan:
 
     @classmethod
     def build(cls, xs: Sequence[Tensor], units: Sequence[int]) -> "RowPlan":
-        rows = [_rows_of(x, k) for x, k in zip(xs, units)]
+        """``units[i]``: the rows tensor ``i`` needs at least (its invariance units this step, 1 for
+        per-tensor sums only); small tensors sharing a bucket are reduced per output channel."""
         buckets: list[list[int]] = []
         shared: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
             if x.numel() >= SMALL_NUMEL or x.dim() < 2 or x.shape[0] == 0:
                 buckets.append([i])
                 continue
-            key = (x.device, x.dtype, tuple(x.shape[1:]), x.stride()[1:] if x.is_contiguous() else x.stride())
+            key = (x.device, x.dtype, tuple(x.shape[1:]), x.stride())
             if key not in shared:
                 shared[key] = []
                 buckets.append(shared[key])
             shared[key].append(i)
+        in_shared = {i for b in buckets if len(b) > 1 for i in b}
+        rows = [_rows_of(x, k, i in in_shared) for i, (x, k) in enumerate(zip(xs, units))]
         return cls(rows, buckets)
 
     def row_tensor(self) -> list[int]:
@@ -337,6 +339,8 @@ def row_sums(xs: Sequence[Tensor], ys: Sequence[Tensor | None], want: str, plan:
                 parts.append(torch.zeros(rows, dtype=acc, device=x.device))
             elif kind == "y":
                 parts.append(torch.linalg.vector_norm(ry, dim=1, dtype=acc).square())
+            elif rows == 1:  # one BLAS dot streams at the memory bandwidth; a row vecdot takes ~1.7x as long
+                parts.append(torch.dot(rx[0].to(acc), ry[0].to(acc)).reshape(1))
             else:
                 parts.append(torch.linalg.vecdot(rx.to(acc), ry.to(acc)))
         block = torch.stack(parts)
@@ -477,7 +481,7 @@ class StepMeasurer:
             return layout
         units: list[int] = []
         for s in self._active:
-            units.extend(s.units if s.units is not None else [1] * len(s.params))
+            units.extend(self._units(s) or [1] * len(s.params))
         plan = RowPlan.build(weights, units)
         n = len(weights)
         unit_start, m = [], 0

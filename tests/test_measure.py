@@ -157,9 +157,10 @@ def test_row_sums_bucketed_equal_float64_truth():
     sums = row_sums(xs, ys, "xyd", plan)
     order = plan.row_tensor()
     within = plan.row_in_tensor()
+    assert [plan.rows[i] for i in range(len(xs))] == [16, 32, 8, 1, 1, 12]  # shared buckets: per channel
     for col, (i, r) in enumerate(zip(order, within)):
-        x = xs[i].double()[r].reshape(-1)
-        y = ys[i].double()[r].reshape(-1) if ys[i] is not None else torch.zeros_like(x)
+        x = xs[i].double().reshape(plan.rows[i], -1)[r]
+        y = ys[i].double().reshape(plan.rows[i], -1)[r] if ys[i] is not None else torch.zeros_like(x)
         expected = torch.tensor([x @ x, y @ y, x @ y], dtype=torch.float64)
         torch.testing.assert_close(sums[:, col].double(), expected, rtol=1e-5, atol=1e-5)
 
