@@ -162,7 +162,8 @@ def test_row_sums_bucketed_equal_float64_truth():
         x = xs[i].double().reshape(plan.rows[i], -1)[r]
         y = ys[i].double().reshape(plan.rows[i], -1)[r] if ys[i] is not None else torch.zeros_like(x)
         expected = torch.tensor([x @ x, y @ y, x @ y], dtype=torch.float64)
-        torch.testing.assert_close(sums[:, col].double(), expected, rtol=1e-5, atol=1e-5)
+        scale = float(x @ x + y @ y)  # fp32 accumulation: errors relative to the norms, not to a small dot
+        torch.testing.assert_close(sums[:, col].double(), expected, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_snapshot_is_transient():
