@@ -147,29 +147,39 @@ class GroupSlice:
     def stop(self) -> int:
         return self.start + len(self.params)
 
+    @property
+    def _distributed(self) -> bool:
+        """Whether the tensors are DTensors (whose local shards must be taken); cached."""
+        known = self.__dict__.get("_dtensor")
+        if known is None:
+            known = self.__dict__["_dtensor"] = any(hasattr(p, "to_local") for p in self.params)
+        return known
+
+    def weights(self) -> list[Tensor]:
+        """The local weights (callers run under ``torch.no_grad``: no autograd graph is built)."""
+        return [local(p) for p in self.params] if self._distributed else list(self.params)
+
     def grads(self) -> list[Tensor]:
         """Local gradients; a tensor that got no gradient this step counts as zero."""
-        out = []
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                g = self._zeros.get(i)
-                if g is None:
-                    g = self._zeros[i] = torch.zeros_like(local(p))
-            out.append(local(g))
-        return out
+        out = [p.grad for p in self.params]
+        if any(g is None for g in out):
+            for i, p in enumerate(self.params):
+                if out[i] is None:
+                    g = self._zeros.get(i)
+                    if g is None:
+                        g = self._zeros[i] = torch.zeros_like(local(p))
+                    out[i] = g
+        return [local(g) for g in out] if self._distributed else out
 
     def grads_or_none(self) -> list[Tensor | None]:
+        if not self._distributed:
+            return [p.grad for p in self.params]
         return [local(p.grad) if p.grad is not None else None for p in self.params]
 
     def state_tensors(self, key: str) -> list[Tensor | None]:
         state = self.optimizer.state
-        out = []
-        for p in self.params:
-            st = state.get(p)
-            t = st.get(key) if st else None
-            out.append(local(t) if t is not None else None)
-        return out
+        out = [st.get(key) if (st := state.get(p)) else None for p in self.params]
+        return [local(t) if t is not None else None for t in out] if self._distributed else out
 
     def buffers(self) -> list[Tensor | None]:
         return self.state_tensors("momentum_buffer")
@@ -384,6 +394,7 @@ class StepMeasurer:
         self._per_unit = True
         self._active: list[GroupSlice] = []
 
+    @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
                     grad_scale: Tensor | float | None = None, unit_grad: bool = True,
                     per_unit: bool = True) -> list[GroupSlice]:
@@ -410,9 +421,10 @@ class StepMeasurer:
             s.weight_decay = float(group.get("weight_decay", 0.0))
             s.momentum = float(group.get("momentum", 0.0) or 0.0)
             s.dampening = float(group.get("dampening", 0.0) or 0.0)
+            w = s.weights()
             if s.mode == "snapshot":
-                s.snapshot = torch._foreach_mul([local(p.detach()) for p in s.params], 1.0)  # transient
-            weights.extend(local(p.detach()) for p in s.params)
+                s.snapshot = torch._foreach_mul(w, 1.0)  # transient: freed in after_step
+            weights.extend(w)
         self._missing = tuple(missing) if any(missing) else None
         layout = self._layout(weights)
         if not unit_grad:
@@ -434,6 +446,7 @@ class StepMeasurer:
         self._pre = pre
         return self._active
 
+    @torch.no_grad()
     def after_step(self) -> tuple[Tensor, list[GroupSlice]]:
         """Finish the measurement once the optimizer stepped.
 
@@ -447,7 +460,7 @@ class StepMeasurer:
         weights: list[Tensor] = []
         sources: list[Tensor | None] = []
         for s in self._active:
-            w = [local(p.detach()) for p in s.params]
+            w = s.weights()
             if s.mode == "snapshot":
                 torch._foreach_sub_(s.snapshot, w)  # w_t − w_{t+1} = −u
             weights.extend(w)
