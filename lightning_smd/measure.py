@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GroupSlice", "SMALL_NUMEL", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
+__all__ = ["GroupSlice", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -213,55 +213,87 @@ class GroupSlice:
         it = iter(values)
         return [next(it) if s is not None else 0.0 for s in steps]
 
-    def source(self) -> list[Tensor | None]:
-        """After the step: ``s`` per tensor (``None``: no state, the tensor did not move)."""
-        if self.mode == "buffer":
-            return self.buffers()
-        if self.mode == "grad":
-            return self.grads()
-        if self.mode == "snapshot":
-            return self.snapshot
+    def source(self) -> "Sources":
+        """After the step: the source ``s`` of every tensor, formed lazily per reduction (a whole
+        bucket of small tensors at once, see :class:`Sources`)."""
+        n = len(self.params)
+        if self.mode in ("buffer", "grad", "snapshot"):
+            direct = {"buffer": self.buffers, "grad": self.grads, "snapshot": lambda: self.snapshot}[self.mode]()
+            return Sources([direct], _first, [None] * n)
         if self.mode == "nesterov":
-            return _combined(self.grads_or_none(), self.buffers(), 1.0, self.momentum)
+            momentum = self.momentum
+            return Sources([self.grads_or_none(), self.buffers()], lambda g, b, _: torch.add(g, b, alpha=momentum),
+                           [None] * n)
         if self.mode == "lion":
             beta1, beta2 = (float(b) for b in self.group["betas"])
             # c = β1·m_t + (1−β1)·g with m_t = (m_{t+1} − (1−β2)·g)/β2
-            s = _combined(self.state_tensors("exp_avg"), self.grads_or_none(), beta1 / beta2,
-                          (1.0 - beta1) - beta1 * (1.0 - beta2) / beta2)
-            present = [t for t in s if t is not None]
-            if present:
-                torch._foreach_sign_(present)
-            return s
+            alpha, beta = beta1 / beta2, (1.0 - beta1) - beta1 * (1.0 - beta2) / beta2
+            return Sources([self.state_tensors("exp_avg"), self.grads_or_none()],
+                           lambda m, g, _: torch.mul(m, alpha).add_(g, alpha=beta).sign_(), [None] * n)
         # adam: m / (√v + ε·√b₂)
         beta2 = float(self.group["betas"][1])
         eps = float(self.group["eps"])
         second = self.state_tensors("max_exp_avg_sq" if self.group.get("amsgrad", False) else "exp_avg_sq")
-        first = self.state_tensors("exp_avg")
-        idx = [i for i, (m, v) in enumerate(zip(first, second)) if m is not None and v is not None]
-        out: list[Tensor | None] = [None] * len(self.params)
-        if not idx:
-            return out
-        steps = self._steps()
-        denom = torch._foreach_sqrt([second[i] for i in idx])
-        torch._foreach_add_(denom, [eps * math.sqrt(max(1.0 - beta2 ** steps[i], 0.0)) for i in idx])
-        for i, d in zip(idx, torch._foreach_div([first[i] for i in idx], denom)):
-            out[i] = d
-        return out
+        eps_t = [eps * math.sqrt(max(1.0 - beta2 ** t, 0.0)) for t in self._steps()]
+        return Sources([self.state_tensors("exp_avg"), second], lambda m, v, e: m / v.sqrt().add_(e), eps_t)
 
 
-def _combined(a: list[Tensor | None], b: list[Tensor | None], alpha: float, beta: float) -> list[Tensor | None]:
-    """``alpha·a + beta·b`` per tensor as new tensors (a missing ``b`` counts as zero; a missing ``a``: ``None``)."""
-    idx = [i for i, x in enumerate(a) if x is not None]
-    out: list[Tensor | None] = [None] * len(a)
-    if not idx:
-        return out
-    res = torch._foreach_mul([a[i] for i in idx], alpha)
-    with_b = [(r, b[i]) for r, i in zip(res, idx) if b[i] is not None]
-    if with_b:
-        torch._foreach_add_([r for r, _ in with_b], [y for _, y in with_b], alpha=beta)
-    for i, r in zip(idx, res):
-        out[i] = r
-    return out
+def _first(x: Tensor, *_) -> Tensor:
+    return x
+
+
+class Sources:
+    """The update's source of a list of tensors, formed only when a reduction needs it.
+
+    ``inputs[k][i]``: the k-th input of tensor ``i`` (``None``: no state; for the first input, the
+    tensor did not move); ``fn(*inputs, scalar)`` forms the source elementwise, ``scalars[i]`` a
+    per-tensor constant. A bucket of small tensors is formed from the concatenated inputs in one
+    call (one kernel per input instead of one per tensor), a large tensor on its own, so the
+    transient never exceeds one bucket's or one tensor's size."""
+
+    def __init__(self, inputs: list[list[Tensor | None]], fn: Callable, scalars: list) -> None:
+        self.inputs, self.fn, self.scalars = inputs, fn, scalars
+
+    @staticmethod
+    def concat(parts: list["Sources"]) -> "Sources":
+        return parts[0] if len(parts) == 1 else _Joined(parts)
+
+    def one(self, i: int) -> Tensor | None:
+        args = [inp[i] for inp in self.inputs]
+        if args[0] is None:
+            return None
+        if self.fn is _first:
+            return args[0]
+        args = [a if a is not None else torch.zeros_like(args[0]) for a in args]
+        return self.fn(*args, self.scalars[i])
+
+    def many(self, idx: list[int], like: Sequence[Tensor]) -> Tensor | None:
+        """The sources of tensors ``idx`` concatenated along dim 0 (``like``: their weights)."""
+        if all(self.inputs[0][i] is None for i in idx):
+            return None
+        scalars = {self.scalars[i] for i in idx}
+        if len(scalars) > 1:  # e.g. Adam tensors at different step counts: form each, then concatenate
+            return torch.cat([y if (y := self.one(i)) is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
+        cat = [torch.cat([inp[i] if inp[i] is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
+               for inp in self.inputs]
+        return self.fn(*cat, scalars.pop())
+
+
+class _Joined(Sources):
+    """Several slices' sources, indexed as one list."""
+
+    def __init__(self, parts: list[Sources]) -> None:
+        self.parts = parts
+        self.where = [(p, i) for p in parts for i in range(len(p.inputs[0]))]
+
+    def one(self, i: int) -> Tensor | None:
+        part, j = self.where[i]
+        return part.one(j)
+
+    def many(self, idx: list[int], like: Sequence[Tensor]) -> Tensor | None:
+        if len({id(self.where[i][0]) for i in idx}) == 1:
+            return self.where[idx[0]][0].many([self.where[i][1] for i in idx], like)
+        return torch.cat([y if (y := self.one(i)) is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
 
 
 # ---------------------------------------------------------------------------- the fused row pass
@@ -322,23 +354,22 @@ class RowPlan:
         return [r for b in self.buckets for i in b for r in range(self.rows[i])]
 
 
-def row_sums(xs: Sequence[Tensor], ys: Sequence[Tensor | None], want: str, plan: RowPlan) -> Tensor:
+def row_sums(xs: Sequence[Tensor], ys: "Sequence[Tensor | None] | Sources", want: str, plan: RowPlan) -> Tensor:
     """``[len(want), rows]`` per-row sums, rows in ``plan``'s order: ``"x"`` ‖x‖², ``"y"`` ‖y‖²,
-    ``"d"`` ⟨x, y⟩ (a missing ``y`` counts as zero). Accumulated in fp32 (float64 if any input is)."""
+    ``"d"`` ⟨x, y⟩ (a missing ``y`` counts as zero). Accumulated in fp32 (float64 if any input is).
+    ``ys`` may be a :class:`Sources`: each bucket's partners are then formed when it is reduced."""
+    if not isinstance(ys, Sources):
+        ys = Sources([list(ys)], _first, [None] * len(xs))
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     out = []
     device = xs[0].device if xs else torch.device("cpu")
     for bucket in plan.buckets:
         if len(bucket) == 1:
             i = bucket[0]
-            x, y, rows = xs[i], ys[i], plan.rows[i]
+            x, y, rows = xs[i], ys.one(i), plan.rows[i]
         else:
             x = torch.cat([xs[i] for i in bucket])
-            members = [ys[i] for i in bucket]
-            if all(m is None for m in members):
-                y = None
-            else:
-                y = torch.cat([m if m is not None else torch.zeros_like(xs[i]) for m, i in zip(members, bucket)])
+            y = ys.many(bucket, [xs[i] for i in bucket])
             rows = sum(plan.rows[i] for i in bucket)
         rx, ry = _rows_pair(x, y if y is not None else x, rows)
         parts = []
@@ -458,14 +489,15 @@ class StepMeasurer:
         if self._pre is None:
             raise RuntimeError("after_step() called without before_step()")
         weights: list[Tensor] = []
-        sources: list[Tensor | None] = []
+        parts: list[Sources] = []
         for s in self._active:
             w = s.weights()
             if s.mode == "snapshot":
                 torch._foreach_sub_(s.snapshot, w)  # w_t − w_{t+1} = −u
             weights.extend(w)
-            sources.extend(s.source())
+            parts.append(s.source())
         layout = self._layout(weights)
+        sources = Sources.concat(parts)
         rows = row_sums(weights, sources, "xyd", layout.plan)
         del sources
         for s in self._active:

@@ -239,3 +239,27 @@ def test_each_optimizer_reduces_only_its_own_tensors():
     slices = [GroupSlice(opt1, 0, [a, b], 0, "grad"), GroupSlice(opt2, 0, [c], 2, "grad")]
     StepRecorder(slices, make_reduce)
     assert seen == [[id(a), id(b)], [id(c)]]
+
+
+@pytest.mark.parametrize("opt_name", ["sgdm", "sgd", "nesterov", "adamw", "adamw_amsgrad", "lion"])
+def test_small_tensors_reduced_together_match_float64_truth(opt_name):
+    """Same-shape small tensors are concatenated and their sources formed in one call per bucket:
+    the angles still match the float64 truth per tensor, and per unit."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.BatchNorm1d(6), torch.nn.ReLU())
+              for _ in range(4)]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), *blocks, torch.nn.Linear(6, 3))
+    tracked = [b[0].weight for b in blocks]
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    s = GroupSlice(opt, 0, tracked, 0, measurement_mode(opt, opt.param_groups[0]))
+    from lightning_smd.measure import RowPlan
+
+    assert RowPlan.build(tracked, [1] * 4).buckets == [[0, 1, 2, 3]]
+    measurer = StepMeasurer([s])
+    gen = torch.Generator().manual_seed(1)
+
+    def step_fn():
+        opt.zero_grad()
+        model(torch.randn(16, 5, generator=gen)).pow(2).mean().backward()
+
+    _check_step(measurer, opt, tracked, step_fn, opt_name, steps=4)
