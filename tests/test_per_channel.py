@@ -309,12 +309,15 @@ def test_per_channel_argument_validation(bad):
         SMDCallback(per_channel=bad)
 
 
-def test_default_cadence_measures_per_channel_every_measured_step():
-    """per_channel=True: per-unit statistics on the measured step ending each block of 50 steps, i.e.
-    every measured step at the Trainer's default cadence (50), one in 50 when measuring every step."""
+def test_default_measures_per_channel_on_every_measured_step():
+    """per_channel=True: per-unit statistics on every measured step, at any cadence (they are the
+    row sums the per-tensor ones are summed from); per_channel=N keeps one block of N steps."""
+    from lightning_smd.callback import DEFAULT_CHANNEL_EVERY
     from lightning_smd.steps import samples_unit_grad
 
-    assert all(samples_unit_grad(s + 1, 50, 50) for s in range(49, 1000, 50))
-    every_step = [s for s in range(1000) if samples_unit_grad(s + 1, 1, 50)]
-    assert every_step == list(range(49, 1000, 50))
-    assert math.isclose(len(every_step) / 1000, 1 / 50)
+    assert SMDCallback().channel_every == DEFAULT_CHANNEL_EVERY == 1
+    assert SMDCallback(per_channel=7).channel_every == 7
+    assert all(samples_unit_grad(s + 1, 1, DEFAULT_CHANNEL_EVERY) for s in range(1000))
+    assert all(samples_unit_grad(s + 1, 50, DEFAULT_CHANNEL_EVERY) for s in range(49, 1000, 50))
+    every_step_thinned = [s for s in range(1000) if samples_unit_grad(s + 1, 1, 50)]
+    assert every_step_thinned == list(range(49, 1000, 50))

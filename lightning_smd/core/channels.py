@@ -26,7 +26,7 @@ import numpy as np
 
 from lightning_smd.core import theory
 
-__all__ = ["PERCENTILES", "STALL_RATIO", "ChannelMetrics", "UnitHistory"]
+__all__ = ["PERCENTILES", "STALL_RATIO", "ChannelMetrics", "UnitHistory", "segment_percentiles"]
 
 PERCENTILES = (5, 50, 95)
 _SUFFIX = tuple(f"p{q:02d}" for q in PERCENTILES)
@@ -78,10 +78,8 @@ class ChannelMetrics:
         self.has_theory: dict[str, bool] = {}  # name → whether `latest`/`history` hold Δ_t/Δ* (else Δ_t)
         self.fresh = False  # a per-channel step was built and its histograms not yet logged
         self.stalled: dict[str, float] = {}
-        self._below_since: dict[str, np.ndarray] = {}
-        self._mean: dict[str, np.ndarray] = {}
-        self._weight: dict[str, np.ndarray] = {}
-        self._last: dict[str, np.ndarray] = {}
+        self._layout_key: tuple | None = None
+        self._arrays: dict[str, np.ndarray] = {}
         self._keys: dict[str, tuple[tuple[str, ...], ...]] = {}
 
     def keys(self, name: str) -> tuple[tuple[str, ...], ...]:
@@ -92,71 +90,137 @@ class ChannelMetrics:
                 for kind in ("angular_update", "weight_norm", "weight_norm_theory"))
         return keys
 
-    def _unit_grad(self, name: str, sample: np.ndarray, step: int) -> np.ndarray:
-        mean = self._mean.get(name)
-        if mean is None or mean.shape != sample.shape:
-            mean = self._mean[name] = np.zeros_like(sample)
-            self._weight[name] = np.zeros_like(sample)
-            self._last[name] = np.full(sample.shape, step - 1, dtype=np.int64)
-        weight, last = self._weight[name], self._last[name]
-        keep = np.exp(-np.maximum(step - last, 1) / self.time_constant)
-        ok = np.isfinite(sample)
-        mean[ok] = keep[ok] * mean[ok] + (1.0 - keep[ok]) * sample[ok]
-        weight[ok] = keep[ok] * weight[ok] + (1.0 - keep[ok])
-        last[ok] = step
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(weight > 0, mean / weight, np.nan)
-
-    def _stall(self, name: str, ratio: np.ndarray, step: int) -> float:
-        since = self._below_since.get(name)
-        if since is None or since.shape != ratio.shape:
-            since = np.full(ratio.shape, np.nan)
-        below = ratio < STALL_RATIO  # NaN (not finite) is not below
-        since = np.where(below, np.where(np.isnan(since), step, since), np.nan)
-        self._below_since[name] = since
-        return float(np.mean(below & (step - since >= self.window))) if ratio.size else math.nan
+    def _state(self, names: list[str], counts: list[int]) -> dict[str, np.ndarray]:
+        """The per-unit running L and stall windows of ``names`` as arrays over all their units, in
+        order (one array per quantity: the step's work is a few whole-array operations). When the
+        tracked set changes, each known tensor keeps its units' state, new ones start empty."""
+        key = (tuple(names), tuple(counts))
+        if self._layout_key == key:
+            return self._arrays
+        old = {}
+        if self._layout_key is not None:
+            at = 0
+            for name, k in zip(*self._layout_key):
+                old[name] = {q: v[at:at + k] for q, v in self._arrays.items()}
+                at += k
+        m = sum(counts)
+        arrays = {"mean": np.zeros(m), "weight": np.zeros(m), "last": np.full(m, np.nan),
+                  "since": np.full(m, np.nan)}
+        at = 0
+        for name, k in zip(names, counts):
+            if name in old and old[name]["mean"].shape == (k,):
+                for q in arrays:
+                    arrays[q][at:at + k] = old[name][q]
+            at += k
+        self._layout_key, self._arrays = key, arrays
+        return arrays
 
     def build(self, units: np.ndarray, names: list[str], counts: list[int], theories: list[theory.GroupTheory],
               step: int, log_step: int) -> dict[str, float]:
         """``units``: host ``[3, m]`` (Δ_t, ‖w_t‖, L sample) of the tensors ``names`` with ``counts``
-        units each (in order); ``theories[i]``: the group theory of ``names[i]``."""
+        units each (in order); ``theories[i]``: the group theory of ``names[i]``.
+
+        Vectorized over all units: the percentiles of every tensor come from one sort
+        (:func:`segment_percentiles`), the running L and stall windows are whole-array updates;
+        what remains per tensor is building its metric keys."""
         metrics: dict[str, float] = {}
-        all_ratios = []
+        counts_arr = np.asarray(counts, dtype=np.int64)
+        m = int(counts_arr.sum())
+        delta, w_norm, sample = (np.asarray(units[i, :m], dtype=np.float64) for i in range(3))
+        finite = np.isfinite(delta) & np.isfinite(w_norm)
+        state = self._state(names, counts)
+        # per-tensor theory, expanded to its units (one GroupTheory object per param group)
+        per_group: dict[int, tuple[float, float]] = {}
+        one_t, star_t = np.empty(len(names)), np.empty(len(names))
+        for i, group_theory in enumerate(theories):
+            known = per_group.get(id(group_theory))
+            if known is None:
+                try:  # ‖w*‖² ∝ √L (SGD family): the value at L = 1 scales to every unit
+                    one = group_theory.equilibrium_norm_sq(1.0)
+                except ValueError:  # η or λ not positive: no equilibrium
+                    one = None
+                star = group_theory.angular_update
+                known = per_group[id(group_theory)] = (math.nan if one is None else math.sqrt(one),
+                                                       float(star) if star else math.nan)
+            one_t[i], star_t[i] = known
+        one_u, star_u = np.repeat(one_t, counts_arr), np.repeat(star_t, counts_arr)
+        # running per-unit L (bias-corrected EMA), skipping non-finite samples
+        sample = np.where(finite, sample, np.nan)
+        ok = np.isfinite(sample)
+        last = np.where(np.isnan(state["last"]), step - 1, state["last"])
+        keep = np.exp(-np.maximum(step - last, 1) / self.time_constant)
+        state["mean"] = np.where(ok, keep * state["mean"] + (1.0 - keep) * np.where(ok, sample, 0.0), state["mean"])
+        state["weight"] = np.where(ok, keep * state["weight"] + (1.0 - keep), state["weight"])
+        state["last"] = np.where(ok, step, state["last"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit_grad = np.where(state["weight"] > 0, state["mean"] / state["weight"], np.nan)
+            predicted = one_u * np.where(unit_grad > 0, unit_grad, np.nan) ** 0.25
+            has_star = np.isfinite(star_u)
+            ratio = np.where(finite, np.where(has_star, delta / np.where(has_star, star_u, 1.0), delta), np.nan)
+        # stall windows: units below STALL_RATIO of Δ* since when (NaN: not below)
+        below = has_star & (ratio < STALL_RATIO)
+        state["since"] = np.where(below, np.where(np.isnan(state["since"]), log_step, state["since"]), np.nan)
+        stalled_unit = below & (log_step - state["since"] >= self.window)
+        quantiles = segment_percentiles(np.stack([np.where(finite, delta, np.nan), np.where(finite, w_norm, np.nan),
+                                                  predicted]), counts_arr, PERCENTILES)
+        stalled_sum = np.add.reduceat(stalled_unit.astype(np.float64), _starts(counts_arr)) if m else np.zeros(0)
         at = 0
-        for name, k, group_theory in zip(names, counts, theories):
-            delta, w_norm, sample = units[0, at:at + k], units[1, at:at + k], units[2, at:at + k]
-            at += k
+        for i, (name, k) in enumerate(zip(names, counts)):
             delta_keys, norm_keys, theory_keys = self.keys(name)
-            finite = np.isfinite(delta) & np.isfinite(w_norm)
-            if finite.any():
-                for key, v in zip(delta_keys, np.percentile(delta[finite], PERCENTILES)):
-                    metrics[key] = float(v)
-                for key, v in zip(norm_keys, np.percentile(w_norm[finite], PERCENTILES)):
-                    metrics[key] = float(v)
-            unit_grad = self._unit_grad(name, np.where(finite, sample, np.nan), step)
-            try:  # ‖w*‖² ∝ √L (SGD family): the value at L = 1 scales to every unit
-                one = group_theory.equilibrium_norm_sq(1.0)
-            except ValueError:  # η or λ not positive: no equilibrium
-                one = None
-            if one is not None:
-                with np.errstate(invalid="ignore"):
-                    predicted = math.sqrt(one) * np.where(unit_grad > 0, unit_grad, np.nan) ** 0.25
-                if np.isfinite(predicted).any():
-                    for key, v in zip(theory_keys, np.nanpercentile(predicted, PERCENTILES)):
-                        metrics[key] = float(v)
-            delta_star = group_theory.angular_update
-            if delta_star:
-                ratio = np.where(finite, delta / delta_star, np.nan)
-                all_ratios.append(ratio[finite])
-                self.stalled[name] = metrics[f"smd/channel/stalled_fraction/{name}"] = self._stall(name, ratio, log_step)
-            else:
-                ratio = np.where(finite, delta, np.nan)
-            self.latest[name] = ratio
-            self.latest_norm[name] = np.where(finite, w_norm, np.nan)
-            self.has_theory[name] = bool(delta_star)
-            self.history.setdefault(name, UnitHistory(self.history_capacity)).append(log_step, ratio)
+            for kind_keys, row in ((delta_keys, 0), (norm_keys, 1), (theory_keys, 2)):
+                values = quantiles[row, i]
+                if not math.isnan(values[0]):
+                    for key, v in zip(kind_keys, values.tolist()):
+                        metrics[key] = v
+            view = ratio[at:at + k]
+            if has_star[at] if k else False:
+                self.stalled[name] = metrics[f"smd/channel/stalled_fraction/{name}"] = (
+                    float(stalled_sum[i]) / k if k else math.nan)
+            self.latest[name] = view
+            self.latest_norm[name] = np.where(finite[at:at + k], w_norm[at:at + k], np.nan)
+            self.has_theory[name] = bool(k and has_star[at])
+            self.history.setdefault(name, UnitHistory(self.history_capacity)).append(log_step, view)
+            at += k
         self.fresh = True
-        if all_ratios and (pooled := np.concatenate(all_ratios)).size:
-            for p, v in zip(_SUFFIX, np.percentile(pooled, PERCENTILES)):
-                metrics[f"smd/channel/angular_update_ratio/{p}"] = float(v)
+        pooled = ratio[has_star & finite]
+        if pooled.size:
+            for p, v in zip(_SUFFIX, np.percentile(pooled, PERCENTILES).tolist()):
+                metrics[f"smd/channel/angular_update_ratio/{p}"] = v
         return metrics
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> np.ndarray:
+    """Percentiles (numpy's ``linear`` method) of consecutive segments of ``values``, NaN excluded.
+
+    ``values``: ``[K, m]``, ``counts``: segment lengths summing to ``m``. Returns ``[K, segments,
+    len(percentiles)]``, NaN where a segment has no finite value. One sort for all segments and rows.
+    """
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    counts = np.asarray(counts, dtype=np.int64)
+    n_rows, m = values.shape
+    n_seg = len(counts)
+    q = np.asarray(percentiles, dtype=np.float64) / 100.0
+    out = np.full((n_rows, n_seg, len(q)), np.nan)
+    if m == 0 or n_seg == 0:
+        return out
+    segment = np.repeat(np.arange(n_seg), counts)
+    finite = np.isfinite(values)
+    keyed = np.where(finite, values, np.inf)
+    # sort each row within segments: segment id as the major key
+    order = np.lexsort((keyed, np.broadcast_to(segment, keyed.shape)), axis=-1)
+    ordered = np.take_along_axis(keyed, order, axis=-1)
+    n_finite = np.stack([np.bincount(segment, weights=f, minlength=n_seg) for f in finite]).astype(np.int64)
+    pos = np.maximum(n_finite - 1, 0)[..., None] * q  # [K, segments, Q]
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(n_finite - 1, 0)[..., None])
+    frac = pos - lo
+    base = _starts(counts)[None, :, None]
+    rows = np.arange(n_rows)[:, None, None]
+    a, b = ordered[rows, base + lo], ordered[rows, base + hi]
+    with np.errstate(invalid="ignore"):
+        result = np.where(frac >= 0.5, b - (b - a) * (1.0 - frac), a + (b - a) * frac)
+    return np.where((n_finite > 0)[..., None], result, out)

@@ -73,7 +73,7 @@ def choose_mode(trainer: Any, optimizer: torch.optim.Optimizer, group_index: int
         return mode
     if any(p.dtype in _LOW_PRECISION for p in params):
         return "snapshot"  # the applied update is rounded to the parameter dtype: measure what was applied
-    if mode == "grad" and grad_scaler(trainer) is not None and handles_unscaling(optimizer):
+    if mode in ("grad", "nesterov") and grad_scaler(trainer) is not None and handles_unscaling(optimizer):
         return "snapshot"  # the gradients read after a fused step are still scaled
     return mode
 

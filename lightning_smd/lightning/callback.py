@@ -37,7 +37,7 @@ TENSORS_FILE = "smd_tensors.txt"
 __all__ = ["SMDCallback"]
 
 _STATE_VERSION = 1
-DEFAULT_CHANNEL_EVERY = 50  # per_channel=True: per-unit statistics once per 50 optimizer steps
+DEFAULT_CHANNEL_EVERY = 1  # per_channel=True: per-unit statistics on every measured step (they come from the same row sums)
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
@@ -100,10 +100,10 @@ class SMDCallback(pl.Callback):
         per_channel: also measure every tensor per invariance unit (output channel under
             BatchNorm, channel group under GroupNorm, head under a per-head norm; see
             ``docs/per_channel.md``), from the same reads: ``smd/channel/...`` percentiles, stalled
-            fractions, histograms (TensorBoard, W&B) and figures. ``True``: on the measured step
-            that ends every block of 50 optimizer steps (every measured step at the default
-            cadence, one in 50 when measuring every step); an int: every this many steps instead
-            (``1``: every measured step).
+            fractions, histograms (TensorBoard, W&B; at most one set per 50 steps) and figures.
+            ``True``: on every measured step (the per-tensor sums are sums of the per-unit ones,
+            so the units cost no extra read); an int ``N``: on the measured step ending each block
+            of ``N`` optimizer steps.
         warmup_steps: ``None``: an LR that only rises from the start of training is a warm-up
             (recognized from the LR each step, see :mod:`lightning_smd.core.plan.warmup`); an int N: the
             LR changes at optimizer steps ≤ N are the warm-up; ``0``: no warm-up. A warm-up is one
@@ -163,7 +163,8 @@ class SMDCallback(pl.Callback):
         self.unit_grad = RunningMean(ema_steps)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
         self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
-        self.publisher = Publisher(figures_dir, self.channels)
+        # per_channel=True: units on every measured step, histograms once per 50 steps; N: both every N
+        self.publisher = Publisher(figures_dir, self.channels, 50 if isinstance(per_channel, bool) else per_channel)
         self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
         self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
                                         unit_grad=self.unit_grad, warm_start=warm_start, warmup_steps=warmup_steps)
@@ -393,6 +394,8 @@ class SMDCallback(pl.Callback):
                                         full_table_at=where or "SMDCallback(verbose=2)"))
         if self.plan is not None:
             rank_zero_info(self.plan.format(legend=full))
+        if (copied := self._tracked.snapshot_note()):
+            rank_zero_info(copied)
 
     def _start_tracking(self, trainer: pl.Trainer, decision: Decision, scale_grads: bool) -> None:
         self.candidates = decision.chosen

@@ -43,15 +43,19 @@ class Publisher:
     """Logs metric dicts through every logger (keeping :attr:`records`, what the figures are drawn
     from) and renders the figures into ``figures_dir`` (default ``<log dir>/smd``). Rank 0 only.
 
-    ``channels``: the per-channel metrics; after a step that built them, :meth:`log` also sends
-    their per-layer histograms to TensorBoard and W&B, and :meth:`render_figures` draws the
+    ``channels``: the per-channel metrics; after a step that built them (at most once per
+    ``histogram_every`` steps), :meth:`log` also sends their per-layer histograms to TensorBoard and W&B, and :meth:`render_figures` draws the
     per-channel figures (:mod:`lightning_smd.channel_figures`).
     """
 
-    def __init__(self, figures_dir: str | None = None, channels: ChannelMetrics | None = None) -> None:
+    def __init__(self, figures_dir: str | None = None, channels: ChannelMetrics | None = None,
+                 histogram_every: int = 50) -> None:
         self.figures_dir = figures_dir
         self.records = History()
         self.channels = channels
+        # per-layer histograms at most once per this many steps (each is a write per layer and logger)
+        self.histogram_every = histogram_every
+        self._histogram_step: int | None = None
 
     def log(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         self.records.append(step, metrics)
@@ -59,7 +63,9 @@ class Publisher:
             logger.log_metrics(metrics, step=step)
         if self.channels is not None and self.channels.fresh:
             self.channels.fresh = False
-            channel_figures.log_histograms(trainer, self.channels, step)
+            if self._histogram_step is None or step - self._histogram_step >= self.histogram_every:
+                self._histogram_step = step
+                channel_figures.log_histograms(trainer, self.channels, step)
 
     def figures_path(self, trainer: pl.Trainer) -> Path:
         if self.figures_dir is not None:

@@ -110,6 +110,19 @@ class TrackedSet:
                     "it has no equilibrium, its norm grows and its angular update decays."
                 )
 
+    def snapshot_note(self) -> str | None:
+        """A start-up line naming the param groups measured from a transient copy of ``w_t`` (their
+        update cannot be rebuilt from the optimizer's state: Muon, fused kernels, 16-bit weights,
+        unknown optimizers), with the copy's size; ``None`` when every group is measured without one."""
+        slices = self.recorder.slices if self.recorder is not None else []
+        copied = [s for s in slices if s.mode == "snapshot"]
+        if not copied:
+            return None
+        size = sum(p.numel() * p.element_size() for s in copied for p in s.params)
+        groups = ", ".join(f"{type(s.optimizer).__name__} group {s.group_index}" for s in copied)
+        return (f"SMD: {groups}: the update cannot be rebuilt from the optimizer's state, so measured steps copy "
+                f"the tracked weights for the step ({size / 2**20:.1f} MiB, freed after it; nothing is held between steps).")
+
     def members(self, optimizer_index: int, group_index: int) -> list[Tracked]:
         return self.by_group.get((optimizer_index, group_index), [])
 
