@@ -237,7 +237,7 @@ def plot_unit_heatmap(steps: Any, matrix: np.ndarray, layer: str, path: str | Pa
     on 1) where Δ* is known, else Δ_t in radians (log colour scale)."""
     from matplotlib.colors import LogNorm
 
-    from lightning_smd.report import RATIO_LABEL, RATIO_SPAN, _diverging_cmap, _plain_log_ticks
+    from lightning_smd.report.figures import RATIO_LABEL, RATIO_SPAN, _diverging_cmap, _plain_log_ticks
 
     fig = _figure((8.0, 4.0))
     if fig is None:
