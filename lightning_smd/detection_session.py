@@ -134,7 +134,9 @@ class DetectionSession:
         chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm,
                                   numels={t.name: t.param.numel() for t in self.tracked},
                                   dtypes={t.name: t.param.dtype for t in self.tracked},
-                                  confirm=self._finite_difference_check(trainer))
+                                  confirm=self._finite_difference_check(trainer),
+                                  eps_dominated=self._notes.eps_dominated if self._notes else None,
+                                  eps_defect=self._notes.eps_defect if self._notes else None)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.

@@ -119,6 +119,7 @@ class DataflowRecorder:
         self._norm_inputs: dict[int, _NormInput] = {}
         self.dead: dict[str, str] = {}
         self.eps_dominated: dict[str, str] = {}
+        self.eps_defect: dict[str, float] = {}  # chosen name → eps/(var+eps) of the norms it feeds (largest)
         self.candidates: dict[str, Candidate] | None = None
 
     def __enter__(self) -> DataflowRecorder:
@@ -314,6 +315,7 @@ class DataflowRecorder:
         ratios = (torch.stack([s.min_var.float().cpu() for _, s in stats]) if stats else None)  # one transfer
         by_module = {key: (s, float(r)) for (key, s), r in zip(stats, ratios.tolist())}
         found: dict[str, str] = {}
+        self.eps_defect = {}
         for producer, verdicts in judged:
             for param, verdict in verdicts:
                 name = param_names.get(id(param))
@@ -325,6 +327,8 @@ class DataflowRecorder:
                         if entry is None:
                             continue
                         stat, var = entry
+                        defect = stat.eps / (var + stat.eps) if var + stat.eps > 0 else 1.0
+                        self.eps_defect[name] = max(self.eps_defect.get(name, 0.0), defect)
                         if var < EPS_MARGIN * stat.eps:
                             found[name] = f"{stat.label}: input variance {var:.2g} vs eps {stat.eps:g}"
         return found
