@@ -147,7 +147,7 @@ class SMDCallback(pl.Callback):
         self.verbose = verbose
 
         # the parts (see docs/architecture.md); unit_grad, equilibrium and the watcher's state are checkpointed
-        self.unit_grad = RunningMean(ema_steps)
+        self.unit_grad = RunningMean(ema_steps, positive=True)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
         self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
         self.publisher = Publisher(figures_dir, self.channels)
