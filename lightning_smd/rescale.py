@@ -42,7 +42,7 @@ class RescalePolicy:
     """Which (η, λ) changes trigger a rescale, and by how much.
 
     Args:
-        mode: ``"drop"``: only changes that divide ηλ by at least ``min_drop`` (the paper's
+        mode: ``"drop"``: only changes that divide η/λ by at least ``min_drop`` (the paper's
             multi-stage schedules: StepLR, MultiStepLR, ReduceLROnPlateau); ``"continuous"``: every
             change (cosine, polynomial, OneCycle decay), with η clamped from below at
             ``min_lr_ratio`` × the group's largest η seen, so η → 0 cannot collapse the weights
