@@ -99,7 +99,8 @@ def decide(
     with ``confirm`` (names → ``{name: None | why refuted}``, normally a closure over
     :func:`~lightning_smd.detect.numerics.confirm_scale_invariance`) each discovery must also
     pass the finite-difference check ``w → 2w`` at a generic point; refuted ones go to
-    ``rejected``. Without them the bar is ``threshold`` alone (the behaviour before).
+    ``rejected``; with ``confirm`` the size-aware bar is not capped at ``threshold`` (it only
+    chooses which tensors the exact check runs on). Without them the bar is ``threshold`` alone.
 
     ``eps_dominated`` (name → why, from the recorded forward: the normalization's input variance
     is within ``EPS_MARGIN``·eps) settles those structural candidates in ``"auto"`` mode without
@@ -137,7 +138,9 @@ def decide(
         bar = threshold
         if numels is not None and name in numels:
             dtype = (dtypes or {}).get(name, torch.float32)
-            bar = discovery_threshold(threshold, numels[name], dtype)
+            # with the exact finite-difference check behind it, the size-aware bar is only a prefilter:
+            # not capped at `threshold`, so eps or a loss's alignment cannot hide a small invariant tensor
+            bar = discovery_threshold(1.0 if confirm is not None else threshold, numels[name], dtype)
         if cos < bar:  # NaN (never measured) compares False
             why = f"numerical: radial cosine {cos:.1e} < {bar:.1e}"
             discovered[name] = Candidate(name, why, "numerical")
