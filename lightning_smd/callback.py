@@ -212,7 +212,7 @@ class SMDCallback(pl.Callback):
                 "Both would measure (twice the cost) and, with rescale, both would rescale at an LR drop "
                 "(weights × k^(-1/2) instead of k^(-1/4)). Keep one SMDCallback."
             )
-        if self.figures_dir is not None and trainer.is_global_zero:
+        if self.figures_dir is not None and trainer.is_global_zero and self.publisher.writes_files(trainer):
             check_writable(self.figures_dir, "SMDCallback(figures_dir=...)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,8 +241,8 @@ class SMDCallback(pl.Callback):
             rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
                            "training and measurement go on without a plan.")
             return
-        if self.figures_dir is not None or trainer.loggers:  # no files in the working directory of a logger-less run
-            self.plan.write_csv(self.figures_path(trainer) / "plan.csv")
+        if (plan_csv := self.publisher.plan_path(trainer)) is not None:
+            self.plan.write_csv(plan_csv)
         wandb_extras.log_plan_table(trainer, self.plan.rows(), trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -278,7 +278,7 @@ class SMDCallback(pl.Callback):
                     rank_zero_info(detection_report(trainer, self._trainable, decision))
                     if self.units:
                         rank_zero_info(format_units(self.units))
-                    if self.plan is not None:
+                    if self.plan is not None and decision.chosen:  # nothing to measure: the report said why, once
                         rank_zero_info(self.plan.format())
             return
         if not self.detection.done:  # tensors added to the optimizers after fit start
@@ -315,7 +315,7 @@ class SMDCallback(pl.Callback):
         self.detection.stop_recording()
         if not trainer.is_global_zero:
             return
-        if self.verbose and self.equilibrium.stages:
+        if self.verbose and self.equilibrium.stages and self.candidates:
             rank_zero_info(self.equilibrium.summary())
         if self.records:
             self.publisher.render_figures(trainer, summary_table=True)

@@ -24,7 +24,7 @@ from lightning_smd.detect import (
 )
 from lightning_smd.distributed import is_sharded, make_reduce_fn
 from lightning_smd.steps import radial_floor
-from lightning_smd.summary import DetectionRow, format_detection_report
+from lightning_smd.summary import DetectionRow, first_names, format_detection_report
 from lightning_smd.tracking import Tracked, group_label
 
 __all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
@@ -38,6 +38,7 @@ class Decision:
     rejected: dict[str, str] = field(default_factory=dict)
     dead: dict[str, str] = field(default_factory=dict)  # no gradient ever reaches them (name → why)
     eps_dominated: dict[str, str] = field(default_factory=dict)  # normalizations whose input variance ~ eps
+    filtered_out: list[str] = field(default_factory=list)  # scale-invariant, but left out by include/exclude
 
 
 class DetectionSession:
@@ -148,12 +149,14 @@ class DetectionSession:
                                   eps_dominated=self._notes.eps_dominated if self._notes else None,
                                   eps_defect=self._notes.eps_defect if self._notes else None)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
+        filtered_out = sorted(n for n in chosen if n not in keep)
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.done, self._inputs, self._child_inputs = True, None, {}
         notes = self._notes
-        return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {})
+        return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {},
+                        filtered_out)
 
     def _finite_difference_check(self, trainer: pl.Trainer) -> Any:
         """``w → 2w`` on the recorded forward's inputs for numerical discoveries (every rank runs
@@ -212,7 +215,9 @@ def check_filters(names: list[str], include: Any, exclude: Any) -> None:
 
 
 def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision) -> str:
-    """The table printed once detection is decided (rank 0)."""
+    """The table printed once detection is decided (rank 0); one sentence when nothing is tracked."""
+    if not decision.chosen:
+        return nothing_to_measure(len(tracked), decision)
     rows = []
     for t in tracked:
         if t.name not in decision.chosen:
@@ -237,3 +242,18 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
     return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other,
                                    total=len(tracked), dead={n: w for n, w in decision.dead.items() if n in names},
                                    eps_dominated=decision.eps_dominated)
+
+
+def nothing_to_measure(trainable: int, decision: Decision) -> str:
+    """Said once, and nothing else, when no tensor is tracked: there is nothing to measure, and why."""
+    if decision.filtered_out:
+        why = (f"all {len(decision.filtered_out)} scale-invariant tensors ({first_names(decision.filtered_out)}) "
+               "are left out by SMDCallback(include=..., exclude=...)")
+    else:
+        why = (f"none of the {trainable} trainable tensors is scale-invariant: no conv/linear weight feeds only a "
+               "normalization (BatchNorm, GroupNorm, LayerNorm, ...), and no weight normalizes itself")
+        if decision.rejected:
+            why += (f"; structural candidates left out (eps-dominated, or refuted by their radial cosine): "
+                    f"{first_names(sorted(decision.rejected))}")
+    return (f"SMD: nothing to measure: {why}. The SMD theory (Δ*, ‖w*‖, rescales) applies to scale-invariant "
+            "weights only; nothing is measured or rescaled in this fit.")
