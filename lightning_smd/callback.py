@@ -5,6 +5,7 @@ The data flow of one step, and what each part does, is in ``docs/architecture.md
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -130,6 +131,9 @@ class SMDCallback(pl.Callback):
             verbose=verbose, per_channel=per_channel,
         )
         arguments.validate(given)
+        self._given = given  # to start fresh when reused on a new Trainer or model (see setup)
+        self._fit_of: tuple[Any, Any] | None = None  # weak references: the Trainer and module of the last fit
+        self._continuing = False
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
@@ -205,6 +209,14 @@ class SMDCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # Before a checkpoint is restored: a new Trainer or model starts fresh (nothing of the last
+        # run carries over: its LR, stages, records); the same Trainer and model again (trainer.fit
+        # to train longer) continues, without a second detection.
+        last = self._fit_of
+        self._continuing = last is not None and last[0]() is trainer and last[1]() is pl_module
+        if last is not None and not self._continuing:
+            self.__init__(**self._given)
+        self._fit_of = (weakref.ref(trainer), weakref.ref(pl_module))
         others = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback) and cb is not self]
         if others:
             raise ValueError(
@@ -221,6 +233,8 @@ class SMDCallback(pl.Callback):
         check_filters([t.name for t in self._trainable], self.include, self.exclude)
         self._tracked = None
         self.detection.reset(self._trainable)
+        if self._continuing and self.candidates and self._saved_names is None:
+            self._saved_names = sorted(self.candidates)  # continue tracking them (the resume path)
         if not self._trainable:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
             self._tracked = TrackedSet(trainer, [], self.unit_grad_every)
