@@ -373,7 +373,8 @@ class SMDCallback(pl.Callback):
         if self.verbose:
             added = self.detection.tracked
             rank_zero_info(
-                f"SMD: {len(added)} tensors were added to the optimizers at step {self._added_at}; "
+                f"SMD: {len(added)} tensors were added to the optimizers (add_param_group) or unfrozen (requires_grad) "
+                f"at step {self._added_at}; "
                 f"from step {step} on, the scale-invariant ones among them are tracked too.\n"
                 + detection_report(trainer, added, decision)
             )
