@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -41,6 +42,7 @@ def test_second_trainer_on_a_new_model_starts_fresh(tmp_path):
     assert len(reused.equilibrium.stages) <= 1
 
 
+@pytest.mark.slow  # default-tier budget
 def test_fit_again_on_the_same_trainer_continues(tmp_path):
     cb = SMDCallback(log_every_n_steps=1, verbose=False)
     module = NoisyRayleighQuotient(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, init_norm=2.0)

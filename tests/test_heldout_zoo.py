@@ -14,7 +14,7 @@ def test_heldout_patterns_against_oracle():
     _check([_score_model(z) for z in heldout_zoo()])
 
 
-FIT_DEFAULT = {"held/pool_upsample", "held/gated"}
+FIT_DEFAULT = {"held/pool_upsample"}  # the one the callback missed before
 
 
 @pytest.mark.parametrize("name", [pytest.param(z.name, marks=() if z.name in FIT_DEFAULT else pytest.mark.slow)

@@ -14,6 +14,7 @@ from tests.helpers import fit
 from tests.models import NoisyRayleighQuotient
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "issue 22 item 3, not fixed in this round: the detection state (radial-cosine maxima, hook counts, "
     "structural candidates, the recorded inputs of the finite-difference check) is not checkpointed, so the "
