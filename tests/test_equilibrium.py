@@ -7,13 +7,14 @@ from lightning_smd.equilibrium import EquilibriumTracker
 
 
 def _reference(steps_ratios, start, window, tolerance):
-    """The first step at which the mean over the last `window` steps is within tolerance (brute force)."""
+    """The first measured step of the first full window whose every point is within tolerance (brute force)."""
     for i, (step, _) in enumerate(steps_ratios):
-        if step - start < window:
+        if step - start + 1 < window:
             continue
-        points = [r for s, r in steps_ratios[: i + 1] if s > step - window]
-        if abs(sum(points) / len(points) - 1.0) <= tolerance:
-            return max(step - window + 1, start)
+        points = [(s, r) for s, r in steps_ratios[: i + 1] if s > step - window]
+        gaps = [b[0] - a[0] for a, b in zip(points, points[1:])] or [1]
+        if max(gaps) <= 2 * min(gaps) and points[0][0] <= step - window + max(gaps) and all(abs(r - 1.0) <= tolerance for _, r in points):
+            return points[0][0]
     return None
 
 
@@ -51,4 +52,23 @@ def test_new_stage_forgets_the_previous_window():
     newly = {}
     for step in range(20, 31):
         newly.update(tracker.update(step, ["pg0"], ["w"], [1.0]))
-    assert newly == {"w": 21}  # the 0.2s of the old stage do not count
+    assert newly == {"w": 20}  # the 0.2s of the old stage do not count
+
+
+def test_a_transient_does_not_average_out_and_a_partial_window_gives_no_verdict():
+    """The issue's repros: Δ/Δ* 9.7 → 0.01 → 3.8 → ... whose window mean is ~1 is no equilibrium;
+    a window that began before measuring did (measured from step 150 on) gives no verdict at 200."""
+    tracker = EquilibriumTracker(0.1, 6)
+    tracker.start_stage("pg0", 0, None, False, ["w"])
+    newly = {}
+    for step, ratio in zip(range(0, 12), [9.7, 0.01, 3.8, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]):
+        newly.update(tracker.update(step, ["pg0"], ["w"], [ratio]))
+    assert newly == {"w": 5}  # the first step of the first full window inside the tolerance, not 0
+    late = EquilibriumTracker(0.1, 200)
+    late.start_stage("pg0", 0, None, False, ["w"])
+    assert not any(late.update(s, ["pg0"], ["w"], [1.0]) for s in range(150, 210, 5))
+    assert late.update(350, ["pg0"], ["w"], [1.0]) == {}  # a 145-step hole: the window is not covered
+    hits = {}
+    for s in range(355, 600, 5):
+        hits.update(late.update(s, ["pg0"], ["w"], [1.0]))
+    assert hits == {"w": 350}

@@ -211,6 +211,21 @@ def test_summary_rows(drop_series: RunSeries, rescaled_series: RunSeries) -> Non
     assert all(0.8 < r["ratio"] < 1.25 for r in report.summary_rows(rescaled_series))
 
 
+def test_summary_fraction_agrees_with_the_window_it_prints() -> None:
+    """quickstart_rescale's repro: three tensors at Δ/Δ* 0.964–1.09 over the printed window, while
+    the callback's verdict (a stage shorter than equilibrium_window) was 1 of 3: the summary said 33 %."""
+    records = []
+    for step in range(0, 60, 2):
+        metrics = {"smd/equilibrium/fraction": 1 / 3}
+        for name, ratio in (("a.weight", 0.964), ("b.weight", 1.0), ("c.weight", 1.09)):
+            metrics[f"smd/angular_update/{name}"] = 0.01 * ratio
+            metrics[f"smd/angular_update_theory/{name}"] = 0.01
+        records.append((step, metrics))
+    text = report.markdown_summary(RunSeries.from_records(records))
+    assert "within ±0.1 of 1: 3 of 3 (100 %)" in text
+    assert "at equilibrium at the end: 33 %" not in text
+
+
 def test_markdown_summary(rescaled_series: RunSeries) -> None:
     text = report.markdown_summary(rescaled_series)
     assert "**12 scale-invariant tensors**" in text
@@ -465,4 +480,4 @@ def test_summary_tables_explain_their_columns(rescaled_series: RunSeries) -> Non
     assert "reached at" in summary[1] and "tensors: how many reached it" in summary[1]
     assert summary[2].split() == ["group", "from", "step", "rescaled", "predicted", "reached", "at", "(median)",
                                   "tensors"]
-    assert summary[3].split() == ["all", "199", "True", "120", "200", "(+1)", "1"]
+    assert summary[3].split() == ["all", "199", "True", "120", "199", "(+0)", "1"]  # inside from its first step

@@ -27,11 +27,13 @@ class Stage:
 
 
 class EquilibriumTracker:
-    """Per tensor, the first step from which the mean of Δ_t/Δ* over ``window`` optimizer steps stays
-    within ``tolerance`` of 1 ("equilibrium reached"), restarted at every LR stage of its group.
+    """Per tensor, the first step from which every measured Δ_t/Δ* over a full window of ``window``
+    optimizer steps stays within ``tolerance`` of 1 ("equilibrium reached"), restarted at every LR
+    stage of its group; the reported step is the window's first measured step.
 
-    Single measured Δ_t are noisy (a few percent on large tensors, tens of percent on small ones),
-    so the criterion is on the window mean; the reported step is the window's first step.
+    Single measured Δ_t are noisy (a few percent on large tensors, tens of percent on small ones):
+    a tensor whose noise exceeds the tolerance is never declared at equilibrium (widen
+    ``equilibrium_tolerance`` for it) rather than declared so by an average over a transient.
     """
 
     def __init__(self, tolerance: float = 0.1, window: int = 200) -> None:
@@ -85,11 +87,25 @@ class EquilibriumTracker:
                 total -= points.popleft()[1]
             self._sums[name] = total
             start = max(stage.start_step, stage.warmup_until or 0)
-            covered = step - start >= self.window and points[0][0] >= start
-            mean = total / len(points)
-            if covered and abs(mean - 1.0) <= self.tolerance:
-                stage.reached[name] = newly[name] = max(step - self.window + 1, start)
+            if self._full_window_inside(points, step, start):
+                stage.reached[name] = newly[name] = points[0][0]
         return newly
+
+    def _full_window_inside(self, points: deque[tuple[int, float]], step: int, start: int) -> bool:
+        """A verdict needs a full window of measured points inside the tolerance: the window's
+        ``window`` steps lie in the stage, measured points cover it from its first step (the
+        oldest is no later than one measurement interval after it: no verdict from a window
+        that began before measuring did, e.g. during detection; no hole over two measurement
+        intervals inside it), and every point is within
+        ``tolerance`` of 1. A window *mean* within the tolerance would let a transient far from
+        1 (9.7 → 0.01 → 3.8) average out, and date equilibrium before it ended."""
+        if step - start + 1 < self.window or not points or points[0][0] < start:
+            return False
+        gaps = [b[0] - a[0] for a, b in zip(points, list(points)[1:])] or [1]
+        interval = max(gaps)
+        if interval > 2 * min(gaps) or points[0][0] > step - self.window + interval:
+            return False  # a hole in the measurements (one skipped step is allowed), or a late start
+        return all(abs(r - 1.0) <= self.tolerance for _, r in points)
 
     def window_mean(self, name: str) -> tuple[float, int] | None:
         """``(mean, count)``: the mean of Δ_t/Δ* over the tensor's current window (the last
@@ -121,7 +137,7 @@ class EquilibriumTracker:
             "SMD: equilibrium per learning-rate stage",
             f"  (from step: first optimizer step of the stage; rescaled: weights rescaled at its start; "
             f"predicted: steps to equilibrium by Corollary 3.1, '-' = no formula or first stage; "
-            f"reached at: median step from which the mean of Δ_t/Δ* over {self.window} steps stays within "
+            f"reached at: median step from which every measured Δ_t/Δ* of a full {self.window}-step window is within "
             f"±{self.tolerance:g} of 1 (smd/equilibrium_step), steps after the stage start in brackets; "
             "tensors: how many reached it)",
             f"{'group':<8}{'from step':>10}{'rescaled':>10}{'predicted':>11}{'reached at (median)':>22}{'tensors':>9}",

@@ -42,7 +42,7 @@ class RescalePolicy:
     """Which (η, λ) changes trigger a rescale, and by how much.
 
     Args:
-        mode: ``"drop"``: only changes that divide ηλ by at least ``min_drop`` (the paper's
+        mode: ``"drop"``: only changes that divide η/λ by at least ``min_drop`` (the paper's
             multi-stage schedules: StepLR, MultiStepLR, ReduceLROnPlateau); ``"continuous"``: every
             change (cosine, polynomial, OneCycle decay), with η clamped from below at
             ``min_lr_ratio`` × the group's largest η seen, so η → 0 cannot collapse the weights
@@ -128,9 +128,13 @@ def rescale_averaged_models(callbacks: Iterable[Any], names: list[str], factor: 
     count = 0
     for cb in callbacks:
         averaged = getattr(cb, "_average_model", None)
-        if not isinstance(averaged, torch.optim.swa_utils.AveragedModel):
+        # Lightning's WeightAveraging/EMAWeightAveraging: a torch AveragedModel around the module;
+        # its StochasticWeightAveraging: a deepcopy of the LightningModule itself (same names)
+        if isinstance(averaged, torch.optim.swa_utils.AveragedModel):
+            averaged = averaged.module
+        if not isinstance(averaged, torch.nn.Module):
             continue
-        params = [p for n, p in averaged.module.named_parameters() if clean_name(n) in wanted]
+        params = [p for n, p in averaged.named_parameters() if clean_name(n) in wanted]
         if params:
             rescale_(params, factor)
             count += 1

@@ -5,6 +5,7 @@ The data flow of one step, and what each part does, is in ``docs/architecture.md
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -143,6 +144,9 @@ class SMDCallback(pl.Callback):
             verbose=verbose, per_channel=per_channel, warmup_steps=warmup_steps,
         )
         arguments.validate(given)
+        self._given = given  # to start fresh when reused on a new Trainer or model (see setup)
+        self._fit_of: tuple[Any, Any] | None = None  # weak references: the Trainer and module of the last fit
+        self._continuing = False
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
@@ -160,7 +164,7 @@ class SMDCallback(pl.Callback):
         self.verbose = verbose
 
         # the parts (see docs/architecture.md); unit_grad, equilibrium and the watcher's state are checkpointed
-        self.unit_grad = RunningMean(ema_steps)
+        self.unit_grad = RunningMean(ema_steps, positive=True)
         self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
         self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
         # per_channel=True: units on every measured step, histograms once per 50 steps; N: both every N
@@ -226,6 +230,14 @@ class SMDCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # Before a checkpoint is restored: a new Trainer or model starts fresh (nothing of the last
+        # run carries over: its LR, stages, records); the same Trainer and model again (trainer.fit
+        # to train longer) continues, without a second detection.
+        last = self._fit_of
+        self._continuing = last is not None and last[0]() is trainer and last[1]() is pl_module
+        if last is not None and not self._continuing:
+            self.__init__(**self._given)
+        self._fit_of = (weakref.ref(trainer), weakref.ref(pl_module))
         namespace.bind(trainer)  # pytorch_lightning or lightning.pytorch: the rank from this Trainer
         others = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback) and cb is not self]
         if others:
@@ -234,7 +246,7 @@ class SMDCallback(pl.Callback):
                 "Both would measure (twice the cost) and, with rescale, both would rescale at an LR drop "
                 "(weights × k^(-1/2) instead of k^(-1/4)). Keep one SMDCallback."
             )
-        if self.figures_dir is not None and trainer.is_global_zero:
+        if self.figures_dir is not None and trainer.is_global_zero and self.publisher.writes_files(trainer):
             check_writable(self.figures_dir, "SMDCallback(figures_dir=...)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,6 +260,8 @@ class SMDCallback(pl.Callback):
         check_filters([t.name for t in self._trainable], self.include, self.exclude)
         self._tracked = None
         self.detection.reset(self._trainable)
+        if self._continuing and self.candidates and self._saved_names is None:
+            self._saved_names = sorted(self.candidates)  # continue tracking them (the resume path)
         if not self._trainable:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
             self._tracked = TrackedSet(trainer, [], self.unit_grad_every)
@@ -269,8 +283,8 @@ class SMDCallback(pl.Callback):
             rank_zero_warn(f"SMDCallback: could not plan the LR schedule ({type(err).__name__}: {err}); "
                            "training and measurement go on without a plan.")
             return
-        if self.figures_dir is not None or trainer.loggers:  # no files in the working directory of a logger-less run
-            self.plan.write_csv(self.figures_path(trainer) / "plan.csv")
+        if (plan_csv := self.publisher.plan_path(trainer)) is not None:
+            self.plan.write_csv(plan_csv)
         wandb_extras.log_plan_table(trainer, self.plan.rows(), trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -367,7 +381,7 @@ class SMDCallback(pl.Callback):
         self.detection.stop_recording()
         if not trainer.is_global_zero:
             return
-        if self.verbose and self.equilibrium.stages:
+        if self.verbose and self.equilibrium.stages and self.candidates:
             rank_zero_info(self.equilibrium.summary())
         if self.records:
             self.publisher.render_figures(trainer, summary_table=True)
@@ -392,6 +406,8 @@ class SMDCallback(pl.Callback):
         full = self.verbose is not True and int(self.verbose) >= 2
         rank_zero_info(detection_report(trainer, self._trainable, decision, units=self.units, full=full,
                                         full_table_at=where or "SMDCallback(verbose=2)"))
+        if not decision.chosen:  # nothing to measure: the report said why, once
+            return
         if self.plan is not None:
             rank_zero_info(self.plan.format(legend=full))
         if (copied := self._tracked.snapshot_note()):
@@ -436,7 +452,8 @@ class SMDCallback(pl.Callback):
         if self.verbose:
             added = self.detection.tracked
             rank_zero_info(
-                f"SMD: {len(added)} tensors were added to the optimizers at step {self._added_at}; "
+                f"SMD: {len(added)} tensors were added to the optimizers (add_param_group) or unfrozen (requires_grad) "
+                f"at step {self._added_at}; "
                 f"from step {step} on, the scale-invariant ones among them are tracked too.\n"
                 + detection_report(trainer, added, decision)
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning_smd.core.detect import (
 )
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.steps import radial_floor
-from lightning_smd.report.summary import DetectionRow, format_detection_report
+from lightning_smd.report.summary import DetectionRow, first_names, format_detection_report
 from lightning_smd.lightning.tracking import Tracked, group_label
 
 __all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
@@ -37,6 +38,7 @@ class Decision:
     rejected: dict[str, str] = field(default_factory=dict)
     dead: dict[str, str] = field(default_factory=dict)  # no gradient ever reaches them (name → why)
     eps_dominated: dict[str, str] = field(default_factory=dict)  # normalizations whose input variance ~ eps
+    filtered_out: list[str] = field(default_factory=list)  # scale-invariant, but left out by include/exclude
 
 
 class DetectionSession:
@@ -61,6 +63,7 @@ class DetectionSession:
         self._hook_calls: dict[int, int] = {}
         self._notes = None
         self._inputs: tuple[Any, tuple, dict] | None = None  # (module, args, kwargs) of the recorded forward
+        self._child_inputs: dict[str, tuple[Any, tuple, dict]] = {}  # the same for each direct submodule called
         self._input_hook: Any = None
         self.done = False
 
@@ -78,16 +81,24 @@ class DetectionSession:
             self._recorder = DataflowRecorder(pl_module)
             self._recorder.start()
             # the inputs of the module's own forward, to re-run it for the finite-difference check
-            self._inputs = None
-            self._input_hook = pl_module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+            self._inputs, self._child_inputs = None, {}
+            self._input_hook = [pl_module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)]
+            # a training_step that calls its submodules (self.net(x)) instead of self(x): their inputs
+            for prefix, child in pl_module.named_children():
+                hook = functools.partial(self._keep_child_inputs, prefix)
+                self._input_hook.append(child.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _keep_inputs(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self._inputs is None:
             self._inputs = (module, args, kwargs)
 
+    def _keep_child_inputs(self, prefix: str, module: Any, args: tuple, kwargs: dict) -> None:
+        self._child_inputs.setdefault(prefix, (module, args, kwargs))
+
     def stop_recording(self) -> None:
         if self._input_hook is not None:
-            self._input_hook.remove()
+            for hook in self._input_hook:
+                hook.remove()
             self._input_hook = None
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
@@ -134,31 +145,47 @@ class DetectionSession:
         chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm,
                                   numels={t.name: t.param.numel() for t in self.tracked},
                                   dtypes={t.name: t.param.dtype for t in self.tracked},
-                                  confirm=self._finite_difference_check(trainer))
+                                  confirm=self._finite_difference_check(trainer),
+                                  eps_dominated=self._notes.eps_dominated if self._notes else None,
+                                  eps_defect=self._notes.eps_defect if self._notes else None)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
+        filtered_out = sorted(n for n in chosen if n not in keep)
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
         chosen = trainer.strategy.broadcast(chosen, src=0)
-        self.done, self._inputs = True, None
+        self.done, self._inputs, self._child_inputs = True, None, {}
         notes = self._notes
-        return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {})
+        return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {},
+                        filtered_out)
 
     def _finite_difference_check(self, trainer: pl.Trainer) -> Any:
         """``w → 2w`` on the recorded forward's inputs for numerical discoveries (every rank runs
         it: SyncBN forwards are collectives), or ``None`` where it cannot run: no forward of the
         module itself was recorded (a ``training_step`` that never calls ``self(...)``) or the
         tensors are sharded (a forward of one rank's shards is no forward of the model)."""
-        if self._inputs is None or is_sharded(trainer.strategy, [t.param for t in self.tracked]):
+        if (self._inputs is None and not self._child_inputs) or is_sharded(trainer.strategy, [t.param for t in self.tracked]):
             return None
-        module, args, kwargs = self._inputs
+        # the module's own forward; else (training_step calls self.net(x)) the submodule each tensor is in
+        runs = {"": self._inputs} if self._inputs is not None else dict(self._child_inputs)
 
         def confirm(names: list[str]) -> dict[str, str | None]:
-            try:
-                return confirm_scale_invariance(module, names, lambda: module(*args, **kwargs))
-            except Exception as err:  # keep precision: an unconfirmed discovery is left out
-                rank_zero_warn(f"SMDCallback: the finite-difference check of numerical discoveries failed "
-                               f"({type(err).__name__}: {err}); {names[:3]} are left out.")
-                return {n: f"could not be confirmed ({type(err).__name__})" for n in names}
+            verdicts: dict[str, str | None] = {}
+            for prefix, (module, args, kwargs) in runs.items():
+                lead = f"{prefix}." if prefix else ""
+                mine = [n for n in names if n.startswith(lead)]
+                if not mine:
+                    continue
+                try:
+                    found = confirm_scale_invariance(module, [n[len(lead):] for n in mine],
+                                                     lambda m=module, a=args, k=kwargs: m(*a, **k))
+                    verdicts.update({lead + n: why for n, why in found.items()})
+                except Exception as err:  # keep precision: an unconfirmed discovery is left out
+                    rank_zero_warn(f"SMDCallback: the finite-difference check of numerical discoveries failed "
+                                   f"({type(err).__name__}: {err}); {mine[:3]} are left out.")
+                    verdicts.update({n: f"could not be confirmed ({type(err).__name__})" for n in mine})
+            for n in names:
+                verdicts.setdefault(n, "could not be confirmed: no forward of the module holding it was recorded")
+            return verdicts
 
         return confirm
 
@@ -191,6 +218,8 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
                      full: bool = True, full_table_at: str | None = None) -> str:
     """The report printed once detection is decided (rank 0): per tensor (``full``) or grouped
     (see :func:`~lightning_smd.summary.format_detection_report`)."""
+    if not decision.chosen:
+        return nothing_to_measure(len(tracked), decision)
     rows = []
     for t in tracked:
         if t.name not in decision.chosen:
@@ -216,3 +245,18 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
                                    total=len(tracked), dead={n: w for n, w in decision.dead.items() if n in names},
                                    eps_dominated=decision.eps_dominated, units=units, full=full,
                                    full_table_at=full_table_at)
+
+
+def nothing_to_measure(trainable: int, decision: Decision) -> str:
+    """Said once, and nothing else, when no tensor is tracked: there is nothing to measure, and why."""
+    if decision.filtered_out:
+        why = (f"all {len(decision.filtered_out)} scale-invariant tensors ({first_names(decision.filtered_out)}) "
+               "are left out by SMDCallback(include=..., exclude=...)")
+    else:
+        why = (f"none of the {trainable} trainable tensors is scale-invariant: no conv/linear weight feeds only a "
+               "normalization (BatchNorm, GroupNorm, LayerNorm, ...), and no weight normalizes itself")
+        if decision.rejected:
+            why += (f"; structural candidates left out (eps-dominated, or refuted by their radial cosine): "
+                    f"{first_names(sorted(decision.rejected))}")
+    return (f"SMD: nothing to measure: {why}. The SMD theory (Δ*, ‖w*‖, rescales) applies to scale-invariant "
+            "weights only; nothing is measured or rescaled in this fit.")

@@ -85,8 +85,9 @@ class MetricsBuilder:
                     not_finite.append(name)
                     i += 1
                     continue
-                metrics[keys.unit_grad_sq] = unit_grad[i]
-                # single h̃ samples can be negative with momentum; no prediction until the estimate is > 0
+                # NaN until the running L is defined (enough samples, significantly > 0: see estimates.py)
+                if math.isfinite(unit_grad[i]):
+                    metrics[keys.unit_grad_sq] = unit_grad[i]
                 if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(unit_grad[i])) is not None:
                     metrics[keys.weight_norm_theory] = math.sqrt(norm_sq)
                 i += 1

@@ -67,6 +67,19 @@ class Publisher:
                 self._histogram_step = step
                 channel_figures.log_histograms(trainer, self.channels, step)
 
+    @staticmethod
+    def writes_files(trainer: pl.Trainer) -> bool:
+        """``False`` under ``fast_dev_run``: Lightning suppresses logging and checkpointing there
+        (its ``DummyLogger``), and the callback writes nothing either: no plan, no figures."""
+        return not trainer.fast_dev_run
+
+    def plan_path(self, trainer: pl.Trainer) -> Path | None:
+        """Where the plan's CSV goes: next to the figures when there is a logger or an explicit
+        ``figures_dir``; ``None`` (not written) for a logger-less run or under ``fast_dev_run``."""
+        if not self.writes_files(trainer) or (self.figures_dir is None and not trainer.loggers):
+            return None
+        return self.figures_path(trainer) / "plan.csv"
+
     def figures_path(self, trainer: pl.Trainer) -> Path:
         if self.figures_dir is not None:
             return Path(self.figures_dir)
@@ -75,6 +88,8 @@ class Publisher:
 
     def render_figures(self, trainer: pl.Trainer, summary_table: bool = False) -> dict[str, Path]:
         """Write the figures and hand them, and at the end the per-layer table, to W&B."""
+        if not self.writes_files(trainer):
+            return {}
         series = RunSeries.from_records(self.records)
         figures = report.save_figures(series, self.figures_path(trainer))
         figures.update(channel_figures.save_channel_figures(self.channels, self.figures_path(trainer)))

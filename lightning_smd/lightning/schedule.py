@@ -400,7 +400,7 @@ class ScheduleWatcher:
                                                     new.weight_decay, new.momentum)
         names = tracked.names_of(key) if tracked is not None else []
         self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
-        if predicted is not None and trainer.is_global_zero:
+        if predicted is not None and (names or tracked is None) and trainer.is_global_zero:  # no tracked tensor: nothing to predict
             self.publish(trainer, {f"smd/steps_to_equilibrium/predicted/{key}": float(predicted)}, log_step)
 
     # ------------------------------------------------------------ checkpoints

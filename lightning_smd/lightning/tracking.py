@@ -41,8 +41,10 @@ def group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> 
 
 
 def param_counts(trainer: pl.Trainer) -> tuple[int, ...]:
-    """How many tensors each param group holds: a change means tensors were added (cheap, per batch)."""
-    return tuple(len(g["params"]) for opt in trainer.optimizers for g in opt.param_groups)
+    """How many tensors each param group holds, and how many of them train (``requires_grad``): a
+    change means tensors were added (``add_param_group``) or unfrozen (cheap, per batch: no sync)."""
+    return tuple(n for opt in trainer.optimizers for g in opt.param_groups
+                 for n in (len(g["params"]), sum(1 for p in g["params"] if p.requires_grad)))
 
 
 def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracked]:

@@ -488,7 +488,7 @@ def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3) -> str:
+def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3, tolerance: float = 0.1) -> str:
     """A short Markdown report: tensor count, median Δ/Δ* at the end, the tensors farthest from
     equilibrium, LR changes and rescale events, and the :func:`summary_rows` table."""
     rows = summary_rows(series, window)
@@ -507,9 +507,16 @@ def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3) -> str
         lines.append(f"- Median Δ/Δ* over the last {window} logged points: **{median:.3g}** (1 = equilibrium).")
         far = sorted(ratios, key=lambda rt: -abs(math.log(rt[0])) if rt[0] > 0 else -math.inf)[:worst]
         lines.append("- Farthest from equilibrium: " + ", ".join(f"`{t}` ({r:.3g})" for r, t in far) + ".")
+    if ratios:
+        # the same window as the table below: the summary agrees with what it prints
+        inside = sum(1 for r, _ in ratios if abs(r - 1.0) <= tolerance)
+        lines.append(f"- Tensors whose Δ/Δ* over the last {window} logged points is within ±{tolerance:g} of 1: "
+                     f"{inside} of {len(ratios)} ({100 * inside / len(ratios):.0f} %).")
     fraction = series.extra.get("smd/equilibrium/fraction")
     if fraction is not None and np.isfinite(fraction).any():
-        lines.append(f"- Tensors at equilibrium at the end: {100 * fraction[np.isfinite(fraction)][-1]:.0f} %.")
+        lines.append(f"- Equilibrium verdicts of the callback in the current LR stage (a full `equilibrium_window` of "
+                     f"measured points within the tolerance, logged as smd/equilibrium/fraction): "
+                     f"{100 * fraction[np.isfinite(fraction)][-1]:.0f} %; a stage shorter than that window has none yet.")
     changes = lr_changes(series)
     if changes:
         lines.append("- LR changes at steps (first step with the new rate): " + ", ".join(map(str, changes)) + ".")

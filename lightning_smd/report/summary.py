@@ -250,7 +250,7 @@ def _dead_section(dead: dict[str, str]) -> list[str]:
 def _eps_section(eps_dominated: dict[str, str]) -> list[str]:
     return _section(
         f"Eps-dominated ({len(eps_dominated)}): scale-invariant by structure, but the normalization's input "
-        "variance is close to its eps, so the scale matters a little (and the numerical check may leave them out).",
+        "variance is within 100× its eps, so the scale still matters: left out (not tracked).",
         eps_dominated)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -37,8 +37,8 @@ def find_scale_invariant(
         detect: ``"structural"``: dataflow rules only (:func:`structural_candidates`);
             ``"numerical"``: radial cosine below ``threshold`` after one backward of a fixed
             random projection of the outputs (dicts of scalar losses are summed);
-            ``"auto"``: structural candidates confirmed numerically (unconfirmed ones are
-            dropped with a warning) plus numerically invariant tensors that the structure
+            ``"auto"``: structural candidates confirmed numerically (unconfirmed ones, and
+            eps-dominated ones, see :func:`decide`, are dropped with a warning) plus numerically invariant tensors that the structure
             could not explain.
         threshold: radial cosine under which a structural candidate is confirmed (at least the
             rounding floor of 16-bit tensors). A tensor structure did not explain counts only
@@ -59,7 +59,9 @@ def find_scale_invariant(
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
         raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
-    structural = structural_candidates(module, *args, **kwargs) if detect != "numerical" else {}
+    recorder = _recorded(module, args, kwargs) if detect != "numerical" else None
+    structural = (recorder.candidates or {}) if recorder is not None else {}
+    notes = notes_from_recorder(recorder) if recorder is not None else DetectionNotes({}, {})
     cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
     params = {clean_name(n): p for n, p in module.named_parameters()}
     dtypes = {n: p.dtype for n, p in params.items()}
@@ -75,6 +77,7 @@ def find_scale_invariant(
     found, rejected = decide(
         structural, cosines, detect, threshold, normalization_parameters(module), max(threshold, floor),
         numels={n: p.numel() for n, p in params.items()}, dtypes=dtypes, confirm=confirm,
+        eps_dominated=notes.eps_dominated, eps_defect=notes.eps_defect,
     )
     dropped = {n: why for n, why in rejected.items() if n in structural}
     if dropped:
@@ -98,16 +101,19 @@ class DetectionNotes:
             constant the following normalization removes).
         eps_dominated: name → why: invariant by structure, but the normalization's input
             variance is within ``EPS_MARGIN``·eps (or a weight-standardizing eps moves the
-            output), so the numerical confirmation may reject it; not finding it is no miss.
+            output): left out by :func:`decide`; not finding it is no miss.
+        eps_defect: name → ``eps/(var+eps)`` of the normalizations a structural candidate feeds:
+            how far from exactly invariant eps makes it (its radial cosine is at most about this).
     """
 
     dead: dict[str, str]
     eps_dominated: dict[str, str]
+    eps_defect: dict[str, float] = field(default_factory=dict)
 
 
 def notes_from_recorder(recorder: DataflowRecorder) -> DetectionNotes:
     """The notes of a :class:`DataflowRecorder` after :meth:`~DataflowRecorder.stop`."""
-    return DetectionNotes(dict(recorder.dead), dict(recorder.eps_dominated))
+    return DetectionNotes(dict(recorder.dead), dict(recorder.eps_dominated), dict(recorder.eps_defect))
 
 
 def detection_notes(module: nn.Module, *args: Any, **kwargs: Any) -> DetectionNotes:

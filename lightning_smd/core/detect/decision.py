@@ -73,6 +73,8 @@ def decide(
     numels: Mapping[str, int] | None = None,
     dtypes: Mapping[str, torch.dtype] | None = None,
     confirm: Callable[[list[str]], Mapping[str, str | None]] | None = None,
+    eps_dominated: Mapping[str, str] | None = None,
+    eps_defect: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Candidate], dict[str, str]]:
     """Combine the two kinds of evidence; returns ``(chosen, rejected)`` (rejected: name → why).
 
@@ -97,7 +99,19 @@ def decide(
     with ``confirm`` (names → ``{name: None | why refuted}``, normally a closure over
     :func:`~lightning_smd.detect.numerics.confirm_scale_invariance`) each discovery must also
     pass the finite-difference check ``w → 2w`` at a generic point; refuted ones go to
-    ``rejected``. Without them the bar is ``threshold`` alone (the behaviour before).
+    ``rejected``; with ``confirm`` the size-aware bar is not capped at ``threshold`` (it only
+    chooses which tensors the exact check runs on). Without them the bar is ``threshold`` alone.
+
+    ``eps_dominated`` (name → why, from the recorded forward: the normalization's input variance
+    is within ``EPS_MARGIN``·eps) settles those structural candidates in ``"auto"`` mode without
+    looking at the radial cosine: they are left out. Their radial cosine is ``≈ eps/(var+eps)``
+    times how the gradient happens to align, so a cosine bar would keep or drop them by chance,
+    differently for ``find_scale_invariant`` (one projection at init) and ``SMDCallback`` (the
+    loss's gradients over several steps). Deciding by the recorded variance makes both take the
+    same decision from the same model and batch. For the same reason the bar of every other
+    structural candidate is at least its ``eps_defect`` (``eps/(var+eps)`` of the normalizations it
+    feeds, below 1 % once outside ``EPS_MARGIN``): the radial cosine then refutes structure only
+    beyond what eps explains.
     """
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
@@ -110,8 +124,10 @@ def decide(
     if detect == "auto":
         for name, candidate in structural.items():
             cos = cosines.get(name, math.nan)
-            if cos >= bar:
-                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {bar:g}"
+            if eps_dominated and name in eps_dominated:
+                rejected[name] = f"{candidate.reason}, but eps-dominated: {eps_dominated[name]}"
+            elif cos >= (own := max(bar, (eps_defect or {}).get(name, 0.0))):
+                rejected[name] = f"{candidate.reason}, but radial cosine {cos:.1e} >= {own:.2g}"
             else:
                 chosen[name] = candidate
     skip = set(never_numerical) | set(structural)
@@ -122,7 +138,9 @@ def decide(
         bar = threshold
         if numels is not None and name in numels:
             dtype = (dtypes or {}).get(name, torch.float32)
-            bar = discovery_threshold(threshold, numels[name], dtype)
+            # with the exact finite-difference check behind it, the size-aware bar is only a prefilter:
+            # not capped at `threshold`, so eps or a loss's alignment cannot hide a small invariant tensor
+            bar = discovery_threshold(1.0 if confirm is not None else threshold, numels[name], dtype)
         if cos < bar:  # NaN (never measured) compares False
             why = f"numerical: radial cosine {cos:.1e} < {bar:.1e}"
             discovered[name] = Candidate(name, why, "numerical")

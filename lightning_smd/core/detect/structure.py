@@ -74,6 +74,8 @@ class _Producer:
     flows: list[_Flow] = field(default_factory=list)
     inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     eps_notes: dict[str, str] = field(default_factory=dict)  # param name → why eps-dominated
+    # id(param) → how far from invariant the re-run found it: output move under w → 2w over a random change's
+    rerun_defect: dict[int, float] = field(default_factory=dict)
 
 
 class _RecordingMode(TorchFunctionMode):
@@ -119,6 +121,7 @@ class DataflowRecorder:
         self._norm_inputs: dict[int, _NormInput] = {}
         self.dead: dict[str, str] = {}
         self.eps_dominated: dict[str, str] = {}
+        self.eps_defect: dict[str, float] = {}  # chosen name → eps/(var+eps) of the norms it feeds (largest)
         self.candidates: dict[str, Candidate] | None = None
 
     def __enter__(self) -> DataflowRecorder:
@@ -304,6 +307,10 @@ class DataflowRecorder:
         for producer, _ in judged:
             for name, why in producer.eps_notes.items():
                 self.eps_dominated.setdefault(name, why)
+            # a self-normalizing module's eps (weight standardization) leaves this much of w's scale
+            for key, ratio in producer.rerun_defect.items():
+                if (name := param_names.get(key)) in chosen:
+                    self.eps_defect[name] = max(self.eps_defect.get(name, 0.0), ratio)
         return chosen
 
     def _eps_dominated(self, chosen, judged, param_names) -> dict[str, str]:
@@ -314,6 +321,7 @@ class DataflowRecorder:
         ratios = (torch.stack([s.min_var.float().cpu() for _, s in stats]) if stats else None)  # one transfer
         by_module = {key: (s, float(r)) for (key, s), r in zip(stats, ratios.tolist())}
         found: dict[str, str] = {}
+        self.eps_defect = {}
         for producer, verdicts in judged:
             for param, verdict in verdicts:
                 name = param_names.get(id(param))
@@ -325,6 +333,8 @@ class DataflowRecorder:
                         if entry is None:
                             continue
                         stat, var = entry
+                        defect = stat.eps / (var + stat.eps) if var + stat.eps > 0 else 1.0
+                        self.eps_defect[name] = max(self.eps_defect.get(name, 0.0), defect)
                         if var < EPS_MARGIN * stat.eps:
                             found[name] = f"{stat.label}: input variance {var:.2g} vs eps {stat.eps:g}"
         return found
@@ -553,6 +563,7 @@ def _rerun_verdict(
     # eps (relative effect ~eps/var(w), 1e-3 on timm NF-nets) does not hide the invariance
     ratio = float((doubled - base).norm()) / moved
     if ratio <= RERUN_TOL:
+        producer.rerun_defect[id(param)] = ratio
         return Candidate(name, _self_normalizing_reason(producer, local), "structural")
     eps = getattr(producer.module, "eps", None)
     if isinstance(eps, float) and ratio < 0.5 and _close(_rerun_eps(producer, local, param), base):
