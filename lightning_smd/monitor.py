@@ -79,6 +79,7 @@ class _Loop:
         self.precision_plugin = SimpleNamespace(scaler=grad_scaler)
         self.precision = _precision(model, grad_scaler)
         self.default_root_dir = root
+        self.fast_dev_run = False
         self.global_step = 0  # step() calls of every optimizer so far
         self._batches_that_stepped = 0  # the logging axis
         self.fit_loop = SimpleNamespace(epoch_loop=self)

@@ -393,7 +393,8 @@ class SMDCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         where = None
-        if self.figures_dir is not None or trainer.loggers:  # no files in the working directory of a logger-less run
+        # nothing under fast_dev_run (its DummyLogger), nor in the working directory of a logger-less run
+        if self.publisher.writes_files(trainer) and (self.figures_dir is not None or trainer.loggers):
             path = self.figures_path(trainer) / TENSORS_FILE
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
