@@ -51,7 +51,7 @@ class HomogeneousCallback(pl.Callback):
 
     At the end of training it computes the pruning curve, draws the figures
     (``homogeneous_margin.png``, ``homogeneous_sparsity.png``, ``homogeneous_pruning.png``) in
-    ``figures_dir`` (default ``<log dir>/homogeneous``) and, with ``verbose``, prints the numbers.
+    ``figures_dir`` (default ``<log dir>/<prefix>``) and, with ``verbose``, prints the numbers.
 
     Args:
         every_n_epochs: measure every this many training epochs (≥ 1).
@@ -132,7 +132,10 @@ class HomogeneousCallback(pl.Callback):
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.history, self.pruning, self.figures, self._last_step, self.homogeneity = [], None, {}, None, None
+        restored, self._restored = getattr(self, "_restored", None), None  # a resume keeps its history
+        self.history = restored or []
+        self.pruning, self.figures, self.homogeneity = None, {}, None
+        self._last_step = self.history[-1][0] if self.history else None
         self._target(pl_module)  # a bad module name fails before training
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -211,7 +214,7 @@ class HomogeneousCallback(pl.Callback):
         base = None
         if loggers:
             base = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
-        return Path(base or trainer.default_root_dir) / "homogeneous"
+        return Path(base or trainer.default_root_dir) / self.prefix
 
     def _render(self, trainer: Any) -> None:
         path = self._figures_path(trainer)

@@ -92,7 +92,8 @@ def plot_pruning(curves: Mapping[str, Mapping[float, float]], path: str | Path) 
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Pruning curve")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(curves):
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
