@@ -15,9 +15,9 @@ change when θ is rescaled. Lyu & Li's smoothed margin, with the *summed* loss
 * logistic / cross-entropy (binary ``ℓ = log(1 + e^{−q})``, multiclass
   ``ℓ_i = log(1 + Σ_{j≠y} e^{−(f_y − f_j)})``): ``γ̃ = −log(e^{𝓛} − 1) / ρ^L``.
 
-γ̃ ≤ γ̄ whenever it is defined; it is defined here only when every example is classified with
-𝓛 below the loss at a zero margin (``𝓛 < ℓ(0)``: 1 for exponential, ``log 2`` for logistic
-binary, ``log K`` for K-class cross-entropy), else it is ``None``. Computed in float64 with
+γ̃ ≤ γ̄ whenever it is defined; it is reported only once 𝓛 is below the loss of one example at
+a zero margin (``𝓛 < 1`` for exponential, ``𝓛 < log 2`` for logistic and cross-entropy: then
+every example is classified right, γ̃ > 0 and Lyu & Li's monotonicity applies), else ``None``. Computed in float64 with
 log-sum-exp, so it stays exact when 𝓛 is far below float precision.
 """
 
@@ -67,21 +67,20 @@ def _log_softplus(z: Tensor) -> Tensor:
 def smoothed_margin(logits: Tensor, targets: Tensor, param_norm: float, degree: float,
                     loss: str = "logistic") -> float | None:
     """Lyu & Li's smoothed normalized margin γ̃ for ``loss`` (``"logistic"`` or ``"exponential"``);
-    ``None`` while 𝓛 ≥ ℓ(0) (see the module docstring)."""
+    ``None`` while 𝓛 ≥ 1 (exponential) or ≥ log 2 (logistic / cross-entropy): see the module docstring."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     s = _pairwise(logits, targets)
     per_example = torch.logsumexp(-s, dim=1)  # log Σ_{j≠y} e^{−s_j}
     if loss == "exponential":
         log_total = torch.logsumexp(per_example, dim=0)
-        zero_margin = math.log(s.shape[1])
-        if float(log_total) >= zero_margin:
+        if float(log_total) >= 0.0:  # 𝓛 < 1 ⇔ every term e^{−(f_y − f_j)} < 1: all classified right
             return None
         value = -float(log_total)
     else:
         log_total = torch.logsumexp(_log_softplus(per_example), dim=0)  # log 𝓛
         total = float(torch.exp(log_total))
-        if total >= math.log1p(s.shape[1]):
+        if total >= math.log(2):  # 𝓛 < log 2 ⇔ … every example classified right
             return None
         # −log(e^𝓛 − 1) = −log 𝓛 − log(expm1(𝓛)/𝓛)
         value = -float(log_total) - (math.log(math.expm1(total) / total) if total > 0 else 0.0)
