@@ -96,6 +96,9 @@ def sparsity_figures(out: Path, run_root: Path) -> None:
     relabeled = {name: [(s, {k.replace(f"homogeneous/{name}/", "homogeneous/"): v for k, v in m.items()})
                         for s, m in history] for name, history in histories.items()}
     print(f"wrote {figures.plot_sparsity({n.upper(): h for n, h in relabeled.items()}, out / 'homogeneous_sparsity.png')}")
+    for cb in callbacks:
+        print(f"  {cb.prefix.split('/')[-1].upper()} smallest relative unit norm min_u r_u at the end: "
+              + ", ".join(f"layer {k}: {v:.3f}" for k, v in cb.min_relative_norm.items()))
     curves = {cb.prefix.split('/')[-1].upper(): cb.pruning for cb in callbacks if cb.pruning}
     print("pruning curves (fraction of the hidden layer's smallest units zeroed → training accuracy):")
     for name, curve in curves.items():

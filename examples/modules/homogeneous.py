@@ -23,9 +23,10 @@ WEIGHT_NORMS = ("none", "ewn", "swn")
 
 
 def homogeneous_mlp(in_features: int, widths: Sequence[int], num_outputs: int, weight_norm: str = "none",
-                    first_bias: bool = False, seed: int = 0) -> nn.Sequential:
+                    first_bias: bool = False, seed: int = 0, init_scale: float = 1.0) -> nn.Sequential:
     """``Flatten → [Linear → ReLU] × len(widths) → Linear``, biases off (except the first layer's
-    with ``first_bias``), Kaiming-uniform init from ``seed``; ``weight_norm`` ∈ none / ewn / swn."""
+    with ``first_bias``), PyTorch's default init from ``seed`` times ``init_scale``;
+    ``weight_norm`` ∈ none / ewn / swn."""
     if weight_norm not in WEIGHT_NORMS:
         raise ValueError(f"model.weight_norm must be one of {WEIGHT_NORMS}, got {weight_norm!r}")
     gen_state = torch.random.get_rng_state()
@@ -37,6 +38,9 @@ def homogeneous_mlp(in_features: int, widths: Sequence[int], num_outputs: int, w
             layers += [nn.Linear(d, width, bias=first_bias and i == 0), nn.ReLU()]
             d = width
         layers.append(nn.Linear(d, num_outputs, bias=first_bias and not widths))
+        with torch.no_grad():
+            for p in nn.Sequential(*layers).parameters():
+                p.mul_(init_scale)
     finally:
         torch.random.set_rng_state(gen_state)
     net = nn.Sequential(*layers)
@@ -110,17 +114,20 @@ class WeightNormComparison(ConfiguredOptimizerModule):
     The loss is the sum of the two networks' losses; their parameters are disjoint, so each gets
     exactly the gradient it would get alone, and the optimizer (SGD) updates each as if alone.
     Logs ``train/loss_ewn``, ``train/loss_swn`` and ``val/acc_ewn``, ``val/acc_swn``.
+    ``init_scale`` multiplies the initial weights: EWN's per-unit learning rate is ‖w_u‖², so its
+    rich-get-richer effect over SWN needs unit norms above 1 (docs/homogeneous.md).
     """
 
     def __init__(self, num_classes: int = 2, in_channels: int = 1, image_size: int = 25,
-                 widths: Sequence[int] = (64,), init_seed: int = 0,
+                 widths: Sequence[int] = (64,), init_seed: int = 0, init_scale: float = 1.0,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, scheduler_interval: str = "epoch",
                  norm_weight_decay: float | None = None, bias_weight_decay: float | None = None) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         outputs = 1 if num_classes == 2 else num_classes
-        base = homogeneous_mlp(in_channels * image_size * image_size, list(widths), outputs, "none", False, init_seed)
+        base = homogeneous_mlp(in_channels * image_size * image_size, list(widths), outputs, "none", False, init_seed,
+                               init_scale)
         self.nets = nn.ModuleDict({"ewn": apply_weight_norm(copy.deepcopy(base), "ewn"),
                                    "swn": apply_weight_norm(copy.deepcopy(base), "swn")})
 

@@ -9,6 +9,7 @@ name, so the same callback runs in ``pytorch_lightning`` and ``lightning.pytorch
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from lightning_smd.homogeneous import figures
 from lightning_smd.homogeneous.degree import Homogeneity, homogeneity_degree
 from lightning_smd.homogeneous.measure import collect, default_split, measure_homogeneous
 from lightning_smd.homogeneous.pruning import DEFAULT_FRACTIONS, pruning_curve
+from lightning_smd.homogeneous.sparsity import layer_unit_norms
 
 __all__ = ["HomogeneousCallback", "NotHomogeneousWarning"]
 
@@ -58,6 +60,8 @@ class HomogeneousCallback(pl.Callback):
         data: an iterable of batches to measure on (e.g. a DataLoader over the training set);
             ``None``: the Trainer's training dataloader.
         max_samples: at most this many examples per measurement (``None``: all of ``data``).
+        max_batches: at most this many batches of ``data`` per measurement (``None``: no limit;
+            ``1`` with a full-batch loader: the whole training set once).
         module: dotted name of the sub-module to measure (``"net"``); ``None``: the LightningModule.
         split: ``batch → (x, y)``; default: ``batch[0], batch[1]`` (or ``x``/``y`` keys).
         loss: which smoothed margin: ``"logistic"`` (logistic / cross-entropy) or ``"exponential"``.
@@ -75,6 +79,7 @@ class HomogeneousCallback(pl.Callback):
         every_n_epochs: int = 1,
         data: Iterable[Any] | None = None,
         max_samples: int | None = 4096,
+        max_batches: int | None = None,
         module: str | None = None,
         split: Callable[[Any], tuple[Tensor, Tensor]] = default_split,
         loss: str = "logistic",
@@ -93,9 +98,12 @@ class HomogeneousCallback(pl.Callback):
             raise ValueError(f"HomogeneousCallback(sparsity_layers=...) must be 'normalized', 'all' or 'none', got {sparsity_layers!r}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"HomogeneousCallback(max_samples=...) must be ≥ 1 or None, got {max_samples!r}")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"HomogeneousCallback(max_batches=...) must be ≥ 1 or None, got {max_batches!r}")
         self.every_n_epochs = every_n_epochs
         self.data = data
         self.max_samples = max_samples
+        self.max_batches = max_batches
         self.module_name = module
         self.split = split
         self.loss = loss
@@ -111,6 +119,9 @@ class HomogeneousCallback(pl.Callback):
         #: ``fraction → accuracy`` at the end of training (``None`` before)
         self.pruning: dict[float, float] | None = None
         self.figures: dict[str, Path] = {}
+        #: ``layer → min_u r_u`` at the last measurement (the smallest relative unit norm: it moves
+        #: long before a threshold of the relative-sparsity keys is crossed)
+        self.min_relative_norm: dict[str, float] = {}
         self._last_step: int | None = None
 
     # -- what is measured ------------------------------------------------------------------------
@@ -128,6 +139,8 @@ class HomogeneousCallback(pl.Callback):
         if data is None:
             raise ValueError("HomogeneousCallback: no data to measure on; pass data=<DataLoader>")
         with torch.random.fork_rng(devices=[]):  # iterating a shuffling loader draws from the global RNG
+            if self.max_batches is not None:
+                data = itertools.islice(data, self.max_batches)
             return collect(data, self.max_samples, device, self.split)
 
     # -- Lightning hooks --------------------------------------------------------------------------
@@ -198,6 +211,9 @@ class HomogeneousCallback(pl.Callback):
         if self.homogeneity is not None and self.homogeneity.homogeneous and not result.homogeneous:
             warnings.warn(f"HomogeneousCallback: at step {trainer.global_step} the network is {result.message()}\n"
                           "No margin is logged for this measurement.", NotHomogeneousWarning, stacklevel=2)
+        if self.sparsity_layers != "none":
+            self.min_relative_norm = {layer or "<root>": float(n.min() / n.max()) if float(n.max()) > 0 else float("nan")
+                                      for layer, n in layer_unit_norms(target, self.sparsity_layers).items()}
         step = int(trainer.global_step)
         self._last_step = step
         self.history.append((step, metrics))
@@ -247,6 +263,9 @@ class HomogeneousCallback(pl.Callback):
             if sparsity:
                 lines.append("  relative sparsity at the last measurement (fraction of units with r_u < t):")
                 lines += [f"    {k[len(p) + 19:]}: {v:.3f}" for k, v in sparsity.items()]
+        if self.min_relative_norm:
+            lines.append("  smallest relative unit norm min_u r_u per layer: "
+                         + ", ".join(f"{k}: {v:.3g}" for k, v in self.min_relative_norm.items()))
         if self.pruning:
             lines.append("  pruning curve (fraction of each hidden layer's smallest units zeroed → accuracy):")
             lines.append("    " + "  ".join(f"{f:.0%}→{a:.3f}" for f, a in self.pruning.items()))
