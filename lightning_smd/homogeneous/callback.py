@@ -190,7 +190,11 @@ class HomogeneousCallback(pl.Callback):
                 for m, training in modes:
                     m.training = training
         if trainer.is_global_zero:
-            self._render(trainer)
+            try:
+                self._render(trainer)
+            except Exception as err:  # a figure must never cost the run
+                warnings.warn(f"HomogeneousCallback: could not draw the figures ({type(err).__name__}: {err})",
+                              stacklevel=2)
             if self.verbose:
                 self._print(self.summary())
 
@@ -278,6 +282,11 @@ class HomogeneousCallback(pl.Callback):
         print(text, flush=True)
 
     # -- checkpoint ---------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # one instance per measured sub-module / prefix may coexist in a Trainer
+        return self._generate_state_key(prefix=self.prefix, module=self.module_name)
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": [(s, dict(m)) for s, m in self.history]}
 

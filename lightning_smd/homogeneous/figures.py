@@ -50,7 +50,7 @@ def plot_margin(histories: Mapping[str, Sequence[Record]], path: str | Path, pre
         return None
     ax.set_xlabel("step")
     ax.set_ylabel("margin / ρ^L")
-    ax.set_title("Normalized margin (min_i q_i / ρ^L) and Lyu & Li's smoothed margin")
+    ax.set_title("Normalized margin min_i q_i/ρ^L and smoothed margin (Lyu & Li)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -58,17 +58,18 @@ def plot_margin(histories: Mapping[str, Sequence[Record]], path: str | Path, pre
 
 def plot_sparsity(histories: Mapping[str, Sequence[Record]], path: str | Path, prefix: str = "homogeneous") -> Path | None:
     """Relative sparsity against step, one panel per threshold; ``None`` when nothing was logged."""
-    keys = sorted({k for h in histories.values() for _, m in h for k in m if k.startswith(f"{prefix}/relative_sparsity/")})
-    if not keys:
+    head = f"{prefix}/relative_sparsity/"
+    split = {k: k[len(head):].split("/", 1) for h in histories.values() for _, m in h for k in m if k.startswith(head)}
+    if not split:
         return None
-    thresholds = sorted({k.split("/")[2] for k in keys}, key=lambda t: -float(t[3:]))
+    thresholds = sorted({t for t, _ in split.values()}, key=lambda t: -float(t[3:]))
     fig = _figure((4.0 * len(thresholds), 3.4))
     axes = fig.subplots(1, len(thresholds), squeeze=False)[0]
     for ax, t in zip(axes, thresholds):
         for i, (label, history) in enumerate(histories.items()):
-            layers = sorted({k.split("/", 3)[3] for _, m in history for k in m if k.startswith(f"{prefix}/relative_sparsity/{t}/")})
+            layers = sorted({split[k][1] for _, m in history for k in m if k in split and split[k][0] == t})
             for j, layer in enumerate(layers):
-                steps, values = series(history, f"{prefix}/relative_sparsity/{t}/{layer}")
+                steps, values = series(history, f"{head}{t}/{layer}")
                 ax.plot(steps, values, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4], label=f"{label} {layer}".strip())
         ax.set_title(f"fraction of units with r_u < {t[3:]}")
         ax.set_xlabel("step")
