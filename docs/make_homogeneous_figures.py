@@ -92,6 +92,7 @@ def sparsity_figures(out: Path, run_root: Path) -> None:
     for name, history in histories.items():
         for step, m in history[:: max(1, len(history) // 5)] + history[-1:]:
             cols = {k.split("/", 3)[3]: v for k, v in m.items() if "/relative_sparsity/" in k}
+            cols.update({f"min_r/{k.rsplit('/', 1)[1]}": v for k, v in m.items() if "/min_relative_norm/" in k})
             print(f"  {name} step {step:>5}: " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(cols.items())))
     relabeled = {name: [(s, {k.replace(f"homogeneous/{name}/", "homogeneous/"): v for k, v in m.items()})
                         for s, m in history] for name, history in histories.items()}

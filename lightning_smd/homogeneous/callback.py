@@ -23,7 +23,6 @@ from lightning_smd.homogeneous import figures
 from lightning_smd.homogeneous.degree import Homogeneity, homogeneity_degree
 from lightning_smd.homogeneous.measure import collect, default_split, measure_homogeneous
 from lightning_smd.homogeneous.pruning import DEFAULT_FRACTIONS, pruning_curve
-from lightning_smd.homogeneous.sparsity import layer_unit_norms
 
 __all__ = ["HomogeneousCallback", "NotHomogeneousWarning"]
 
@@ -45,7 +44,8 @@ class HomogeneousCallback(pl.Callback):
     * ``homogeneous/normalized_margin``, ``homogeneous/smoothed_margin`` (once defined),
       ``homogeneous/margin/{p05,p50}``, ``homogeneous/support_count``;
     * ``homogeneous/relative_sparsity/{lt_1e-1,lt_1e-2,lt_1e-3}/{layer}`` for the EWN/SWN layers
-      (``sparsity_layers="all"``: every Linear/Conv).
+      (``sparsity_layers="all"``: every Linear/Conv), and ``homogeneous/min_relative_norm/{layer}``,
+      the smallest r_u of the layer.
 
     At fit start the network's homogeneity is checked (:func:`homogeneity_degree`). A network that
     is not homogeneous gets one :class:`NotHomogeneousWarning` naming the tensors that break it,
@@ -215,9 +215,8 @@ class HomogeneousCallback(pl.Callback):
         if self.homogeneity is not None and self.homogeneity.homogeneous and not result.homogeneous:
             warnings.warn(f"HomogeneousCallback: at step {trainer.global_step} the network is {result.message()}\n"
                           "No margin is logged for this measurement.", NotHomogeneousWarning, stacklevel=2)
-        if self.sparsity_layers != "none":
-            self.min_relative_norm = {layer or "<root>": float(n.min() / n.max()) if float(n.max()) > 0 else float("nan")
-                                      for layer, n in layer_unit_norms(target, self.sparsity_layers).items()}
+        head = f"{self.prefix}/min_relative_norm/"
+        self.min_relative_norm = {k[len(head):]: v for k, v in metrics.items() if k.startswith(head)}
         step = int(trainer.global_step)
         self._last_step = step
         self.history.append((step, metrics))

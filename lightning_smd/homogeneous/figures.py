@@ -5,7 +5,7 @@ Each function takes ``label → data`` so one figure can compare runs (EWN again
 
 * :func:`plot_margin`: normalized margin γ̄ (solid) and smoothed margin γ̃ (dashed) against step;
 * :func:`plot_sparsity`: relative sparsity (fraction of units with ``r_u < t``) against step, one
-  panel per threshold, one line per run and layer;
+  panel per threshold, one line per run and layer, and a last panel with the smallest ``r_u``;
 * :func:`plot_pruning`: accuracy against the fraction of each layer's smallest units zeroed.
 """
 
@@ -50,7 +50,7 @@ def plot_margin(histories: Mapping[str, Sequence[Record]], path: str | Path, pre
         return None
     ax.set_xlabel("step")
     ax.set_ylabel("margin / ρ^L")
-    ax.set_title("Normalized margin min_i q_i/ρ^L and smoothed margin (Lyu & Li)")
+    ax.set_title("Normalized margin min_i q_i/ρ^L, smoothed margin (Lyu & Li)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -63,8 +63,22 @@ def plot_sparsity(histories: Mapping[str, Sequence[Record]], path: str | Path, p
     if not split:
         return None
     thresholds = sorted({t for t, _ in split.values()}, key=lambda t: -float(t[3:]))
-    fig = _figure((4.0 * len(thresholds), 3.4))
-    axes = fig.subplots(1, len(thresholds), squeeze=False)[0]
+    min_head = f"{prefix}/min_relative_norm/"
+    has_min = any(k.startswith(min_head) for h in histories.values() for _, m in h for k in m)
+    panels = len(thresholds) + has_min
+    fig = _figure((3.6 * panels, 3.4))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    if has_min:
+        ax = axes[-1]
+        for i, (label, history) in enumerate(histories.items()):
+            layers = sorted({k[len(min_head):] for _, m in history for k in m if k.startswith(min_head)})
+            for j, layer in enumerate(layers):
+                steps, values = series(history, f"{min_head}{layer}")
+                ax.plot(steps, values, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4], label=f"{label} {layer}".strip())
+        ax.set_title("smallest r_u = min n_u / max n_u")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
     for ax, t in zip(axes, thresholds):
         for i, (label, history) in enumerate(histories.items()):
             layers = sorted({split[k][1] for _, m in history for k in m if k in split and split[k][0] == t})

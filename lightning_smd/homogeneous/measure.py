@@ -6,7 +6,8 @@ with no gradient, and returns the keys of the public contract (``prefix="homogen
 * ``{prefix}/degree``, ``{prefix}/param_norm``;
 * ``{prefix}/normalized_margin``, ``{prefix}/smoothed_margin`` (only while defined),
   ``{prefix}/margin/p05``, ``{prefix}/margin/p50``, ``{prefix}/support_count``;
-* ``{prefix}/relative_sparsity/{lt_1e-1,lt_1e-2,lt_1e-3}/{layer}``.
+* ``{prefix}/relative_sparsity/{lt_1e-1,lt_1e-2,lt_1e-3}/{layer}``, and
+  ``{prefix}/min_relative_norm/{layer}`` (``min_u r_u``: it moves long before a threshold is crossed).
 
 A model that is not homogeneous gets no degree and no margin key at all (only ``param_norm``
 and sparsity, which do not depend on homogeneity).
@@ -97,6 +98,8 @@ def measure_homogeneous(
             for layer, norms in layer_unit_norms(model, sparsity_layers).items():
                 for t, frac in relative_sparsity(norms, THRESHOLDS).items():
                     metrics[f"{prefix}/relative_sparsity/{threshold_label(t)}/{layer or '<root>'}"] = frac
+                if float(norms.max()) > 0:
+                    metrics[f"{prefix}/min_relative_norm/{layer or '<root>'}"] = float(norms.min() / norms.max())
     finally:
         for m, training in modes:
             m.training = training
