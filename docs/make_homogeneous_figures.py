@@ -88,6 +88,9 @@ def margin_figure(out: Path, run_root: Path) -> None:
 def sparsity_figures(out: Path, run_root: Path) -> None:
     result, callbacks = run_preset("ewn_vs_swn", run_root / "ewn_vs_swn")
     histories = {name: read_history(result["metrics_csv"], f"homogeneous/{name}") for name in ("ewn", "swn")}
+    losses = {name: read_history(result["metrics_csv"], "train") for name in ("ewn", "swn")}
+    print("final training loss (mean logistic loss of the last logged step): "
+          + ", ".join(f"{n.upper()} {losses[n][-1][1][f'train/loss_{n}']:.3g}" for n in losses))
     print("\newn_vs_swn relative sparsity (fraction of units with r_u < t), read back from metrics.csv:")
     for name, history in histories.items():
         for step, m in history[:: max(1, len(history) // 5)] + history[-1:]:

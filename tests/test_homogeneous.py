@@ -443,14 +443,18 @@ def test_smd_measures_the_direction_of_ewn_and_swn_per_unit(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
 
     y = (X[:, 0] > 0).long()
+    smd = SMDCallback(log_every_n_steps=1, per_channel=2, verbose=False, figures_dir=str(tmp_path / "f"))
     trainer = pl.Trainer(max_steps=12, logger=pl.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
-                         callbacks=[SMDCallback(log_every_n_steps=1, verbose=False, figures_dir=str(tmp_path / "f"))])
+                         callbacks=[smd])
     trainer.fit(Module(), DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True))
     columns = set(next(csv.DictReader(open(Path(trainer.loggers[0].log_dir) / "metrics.csv"))))
     for layer in ("net.0", "net.2"):
         assert f"smd/angular_update/{layer}.parametrizations.weight.original1" in columns, sorted(columns)[:20]
     assert any(c.startswith("smd/channel/") and "net.0.parametrizations.weight.original1" in c for c in columns)
+    units = {name: (u.count, u.kind) for name, u in smd.units.items()}
+    assert units == {"net.0.parametrizations.weight.original1": (16, "channel"),
+                     "net.2.parametrizations.weight.original1": (3, "channel")}
 
 
 def _preset(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, dict]:
