@@ -481,18 +481,18 @@ def _preset(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, dict
 
 @pytest.mark.slow
 def test_margin_digits_normalized_margin_rises_in_the_late_phase(tmp_path):
-    result, callbacks = _preset(tmp_path, "margin_digits", ["trainer.max_epochs=12"])
+    result, callbacks = _preset(tmp_path, "margin_digits", ["trainer.max_epochs=20"])
     history = callbacks["homogeneous"].history
-    assert [s for s, _ in history] == [100 * (i + 1) for i in range(12)]
+    assert [s for s, _ in history] == [100 * (i + 1) for i in range(20)]
     margins_ = [m["homogeneous/normalized_margin"] for _, m in history]
     late = [m for m in margins_ if m > 0]
-    assert len(late) >= 6, margins_  # the data are separated early, the rest is the late phase
+    assert len(late) >= 15, margins_  # the data are separated early (step 300), the rest is the late phase
     assert all(b >= a for a, b in zip(late, late[1:])), late
     smoothed = [m["homogeneous/smoothed_margin"] for _, m in history if "homogeneous/smoothed_margin" in m]
-    assert smoothed and all(b >= a for a, b in zip(smoothed, smoothed[1:]))
+    assert len(smoothed) >= 2 and all(b >= a for a, b in zip(smoothed, smoothed[1:]))  # defined from step 1800
     assert all(m["homogeneous/degree"] == 3.0 for _, m in history)
     rows = list(csv.DictReader(open(result["metrics_csv"])))
-    assert sum(1 for r in rows if r.get("homogeneous/normalized_margin")) == 12
+    assert sum(1 for r in rows if r.get("homogeneous/normalized_margin")) == 20
 
 
 @pytest.mark.slow
