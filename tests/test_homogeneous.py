@@ -479,6 +479,20 @@ def _preset(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, dict
     return result, {cb.prefix: cb for cb in built if isinstance(cb, HomogeneousCallback)}
 
 
+def test_ewn_vs_swn_preset_runs_through_train_and_logs_both_networks(tmp_path):
+    """The user's path (examples/train.py's train() on the composed preset), a few steps."""
+    result, callbacks = _preset(tmp_path, "ewn_vs_swn", ["trainer.max_epochs=2", "data.steps_per_epoch=3",
+                                                        "callbacks.homogeneous_ewn.pruning_fractions=[0.0,0.5]"])
+    assert set(callbacks) == {"homogeneous/ewn", "homogeneous/swn"}
+    assert result["global_step"] == 6
+    rows = list(csv.DictReader(open(result["metrics_csv"])))
+    for name in ("ewn", "swn"):
+        logged = [int(r["step"]) for r in rows if r.get(f"homogeneous/{name}/param_norm")]
+        assert logged == [3, 6]
+        assert f"homogeneous/{name}/relative_sparsity/lt_1e-2/1" in rows[0]
+    assert callbacks["homogeneous/ewn"].pruning is not None and set(callbacks["homogeneous/ewn"].pruning) == {0.0, 0.5}
+
+
 @pytest.mark.slow
 def test_margin_digits_normalized_margin_rises_in_the_late_phase(tmp_path):
     result, callbacks = _preset(tmp_path, "margin_digits", ["trainer.max_epochs=20"])
