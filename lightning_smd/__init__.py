@@ -20,10 +20,11 @@ from lightning_smd.core import theory
 
 if TYPE_CHECKING:
     from lightning_smd.core.detect import find_scale_invariant
+    from lightning_smd.homogeneous.callback import HomogeneousCallback
     from lightning_smd.lightning.callback import SMDCallback
     from lightning_smd.monitor import SMDMonitor
 
-__all__ = ["SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
+__all__ = ["HomogeneousCallback", "SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
 __version__ = "0.1.0"
 
 # Modules that moved into core/, lightning/ and report/: the old names stay importable (the same
@@ -79,6 +80,10 @@ def __getattr__(name: str) -> Any:
         from lightning_smd.monitor import SMDMonitor
 
         return SMDMonitor
+    if name == "HomogeneousCallback":
+        from lightning_smd.homogeneous.callback import HomogeneousCallback
+
+        return HomogeneousCallback
     if name == "find_scale_invariant":
         from lightning_smd.core.detect import find_scale_invariant
 

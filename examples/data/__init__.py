@@ -4,6 +4,7 @@ from examples.data.cifar import CIFAR10DataModule, UnverifiedCIFAR10
 from examples.data.coco import COCODataModule, CocoInstances
 from examples.data.common import DatasetError, DatasetNotFoundError
 from examples.data.digits import DigitsDataModule
+from examples.data.full_batch import FullBatchDataModule
 from examples.data.imagenet import ImageNetDataModule
 from examples.data.markov import MarkovSequenceDataModule
 from examples.data.nrq import StepIndexDataModule
@@ -15,6 +16,7 @@ __all__ = [
     "DatasetError",
     "DatasetNotFoundError",
     "DigitsDataModule",
+    "FullBatchDataModule",
     "ImageNetDataModule",
     "MarkovSequenceDataModule",
     "StepIndexDataModule",

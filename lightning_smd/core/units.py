@@ -7,7 +7,9 @@ A normalization makes its input invariant to a scale per *what it normalizes tog
 * GroupNorm with ``G`` groups: each group of ``C_out/G`` consecutive output channels;
 * LayerNorm / RMSNorm over the last ``d`` features of an output of ``C_out`` features with
   ``d < C_out`` (a per-head norm, e.g. QK-norm after splitting heads): each head, ``C_out/d`` units;
-* LayerNorm / RMSNorm over all features, weight normalization, tensors found numerically, and
+* the direction ``v`` of a weight normalization along dim 0 (torch's ``weight_norm`` parametrization,
+  :func:`~lightning_smd.parametrizations.exp_weight_norm`): each output unit ``v[u]``;
+* LayerNorm / RMSNorm over all features, legacy ``weight_norm`` hooks, tensors found numerically, and
   anything not recognised: the whole tensor (1 unit), which is always invariant when its units are.
 
 The unit is re-derived from the detection evidence (:attr:`~lightning_smd.detect.Candidate.reason`
@@ -66,8 +68,25 @@ def _norm_unit(norm: nn.Module, out_features: int) -> Unit | None:
     return None
 
 
+def _weight_norm_unit(root: nn.Module, name: str) -> Unit:
+    """``v`` of ``w = scale · v/‖v‖`` (SWN or EWN, ``….parametrizations.<t>.original1``): one
+    unit per slice of the parametrization's ``dim`` when that is dim 0, else the whole tensor."""
+    chain_name, _, local = name.rpartition(".")
+    try:
+        chain = root.get_submodule(chain_name)
+    except AttributeError:
+        return _TENSOR
+    dims = {getattr(p, "dim", None) for p in chain.children()}
+    original = getattr(chain, local, None)
+    if local != "original1" or dims != {0} or original is None or original.dim() < 2:
+        return _TENSOR
+    return Unit(int(original.shape[0]), "channel", "weight_norm direction, per output unit")
+
+
 def invariance_unit(root: nn.Module, name: str, reason: str) -> Unit:
     """The invariance unit of parameter ``name`` of ``root``, from its detection ``reason``."""
+    if reason == "weight_norm direction" and ".parametrizations." in f".{name}":
+        return _weight_norm_unit(root, name)
     module_name, _, local = name.rpartition(".")
     try:
         producer = root.get_submodule(module_name) if module_name else root

@@ -33,6 +33,7 @@ from lightning_smd.core.detect.modules import (
 )
 from lightning_smd.core.detect.numerics import _generic_values
 from lightning_smd.core.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers, isolated_call
+from lightning_smd.parametrizations import ExpWeightNorm
 
 __all__ = ["DataflowRecorder", "structural_candidates"]
 
@@ -592,6 +593,10 @@ def _rerun_eps(producer: _Producer, local: str, param: nn.Parameter) -> Tensor:
     return out[1] if out is not None else torch.zeros(0)
 
 
+#: parametrizations ``w = scale · v/‖v‖`` whose direction ``v`` (``original1``) is scale-invariant per unit
+_WEIGHT_NORMS = (nn.utils.parametrizations._WeightNorm, ExpWeightNorm)
+
+
 def _self_normalizing_reason(producer: _Producer, local: str) -> str:
     module = producer.module
     if local.endswith("weight_v"):
@@ -599,7 +604,7 @@ def _self_normalizing_reason(producer: _Producer, local: str) -> str:
     if local.endswith(".original1") and parametrize.is_parametrized(module):
         tensor_name = local.split(".")[1]
         chain = module.parametrizations[tensor_name]
-        if any(isinstance(p, nn.utils.parametrizations._WeightNorm) for p in chain):
+        if any(isinstance(p, _WEIGHT_NORMS) for p in chain):
             return "weight_norm direction"
     where = f"{type(module).__name__} {producer.name or '<root>'}"
     return f"self-normalizing: output unchanged when scaled ({where})"
