@@ -65,7 +65,8 @@ class ChannelMetrics:
 
     ``window``: the equilibrium window in optimizer steps; ``ema_steps``: the time constant of the
     per-unit running L (like :class:`~lightning_smd.estimates.RunningMean`, bias-corrected).
-    This state is not checkpointed: after a resume the running L and the stall windows start anew.
+    The running L and the stall windows are checkpointed (:meth:`state_dict`), so a resumed run
+    logs what an uninterrupted one would.
     """
 
     def __init__(self, window: int, ema_steps: float, history_capacity: int = 256) -> None:
@@ -80,7 +81,24 @@ class ChannelMetrics:
         self.stalled: dict[str, float] = {}
         self._layout_key: tuple | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self._restored: dict[str, dict[str, np.ndarray]] = {}  # per tensor, from a checkpoint, until first used
         self._keys: dict[str, tuple[tuple[str, ...], ...]] = {}
+
+    def state_dict(self) -> dict[str, dict[str, list[float]]]:
+        """Per tensor, its units' running L (``mean``, ``weight``, ``last``) and stall windows
+        (``since``), as plain lists (a checkpoint holds no numpy arrays)."""
+        state = {name: {q: v.tolist() for q, v in arrays.items()} for name, arrays in self._restored.items()}
+        if self._layout_key is not None:
+            at = 0
+            for name, k in zip(*self._layout_key):
+                state[name] = {q: v[at:at + k].tolist() for q, v in self._arrays.items()}
+                at += k
+        return state
+
+    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
+        self._restored = {name: {q: np.asarray(v, dtype=np.float64) for q, v in arrays.items()}
+                          for name, arrays in state.items()}
+        self._layout_key, self._arrays = None, {}
 
     def keys(self, name: str) -> tuple[tuple[str, ...], ...]:
         keys = self._keys.get(name)
@@ -97,7 +115,8 @@ class ChannelMetrics:
         key = (tuple(names), tuple(counts))
         if self._layout_key == key:
             return self._arrays
-        old = {}
+        old = dict(self._restored)
+        self._restored = {}
         if self._layout_key is not None:
             at = 0
             for name, k in zip(*self._layout_key):

@@ -470,6 +470,7 @@ class SMDCallback(pl.Callback):
             "tracked": names,
             "arguments": dict(self._arguments),
             "units": {n: [u.count, u.kind, u.why] for n, u in self.units.items()},
+            "channels": self.channels.state_dict() if self.channels is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -480,6 +481,8 @@ class SMDCallback(pl.Callback):
         self.schedule.load_state_dict(state_dict)
         self._saved_names = state_dict["tracked"]
         self.units = {n: Unit(int(c), str(k), str(w)) for n, (c, k, w) in (state_dict.get("units") or {}).items()}
+        if self.channels is not None:
+            self.channels.load_state_dict(state_dict.get("channels") or {})
         self._tracked = None
         if changed := arguments.changes(state_dict.get("arguments") or {}, self._arguments):
             rank_zero_warn(
