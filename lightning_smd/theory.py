@@ -558,7 +558,9 @@ def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
 
     betas = group.get("betas")
     is_lion = any("lion" in n for n in names)
-    is_adam = any(n.startswith("adam") or n == "nadamw" for n in names) and betas is not None
+    # Muon-with-auxiliary-AdamW optimizers (Keller Jordan's MuonWithAuxAdam pattern) flag their AdamW groups
+    is_adam = (any(n.startswith("adam") or n == "nadamw" for n in names) or group.get("use_muon") is False) \
+        and betas is not None
 
     if any("muon" in n for n in names) and betas is None:
         momentum = _as_float(group.get("momentum", 0.0), "momentum")
@@ -575,6 +577,12 @@ def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
 
     if is_lion and betas is not None:
         beta1, beta2 = (_as_float(b, "betas") for b in betas)
+        # the decay p·(1 − η·λ_eff) of lion-pytorch's decoupled_weight_decay (λ/η_0) and of timm's
+        # corrected_weight_decay (λ·η/η_max)
+        if getattr(optimizer, "decoupled_wd", False) and getattr(optimizer, "_init_lr", 0) > 0:
+            weight_decay /= _as_float(optimizer._init_lr, "lr")
+        if group.get("corrected_weight_decay", False) and _as_float(group.get("max_lr_snapshot", 0.0), "lr") > 0:
+            weight_decay *= lr / _as_float(group["max_lr_snapshot"], "lr")
         if weight_decay <= 0:
             return none(f"{opt_name}: weight_decay=0, scale-invariant weights have no equilibrium (‖w‖ grows)",
                         beta1=beta1, beta2=beta2)
