@@ -14,7 +14,7 @@ times), then Δ_t averaged over the second half:
 Real networks: Muon lr 0.02, λ 0.2, μ 0.95 (τ = 1/(2ηλ) = 125 steps), 1500 steps, Δ_t averaged over
 the last 750.
 
-Usage: ``python benchmarks/optimizer_equilibrium.py [nrq] [mlp] [qknorm] [--heavy-ball]`` (prints a
+Usage: ``python benchmarks/optimizer_equilibrium.py [nrq] [mlp] [qknorm] [--heavy-ball] [--steps=N]`` (prints a
 Markdown table; a few minutes per part on 2 CPU cores).
 """
 
@@ -139,13 +139,14 @@ def real_network(kind: str, steps: int, lr: float = 0.02, wd: float = 0.2, momen
 def main(argv: list[str]) -> None:
     which = [a for a in argv if not a.startswith("--")] or ["nrq", "mlp", "qknorm"]
     both = "--heavy-ball" in argv  # also nesterov=False on the real networks (twice the time)
+    steps = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--steps=")), 1500)
     rows = []
     if "nrq" in which:
         rows += run_nrq()
     for kind in ("mlp", "qknorm"):
         if kind in which:
             for nesterov in (True, False) if both else (True,):
-                rows += real_network(kind, steps=1500, nesterov=nesterov)
+                rows += real_network(kind, steps=steps, nesterov=nesterov)
     print("| setup | measured Δ_t / Δ* |\n|---|---|")
     for name, r in rows:
         print(f"| {name} | {r:.3f} |")

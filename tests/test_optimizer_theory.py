@@ -181,3 +181,96 @@ def test_measured_angular_update_settles_on_logged_theory(family, tmp_path):
     ratio = mean_over(m["smd/angular_update/W"], measure_from) / expected
     print(f"\n{family}: measured Δ_t / Δ* = {ratio:.4f}")
     assert ratio == pytest.approx(1.0, abs=tolerance), f"{family}: measured Δ_t / Δ* = {ratio:.3f}"
+
+
+# ------------------------------------------------------------------- AdamW's own drop factor
+@pytest.mark.slow  # two fits of 500 steps
+def test_digits_bn_cnn_adamw_drop_rescale_keeps_the_ratio(tmp_path):
+    """AdamW at equilibrium, LR ÷10: ``rescale=True`` multiplies by 10^(-1/2) (‖w*‖ ∝ sqrt(η/λ)) and keeps
+    Δ_t/Δ* (the SGD factor 10^(-1/4) left it at ≈ 0.56 of its value); ``rescale="equilibrium"`` (from the
+    measured update RMS) lands on the same factor and ratio."""
+    from tests.models import DigitsCNN
+
+    lr, wd, drop = 1e-2, 1.0, 300  # ηλ = 0.01: τ = 1/(2ηλ) = 50 steps, the drop after 6τ
+    convs = ["model.0.weight", "model.3.weight", "model.7.weight"]
+    for rescale in (True, "equilibrium"):
+        pl.seed_everything(0)
+        module = DigitsCNN(lr=lr, weight_decay=wd, optimizer="adamw", milestones=[drop], gamma=0.1, label_noise=0.3,
+                           input_noise=0.5)
+        trainer = fit(module, tmp_path / str(rescale), [SMDCallback(log_every_n_steps=2, rescale=rescale, verbose=False)],
+                      max_steps=drop + 200, log_every_n_steps=2)
+        m = read_metrics(trainer)
+        factor = list(m["smd/rescale_factor"].values())
+        assert len(factor) == 1
+        if rescale is True:
+            assert factor[0] == pytest.approx(10**-0.5, rel=1e-9)
+        else:
+            assert factor[0] == pytest.approx(10**-0.5, rel=0.1)
+        assert m["smd/angular_update_ratio/mean"]
+        for name in convs:
+            before = mean_over(m[f"smd/angular_update/{name}"], drop - 200, drop - 1) / theory.angular_update_adamw(
+                lr, wd, 0.9)
+            after = mean_over(m[f"smd/angular_update/{name}"], drop, drop + 199) / theory.angular_update_adamw(
+                lr / 10, wd, 0.9)
+            print(f"\n{rescale} {name}: Δ_t/Δ* before {before:.3f}, after {after:.3f}, after/before {after / before:.3f}")
+            assert before == pytest.approx(1.0, rel=0.15)  # at equilibrium before the drop
+            assert after / before == pytest.approx(1.0, rel=0.1)
+
+
+# ------------------------------------------------------------ Muon on a real network, user path
+def _csv_series(path) -> dict[str, dict[int, float]]:
+    import csv
+    from collections import defaultdict
+
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    series[key][int(row["step"])] = float(value)
+    return series
+
+
+def test_muon_config_builds_muon_on_hidden_matrices(tmp_path):
+    """``optimizer=muon``: Muon on the hidden ``nn.Linear`` weights, AdamW on the rest; the theory sees both."""
+    from examples.train import build_module
+    from tests.examples_fixtures import composed
+
+    with composed(["experiment=qknorm_transformer_muon"], tmp_path) as cfg:
+        module = build_module(cfg)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    names = {id(p): n for n, p in module.named_parameters()}
+    groups = {g["name"]: g for g in opt.param_groups}
+    muon = {names[id(p)] for p in groups["all/muon"]["params"]}
+    hidden = {n for n, p in module.named_parameters() if p.ndim == 2 and ".blocks." in f".{n}"}
+    assert muon == hidden and any(n.endswith("q_proj.weight") for n in muon)
+    assert theory.from_param_group(opt, groups["all/muon"]).family == "muon"
+    assert groups["all/adamw"]["lr"] == pytest.approx(3e-3) and groups["all/muon"]["lr"] == pytest.approx(0.02)
+
+
+@pytest.mark.slow  # 400 steps of a one-block transformer (Newton–Schulz runs in bf16: slow on CPU)
+def test_qknorm_transformer_muon_settles_on_its_theory_line(tmp_path):
+    """``examples/train.py experiment=qknorm_transformer_muon`` (ηλ raised to 0.01: τ = 50 steps), no LR
+    change: the logged Δ* line of every q/k projection is Muon's for its shape, and the measured Δ_t
+    averaged over steps 200–400 (after 4τ) is within ±10 % of it."""
+    from examples.train import train
+    from tests.examples_fixtures import composed
+
+    overrides = ["experiment=qknorm_transformer_muon", "trainer.max_steps=400", "scheduler.milestones=[100000]",
+                 "model.depth=1",
+                 "optimizer.lr=0.05", "optimizer.weight_decay=0.2", "trainer.val_check_interval=null",
+                 "trainer.check_val_every_n_epoch=1000", "trainer.limit_val_batches=0", "smd.log_every_n_steps=5",
+                 "trainer.log_every_n_steps=5", "smd.figures_dir=null", "smd.verbose=false", "print_config=false",
+                 "trainer.enable_progress_bar=false"]
+    with composed(overrides, tmp_path) as cfg:
+        result = train(cfg)
+    m = _csv_series(result["metrics_csv"])
+    names = [k.split("/", 2)[2] for k in m if k.startswith("smd/angular_update/")]
+    assert names and all(n.endswith(("q_proj.weight", "k_proj.weight")) for n in names)
+    for name in names:
+        star = list(m[f"smd/angular_update_theory/{name}"].values())
+        assert star[0] == pytest.approx(theory.angular_update_muon(0.05, 0.2, 0.95, True, (64, 64)), rel=1e-9)
+        ratio = mean_over(m[f"smd/angular_update/{name}"], 200) / star[0]
+        print(f"\n{name}: measured Δ_t / Δ* = {ratio:.3f}")
+        assert ratio == pytest.approx(1.0, abs=0.1)
