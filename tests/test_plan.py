@@ -189,7 +189,12 @@ def test_every_preset_plans_and_prints(tmp_path: Path, name: str) -> None:
     assert stages and stages[0].start == 0 and stages[-1].end == plan.end_step
     assert all(a.end == b.start for a, b in zip(stages, stages[1:]))
     first = stages[0]
-    if "AdamW" in cfg.optimizer._target_:
+    if "Muon" in cfg.optimizer._target_:
+        # groups all/muon (the hidden Linear weights: none in this one-Linear module) and all/adamw (λ = 0)
+        assert all(s.group.endswith(("/muon", "/adamw")) for s in stages)
+        assert all(s.theory.family == ("muon" if s.group.endswith("/muon") else "none") for s in stages)
+        lr = float(cfg.optimizer.adamw_lr) if first.group.endswith("/adamw") else lr
+    elif "AdamW" in cfg.optimizer._target_:
         assert first.theory.family == "adamw"
     else:
         assert first.theory.family == ("sgdm" if cfg.optimizer.momentum else "sgd")
