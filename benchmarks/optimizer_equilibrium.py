@@ -59,7 +59,7 @@ def run_nrq() -> list[tuple[str, float]]:
     rows = []
     lr, wd = 0.02, 0.1
     for nesterov in (False, True):
-        for mom in (0.0, 0.9, 0.95):
+        for mom in ((0.0,) if nesterov else ()) + (0.9, 0.95):
             for shape in ((64, 64), (64, 256)):
                 star = theory.angular_update_muon(lr, wd, mom, nesterov, shape)
                 r = nrq(lambda p: torch.optim.Muon(p, lr=lr, weight_decay=wd, momentum=mom, nesterov=nesterov), star,
@@ -68,7 +68,7 @@ def run_nrq() -> list[tuple[str, float]]:
     for mom in (0.5, 0.9):
         star = theory.angular_update_nesterov(0.01, 0.01, mom)
         r = nrq(lambda p: torch.optim.SGD(p, lr=0.01, weight_decay=0.01, momentum=mom, nesterov=True), star,
-                (4096,), steps=20000)
+                (4096,), steps=8000)
         rows.append((f"SGD Nesterov μ={mom}", r))
     return rows
 
