@@ -191,7 +191,12 @@ def test_every_preset_plans_and_prints(tmp_path: Path, name: str) -> None:
     assert stages and stages[0].start == 0 and stages[-1].end == plan.end_step
     assert all(a.end == b.start for a, b in zip(stages, stages[1:]))
     first = stages[0]
-    if "AdamW" in cfg.optimizer._target_:
+    if "Muon" in cfg.optimizer._target_:
+        # groups all/muon (the hidden Linear weights: none in this one-Linear module) and all/adamw (λ = 0)
+        assert all(s.group.endswith(("/muon", "/adamw")) for s in stages)
+        assert all(s.theory.family == ("muon" if s.group.endswith("/muon") else "none") for s in stages)
+        lr = float(cfg.optimizer.adamw_lr) if first.group.endswith("/adamw") else lr
+    elif "AdamW" in cfg.optimizer._target_:
         assert first.theory.family == "adamw"
     else:
         assert first.theory.family == ("sgdm" if cfg.optimizer.momentum else "sgd")
@@ -388,13 +393,20 @@ def test_reduce_on_plateau_is_unpredictable_not_a_crash() -> None:
     assert "?" in plan.format().splitlines()[2]  # the "enough" column marks it
 
 
-def test_adamw_has_delta_but_no_relaxation_time() -> None:
+def test_adamw_relaxation_time_is_decoupled() -> None:
+    """AdamW: ‖w‖² relaxes at 2ηλ (docs/optimizer_theory.md §4): τ = 1/(2ηλ), first stage needs 3τ, the
+    drops need ⌈ln k/(2η'λ)⌉, and the advice names AdamW's own drop factor k^(-1/2)."""
     plan, _, _ = _fit_and_plan(SCHEDULERS["multistep_step_freq2"], optimizer="adamw")
     stage = plan.stages[0]
     assert stage.theory.family == "adamw"
     assert stage.angular_update == pytest.approx(theory.angular_update_adamw(0.01, 0.05, 0.9))
-    assert stage.needed_steps is None and stage.long_enough is None and "relaxation" in stage.note
-    assert not plan.recommendations
+    assert stage.relaxation_steps == pytest.approx(1 / (2 * 0.01 * 0.05))
+    assert stage.needed_steps == 3000 and stage.long_enough is False
+    later = [s for s in plan.stages[1:] if s.change is not None]
+    assert later and all(s.needed_steps == theory.steps_to_equilibrium_decoupled(
+        plan.stages[s.index - 1].theory.lr, s.theory.lr, 0.05) for s in later)
+    assert all("k^(-1/4)" not in r for r in plan.recommendations + plan.notes)
+    assert any("k^(-1/2)" in r for r in plan.recommendations + plan.notes)
 
 
 # -------------------------------------------------------------------------------- pure core

@@ -88,7 +88,7 @@ def test_qknorm_fit_tracks_q_and_k(tmp_path):
                             callback_kwargs={"rescale": True})
     assert sorted(cb.candidates) == sorted(qk_names(2, "model."))
     m = metrics_of(tmp_path, "qknorm")
-    assert m["smd/rescale_factor"] == pytest.approx({8: 0.1**0.25})
+    assert m["smd/rescale_factor"] == pytest.approx({8: 0.1**0.5})  # AdamW's own drop factor k^(-1/2)
     name = "model.blocks.0.attn.q_proj.weight"
     assert sorted(m[f"smd/angular_update/{name}"]) == list(range(4, 12))
     assert not any("v_proj" in k or "o_proj" in k or "mlp" in k for k in m)

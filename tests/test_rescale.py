@@ -16,6 +16,7 @@ from tests.models import DigitsCNN, NoisyRayleighQuotient
 def test_policy_drop_mode():
     policy = RescalePolicy("drop", min_drop=2.0)
     assert policy.factor((0.1, 1e-4), (0.01, 1e-4), 0.1) == pytest.approx(10**-0.25)
+    assert policy.factor((0.1, 1e-4), (0.01, 1e-4), 0.1, exponent=0.5) == pytest.approx(10**-0.5)  # AdamW/Lion/Muon
     assert policy.factor((0.1, 1e-4), (0.1, 2e-4), 0.1) == pytest.approx(0.5**0.25)  # λ doubles: ηλ/(η'λ') = 1/2
     assert policy.factor((0.1, 1e-4), (0.099, 1e-4), 0.1) is None  # small cosine-like change
     assert policy.factor((0.01, 1e-4), (0.1, 1e-4), 0.1) is None  # warmup / increase

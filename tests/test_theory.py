@@ -142,7 +142,8 @@ def test_from_param_group_recognises_families():
     [
         (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4), "coupled L2"),
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "weight_decay=0"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4), "nesterov"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "weight_decay=0"),
+        (lambda p: torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))], weight_decay=0.0), "weight_decay=0"),
         (lambda p: torch.optim.RMSprop(p, lr=0.1, weight_decay=1e-4), "no equilibrium formula"),
     ],
 )

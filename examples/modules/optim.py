@@ -64,6 +64,89 @@ def param_groups(
     return [g for g in out if g["params"]]
 
 
+def hidden_matrix_groups(module: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split each param group into a Muon part (``use_muon=True``) and an AdamW part (``False``).
+
+    Muon part: the 2-D weights of the ``nn.Linear`` layers except the last one registered (the
+    output head), as torch.optim.Muon's documentation recommends ("hidden layers"); everything else
+    (embeddings, the head, biases, norms, conv kernels) goes to AdamW. Group names get ``/muon`` and
+    ``/adamw``; empty parts are dropped.
+    """
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    hidden = {id(m.weight) for m in linears[:-1] if m.weight.ndim == 2}
+    out = []
+    for group in groups:
+        muon = [p for p in group["params"] if id(p) in hidden]
+        rest = [p for p in group["params"] if id(p) not in hidden]
+        extra = {k: v for k, v in group.items() if k not in ("params", "name")}
+        name = group.get("name", "all")
+        if muon:
+            out.append({"name": f"{name}/muon", "params": muon, "use_muon": True})
+        if rest:
+            out.append({**extra, "name": f"{name}/adamw", "params": rest, "use_muon": False})
+    return out
+
+
+class MuonWithAuxAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the groups with ``use_muon=True``, ``torch.optim.AdamW`` on the others.
+
+    One optimizer (Lightning's automatic optimization, one scheduler for both), the pattern of Keller
+    Jordan's ``MuonWithAuxAdam``: the groups come from :func:`hidden_matrix_groups` (the example
+    modules call it when the config's optimizer is this class). Both inner optimizers share this
+    one's ``param_groups`` dicts and ``state``, so schedulers, checkpoints and SMDCallback's rescale
+    (which moves ``momentum_buffer``/``exp_avg``/``exp_avg_sq``) see everything. A scheduler scales
+    both families' lr by the same factor. ``adamw_*``: the AdamW groups' settings (their
+    ``weight_decay`` keeps a group's own override, e.g. ``norm_weight_decay``).
+    """
+
+    splits_hidden_matrices = True
+
+    def __init__(self, params: Any, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, adjust_lr_fn: str | None = None, ns_steps: int = 5,
+                 adamw_lr: float = 1e-3, adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float = 0.0) -> None:
+        groups = [dict(g) for g in params]
+        if not groups or not all(isinstance(g, dict) and "use_muon" in g for g in groups):
+            raise ValueError("MuonWithAuxAdamW needs param groups with a 'use_muon' key "
+                             "(examples.modules.optim.hidden_matrix_groups builds them)")
+        for g in groups:
+            if g["use_muon"]:
+                for key, value in dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                       adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps).items():
+                    g.setdefault(key, value)
+            else:
+                for key, value in dict(lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps,
+                                       weight_decay=adamw_weight_decay).items():
+                    g.setdefault(key, value)
+        super().__init__(groups, {})
+        self._bind()
+
+    def _bind(self) -> None:
+        muon = [g for g in self.param_groups if g["use_muon"]]
+        adamw = [g for g in self.param_groups if not g["use_muon"]]
+        self._inner = []
+        if muon:
+            self._inner.append(torch.optim.Muon(muon))
+        if adamw:
+            self._inner.append(torch.optim.AdamW(adamw))
+        for inner in self._inner:
+            inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._bind()  # load_state_dict replaced the group dicts and the state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner in self._inner:
+            inner.step()
+        return loss
+
+
 def warmup_multistep(
     optimizer: torch.optim.Optimizer,
     milestones: Sequence[int],
@@ -138,6 +221,8 @@ class ConfiguredOptimizerModule(pl.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer given: set the `optimizer` config group (e.g. optimizer=sgd)")
         groups = param_groups(self.optimized_module(), self.norm_weight_decay, self.bias_weight_decay)
+        if getattr(getattr(self.optimizer_factory, "func", self.optimizer_factory), "splits_hidden_matrices", False):
+            groups = hidden_matrix_groups(self.optimized_module(), groups)
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer

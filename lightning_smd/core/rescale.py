@@ -1,8 +1,10 @@
 """Learning-rate changes and the rescale that puts scale-invariant weights at their new equilibrium.
 
-When a param group's (η, λ) becomes (η', λ'), the equilibrium ‖w*‖² moves by sqrt((η'λ)/(ηλ'))
-(SMD_THEORY §4); multiplying the group's scale-invariant tensors by ``f = ((η'λ)/(ηλ'))^(1/4)``
-puts them there at once instead of after ``log(k)(1 − α)/(4λη')`` steps.
+When a param group's (η, λ) becomes (η', λ'), the equilibrium ‖w*‖ moves by ((η'λ)/(ηλ'))^e
+(SMD_THEORY §4, ``docs/optimizer_theory.md`` §5): e = 1/4 for SGD/SGDM/Nesterov (‖w*‖² = sqrt(Lη/2λ)),
+e = 1/2 for AdamW/Lion/Muon (scale-free update, ‖w*‖ = ηū/Δ* ∝ sqrt(η/λ)). Multiplying the group's
+scale-invariant tensors by ``f = ((η'λ)/(ηλ'))^e`` puts them there at once instead of after
+``log(k)(1 − α)/(4λη')`` (SGD family) or ``log(k)/(2λ'η')`` (decoupled) steps.
 
 Optimizer state: since ``∇L(f·w) = ∇L(w)/f``, state built from gradients lives on the old scale.
 We move it to the new one: first moments (``momentum_buffer``, ``exp_avg``) are multiplied by
@@ -11,8 +13,8 @@ the rescale already turns the weights by the new Δ* (for SGD with momentum: Δ 
 Δ_old/√k with f = k^(−1/4), exactly the new Δ*). The weight-decay part of a momentum buffer is
 then off by f² for about 1/(1 − α) steps; it is radial and does not change the angle.
 
-The fixed factor k^(-1/4) is exact only when the weights are at equilibrium before the change
-(SMD paper §5.2, Noisy Rayleigh Quotient §3.2): it keeps the ratio Δ_t/Δ* (Δ ∝ 1/‖w‖² for SGD)
+The fixed factor k^(-e) is exact only when the weights are at equilibrium before the change
+(SMD paper §5.2, Noisy Rayleigh Quotient §3.2): it keeps the ratio Δ_t/Δ* (Δ ∝ 1/‖w‖² for SGD, 1/‖w‖ for AdamW)
 so weights at 0.2 Δ* stay at 0.2 of the new Δ*. ``rescale="equilibrium"`` (mode ``"equilibrium"``
 here, factors per tensor in :class:`lightning_smd.schedule.ScheduleWatcher`) moves each tensor to
 its predicted new equilibrium norm instead.
@@ -46,7 +48,7 @@ class RescalePolicy:
             multi-stage schedules: StepLR, MultiStepLR, ReduceLROnPlateau); ``"continuous"``: every
             change (cosine, polynomial, OneCycle decay), with η clamped from below at
             ``min_lr_ratio`` × the group's largest η seen, so η → 0 cannot collapse the weights
-            (the cumulative factor stays ≥ ``min_lr_ratio^(1/4)``).
+            (the cumulative factor stays ≥ ``min_lr_ratio^e``, e = 1/4 or 1/2 by family).
             ``"equilibrium"``: the same changes as ``"drop"``, but the watcher moves each tensor to its
             own predicted new equilibrium norm ‖w*'‖ (from the running L, or for AdamW/Lion the
             measured update length) instead of multiplying by this factor, which is then only the
@@ -68,8 +70,13 @@ class RescalePolicy:
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"SMDCallback(rescale_min_lr_ratio=...) must be in (0, 1], got {self.min_lr_ratio!r}")
 
-    def factor(self, old: tuple[float, float], new: tuple[float, float], peak_lr: float) -> float | None:
-        """The rescale factor for ``(lr, weight_decay)`` going from ``old`` to ``new``, or ``None``."""
+    def factor(self, old: tuple[float, float], new: tuple[float, float], peak_lr: float,
+               exponent: float = 0.25) -> float | None:
+        """The rescale factor ``k^(-exponent)`` for ``(lr, weight_decay)`` going from ``old`` to ``new``, or ``None``.
+
+        ``exponent``: the family's e in ‖w*‖ ∝ (η/λ)^e (:func:`lightning_smd.theory.norm_exponent`):
+        1/4 for SGD/SGDM/Nesterov, 1/2 for AdamW/Lion/Muon, whose update does not scale with ‖w‖.
+        """
         (lr_old, wd_old), (lr_new, wd_new) = old, new
         if min(lr_old, lr_new, wd_old, wd_new) <= 0 or not all(map(math.isfinite, (lr_old, lr_new, wd_old, wd_new))):
             return None
@@ -83,7 +90,7 @@ class RescalePolicy:
             return None
         if self.mode != "continuous" and max(drop, 1 / drop) < self.min_drop:
             return None
-        return drop**-0.25
+        return drop**-exponent
 
 
 @torch.no_grad()

@@ -65,11 +65,12 @@ class SMDCallback(pl.Callback):
             ``None`` uses the Trainer's ``log_every_n_steps``. Unmeasured steps cost nothing.
         rescale: ``False`` (monitor only); ``True`` or ``"drop"``: when a param group's (η, λ)
             drops by at least ``rescale_min_drop``, multiply its scale-invariant tensors by
-            ((η'λ)/(ηλ'))^(1/4) before the next step; ``"continuous"``: on every change (cosine-like
+            ((η'λ)/(ηλ'))^e before the next step (e = 1/4 for SGD/SGDM/Nesterov, 1/2 for
+            AdamW/Lion/Muon: the factor that keeps Δ_t/Δ*); ``"continuous"``: on every change (cosine-like
             schedules), with η floored at ``rescale_min_lr_ratio`` × its peak; ``"equilibrium"``: at the
             same changes as ``"drop"``, move each tensor to its own predicted new equilibrium norm
-            ‖w*'‖ (from the running L; AdamW/Lion: from the measured update RMS), which puts Δ_t at
-            the new Δ* also when the weights were not at equilibrium before (k^(-1/4) keeps the
+            ‖w*'‖ (from the running L; AdamW/Lion/Muon: from the measured update RMS), which puts Δ_t at
+            the new Δ* also when the weights were not at equilibrium before (k^(-e) keeps the
             ratio Δ_t/Δ*). Any rescale while the window mean of Δ_t/Δ* is outside ±30 % warns.
         warm_start: ``True``: once, after enough steps for a stable L estimate (detection, then 32
             samples of L: ``detect_steps + 1 + 32·max(log_every_n_steps, unit_grad_every)``, printed
@@ -244,7 +245,7 @@ class SMDCallback(pl.Callback):
             raise ValueError(
                 f"SMDCallback: found two SMDCallback instances in the Trainer's callbacks ({len(others) + 1} in all). "
                 "Both would measure (twice the cost) and, with rescale, both would rescale at an LR drop "
-                "(weights × k^(-1/2) instead of k^(-1/4)). Keep one SMDCallback."
+                "(weights × k^(-2e) instead of k^(-e)). Keep one SMDCallback."
             )
         if self.figures_dir is not None and trainer.is_global_zero and self.publisher.writes_files(trainer):
             check_writable(self.figures_dir, "SMDCallback(figures_dir=...)")

@@ -70,8 +70,10 @@ class MetricsBuilder:
         not_finite: list[str] = []
         i = 0
         for s, group_theory in zip(finished.slices, finished.theories):
-            delta_star = group_theory.angular_update
-            for _ in s.params:
+            group_star = group_theory.angular_update
+            for p in s.params:
+                # Muon's Δ* depends on the matrix shape (cached pure function); the others' on the group only
+                delta_star = group_theory.angular_update_for(p.shape) if group_theory.family == "muon" else group_star
                 name, d = names[i], delta[i]
                 keys = self.keys(name)
                 metrics[keys.angular_update] = d

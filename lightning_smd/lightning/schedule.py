@@ -3,7 +3,10 @@
 It also moves weights to their *predicted* equilibrium norm: per tensor at an LR change with
 ``rescale="equilibrium"``, and once for every tracked tensor with ``warm_start``.
 
-Equilibrium rescale (issue 16). The fixed factor k^(-1/4) is exact only when ‖w_t‖ = ‖w*‖ before
+Drop rescale: the factor is the family's k^(-e) (:func:`drop_exponent`): k^(-1/4) for SGD/SGDM/Nesterov,
+k^(-1/2) for AdamW/Lion/Muon (``docs/optimizer_theory.md`` §5).
+
+Equilibrium rescale (issue 16). The fixed factor k^(-e) is exact only when ‖w_t‖ = ‖w*‖ before
 the change: for SGD Δ_t ≈ η‖g̃_t‖/‖w_t‖², so it keeps the ratio Δ_t/Δ* and a tensor at 0.2 Δ*
 before a drop is at 0.2 of the new Δ* after it. Instead, per tensor, ``f = ‖w*'‖/‖w_t‖`` with
 ‖w*'‖ the equilibrium norm at the *new* (η', λ'):
@@ -13,7 +16,7 @@ before a drop is at 0.2 of the new Δ* after it. Instead, per tensor, ``f = ‖w
   direction (g̃ = g·‖w‖ does not depend on ‖w‖), so it is valid at any norm. Then
   Δ ≈ η'·sqrt(L)/‖w*'‖² = sqrt(2λ'η') = Δ*' at once (SGD; SGDM likewise with its formulas). At
   equilibrium ‖w_t‖ = (Lη/2λ)^(1/4), so f = ((η'λ)/(ηλ'))^(1/4) = k^(-1/4): the paper's rescale.
-* AdamW / Lion: the update u (m̂/(√v̂+ε), sign(·)) does not scale with ‖w‖; its measured
+* AdamW / Lion / Muon: the update u (m̂/(√v̂+ε), sign(·), NS(momentum)) does not scale with ‖w‖; its measured
   tangential RMS ū = sqrt(E[(Δ_t·‖w_t‖/η_t)²]) (a running mean fed by :meth:`observe`) gives
   ‖w*'‖ = η'·ū/Δ*' (:func:`lightning_smd.theory.equilibrium_norm_from_update`); at equilibrium
   f = k^(-1/2).
@@ -140,7 +143,8 @@ class ScheduleWatcher:
                     factor = None  # the first non-zero (η, λ) of the run (e.g. a warmup from 0): nothing to compare
                 else:
                     last = reference  # through zero: compare with the last non-zero (η, λ)
-                    factor = self.policy.factor(last, current, self.peak_lr[key]) if self.policy else None
+                    factor = (self.policy.factor(last, current, self.peak_lr[key], drop_exponent(opt, group))
+                              if self.policy else None)
                 if factor is not None and tracked is None:
                     self._defer(key, oi, gi, factor, last, current, log_step)
                     factor = None
@@ -191,7 +195,8 @@ class ScheduleWatcher:
                     continue  # a warm-up change: never rescaled
                 if tracked is not None and not tracked.members(oi, gi):
                     continue
-                factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]))
+                factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]),
+                                            drop_exponent(opt, group))
                 if factor is not None:
                     owed.append(f"group {key} (factor {factor:.4f}, lr {reference[0]:g} → {current[0]:g}): the lr changed "
                                 "after the last step; a run resumed from a checkpoint taken now applies it at its first step")
@@ -227,7 +232,8 @@ class ScheduleWatcher:
         opt = trainer.optimizers[oi]
         label = group_label(trainer, oi, gi)
         per_tensor = self.policy is not None and self.policy.mode == "equilibrium"
-        self._warn_if_far(label, members, log_step, factor, per_tensor)
+        k_text = _k_text(drop_exponent(opt, opt.param_groups[gi]))
+        self._warn_if_far(label, members, log_step, factor, per_tensor, k_text)
         if per_tensor:
             factors, missing = self._target_factors(trainer, members, opt, gi, fallback=factor)
             if missing:
@@ -235,7 +241,7 @@ class ScheduleWatcher:
                     f"SMDCallback(rescale='equilibrium'): step {log_step}: group {label}: no estimate of the new "
                     f"equilibrium norm yet for {first_names(missing)} (L or the update RMS is measured from "
                     f"the first measured steps after detection on); they are multiplied by the fixed factor "
-                    f"{factor:.4f} (k^(-1/4)) instead."
+                    f"{factor:.4f} ({k_text}) instead."
                 )
         else:
             factors = [factor] * len(members)
@@ -259,18 +265,18 @@ class ScheduleWatcher:
 
     # ------------------------------------------------------- equilibrium control
     def observe(self, stats: torch.Tensor, finished: Any, tracked: TrackedSet) -> None:
-        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion tensors (rank 0, per measured step).
+        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion/Muon tensors (rank 0, per measured step).
 
         ``stats``: the host ``[3, n]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices, as
         :class:`lightning_smd.metrics.MetricsBuilder` gets them. SGD groups need nothing (they use L).
         """
-        if not any(t.family in ("adamw", "lion") for t in finished.theories):
+        if not any(t.decoupled for t in finished.theories):
             return
         delta, w_norm = stats[0].double().tolist(), stats[1].double().tolist()
         names, samples, col = [], [], 0
         for s, group_theory in zip(finished.slices, finished.theories):
             for i in range(s.start, s.stop):
-                if group_theory.family in ("adamw", "lion"):
+                if group_theory.decoupled:
                     d, w = delta[col], w_norm[col]
                     names.append(tracked.names[i])
                     samples.append((d * w / group_theory.lr) ** 2 if math.isfinite(d) and math.isfinite(w) else math.nan)
@@ -282,10 +288,12 @@ class ScheduleWatcher:
         value = self.update_sq.get(name)
         return math.sqrt(value) if value > 0 else None
 
-    def target_norm(self, group_theory: theory.GroupTheory, name: str) -> float | None:
-        """‖w*‖ of tensor ``name`` at ``group_theory``'s hyper-parameters (rank 0), or ``None``."""
+    def target_norm(self, group_theory: theory.GroupTheory, name: str, shape: Any = None) -> float | None:
+        """‖w*‖ of tensor ``name`` (of ``shape``: Muon's Δ* depends on it) at ``group_theory``'s
+        hyper-parameters (rank 0), or ``None``."""
         unit_grad = self.unit_grad.get(name)
-        return group_theory.equilibrium_norm(unit_grad if math.isfinite(unit_grad) else None, self.update_rms(name))
+        return group_theory.equilibrium_norm(unit_grad if math.isfinite(unit_grad) else None, self.update_rms(name),
+                                             shape)
 
     def resolve_warm_start(self, every: int, unit_grad_every: int) -> int | None:
         """Fix ``warm_start=True``'s step from the Trainer's measurement cadence; return the step."""
@@ -341,7 +349,7 @@ class ScheduleWatcher:
         if trainer.is_global_zero:
             group_theory = theory.from_param_group(opt, opt.param_groups[gi])
             for t, norm in zip(members, norms):
-                target = self.target_norm(group_theory, t.name)
+                target = self.target_norm(group_theory, t.name, tuple(t.param.shape))
                 if target is None or not (norm > 0 and math.isfinite(norm)):
                     result[0].append(fallback)
                     result[1].append(t.name)
@@ -364,7 +372,8 @@ class ScheduleWatcher:
             averaged = max(averaged, rescale_averaged_models(trainer.callbacks, [t.name for t in batch], f))
         return untouched, averaged
 
-    def _warn_if_far(self, label: str, members: list[Tracked], log_step: int, factor: float, per_tensor: bool) -> None:
+    def _warn_if_far(self, label: str, members: list[Tracked], log_step: int, factor: float, per_tensor: bool,
+                     k_text: str = "k^(-1/4)") -> None:
         """Warn when a rescale comes while the window mean of Δ_t/Δ* is outside ±30 % (rank 0 holds it)."""
         far = []
         for t in members:
@@ -385,7 +394,7 @@ class ScheduleWatcher:
                            "the running L (or update RMS), so Δ_t should start at the new Δ*; if it does not, the "
                            "estimate is stale: check smd/unit_grad_sq, or let the stage before the change run longer.")
         else:
-            rank_zero_warn(head + f"The fixed factor {factor:.4f} (k^(-1/4)) is exact only at equilibrium (SMD paper "
+            rank_zero_warn(head + f"The fixed factor {factor:.4f} ({k_text}) is exact only at equilibrium (SMD paper "
                            f"§5.2): it keeps Δ_t/Δ*, so expect Δ_t at about {span} × the new Δ* after it. "
                            "To put Δ_t at the new Δ*, use SMDCallback(rescale='equilibrium') (Hydra: smd=equilibrium); "
                            "to be at equilibrium before the drop, use warm_start=True (smd=warm_start) or a longer "
@@ -395,9 +404,11 @@ class ScheduleWatcher:
                      key: str, last: HParams, current: HParams, log_step: int, rescaled: bool) -> None:
         new = theory.from_param_group(opt, opt.param_groups[gi])
         predicted = None
-        if new.family in ("sgd", "sgdm") and min(last) > 0 and min(current) > 0:
+        if new.family in theory.COUPLED_FAMILIES and min(last) > 0 and min(current) > 0:
             predicted = theory.steps_to_equilibrium(last[0] * (1 - new.dampening), new.effective_lr, last[1],
                                                     new.weight_decay, new.momentum)
+        elif new.decoupled and min(last) > 0 and min(current) > 0:
+            predicted = theory.steps_to_equilibrium_decoupled(last[0], new.lr, last[1], new.weight_decay)
         names = tracked.names_of(key) if tracked is not None else []
         self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
         if predicted is not None and (names or tracked is None) and trainer.is_global_zero:  # no tracked tensor: nothing to predict
@@ -428,6 +439,17 @@ class ScheduleWatcher:
         self.reference = {k: (float(v[0]), float(v[1])) for k, v in
                           state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()
                                                           if v[0] * v[1] > 0}).items()}
+
+
+def drop_exponent(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    """e of the group's family (‖w*‖ ∝ (η/λ)^e): 1/4 SGD/SGDM/Nesterov, 1/2 AdamW/Lion/Muon; 1/4 (the
+    paper's) for optimizers without a formula. Only called at an (η, λ) change."""
+    exponent = theory.from_param_group(optimizer, group).norm_exponent
+    return 0.25 if exponent is None else exponent
+
+
+def _k_text(exponent: float) -> str:
+    return f"k^(-1/{round(1 / exponent)})"
 
 
 def _geometric_mean(factors: list[float | None]) -> float:

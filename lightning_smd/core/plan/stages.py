@@ -16,7 +16,7 @@ from lightning_smd.core.theory import GroupTheory
 DEFAULT_MIN_DROP = 2.0
 DEFAULT_MIN_STAGE_FRACTION = 0.01
 FIRST_STAGE_TIME_CONSTANTS = 3.0
-_RELAXING = ("sgd", "sgdm")  # families with a relaxation time / Corollary 3.1 in the theory
+_RELAXING = ("sgd", "sgdm", "nesterov", "adamw", "lion", "muon")  # families with a relaxation time / Corollary 3.1
 _LISTED = 3  # too-short stages spelled out per group in a recommendation
 _WIDTH = 110  # Plan.format() wraps its text paragraphs at this width
 
@@ -241,7 +241,7 @@ def _needed(previous: GroupTheory | None, values: GroupTheory, time_constants: f
         reason = values.reason or f"the theory has no relaxation time for {values.family}"
         return None, "", reason
     if previous is None or previous.family not in _RELAXING:
-        return theory.settling_steps(values.effective_lr, values.weight_decay, values.momentum, time_constants), "init", ""
+        return values.settling_steps(time_constants), "init", ""
     return values.steps_to_equilibrium_from(previous), "corollary_3.1", ""
 
 
@@ -307,6 +307,20 @@ def build_plan(
     return plan
 
 
+def _tau_text(values: GroupTheory) -> str:
+    return "1/(2ηλ)" if values.decoupled else "(1−α)/(4λη)"
+
+
+def _factor_text(short: Mapping[str, Sequence[Stage]]) -> str:
+    """The drop factor of the families involved: k^(-1/4) (SGD/SGDM/Nesterov), k^(-1/2) (AdamW/Lion/Muon)."""
+    exponents = sorted({e for stages in short.values() for st in stages
+                        if (e := st.theory.norm_exponent) is not None}) or [0.25]
+    texts = {0.25: "k^(-1/4) (SGD/SGDM/Nesterov)", 0.5: "k^(-1/2) (AdamW/Lion/Muon)"}
+    if len(exponents) == 1:
+        return f"k^(-1/{round(1 / exponents[0])})"
+    return " or ".join(texts[e] for e in exponents)
+
+
 def _advise(plan: Plan, min_drop: float, time_constants: float) -> None:
     """Fill ``plan.warnings`` / ``plan.recommendations`` from the stages (pure text)."""
     spe = plan.steps_per_epoch
@@ -325,7 +339,7 @@ def _advise(plan: Plan, min_drop: float, time_constants: float) -> None:
             plan.warnings.append(
                 f"param group {stage.group!r}: the first stage, {stage.describe(spe)}, lasts {stage.steps} steps, "
                 f"fewer than the ~{stage.needed_steps} the weight norms need to settle from their initial values "
-                f"({_num(time_constants)} relaxation times (1−α)/(4λη) = {_num(time_constants)} × {_num(tau)} steps): "
+                f"({_num(time_constants)} relaxation times {_tau_text(values)} = {_num(time_constants)} × {_num(tau)} steps): "
                 f"Δ_t will not reach Δ* = {_num(stage.angular_update)} rad before the LR changes. Make the first stage "
                 "longer or λη larger; the rescale does not help here (it acts at LR changes).")
         else:
@@ -345,15 +359,15 @@ def _advise(plan: Plan, min_drop: float, time_constants: float) -> None:
         when = ("at every LR change" if plan.rescale == "continuous"
                 else f"at each LR change of at least ×{_num(min_drop)}")
         plan.notes.append(f"rescale={plan.rescale!r} is on: {details}; {when} the scale-invariant weights are "
-                          "multiplied by k^(-1/4), so these stages start at their equilibrium.")
+                          f"multiplied by {_factor_text(short)}, so these stages start at their equilibrium.")
         return
     if continuous:
         setting = 'SMDCallback(rescale="continuous") (Hydra: smd.rescale=continuous)'
         why = "the rate varies inside a too-short stage, and the continuous mode rescales at every change"
     else:
         setting = "SMDCallback(rescale=True) (Hydra: smd.rescale=true)"
-        why = ("the rescale multiplies the scale-invariant weights by k^(-1/4) at the drop, so the new "
-               "equilibrium holds at once")
+        why = (f"the rescale multiplies the scale-invariant weights by {_factor_text(short)} at the drop, so the "
+               "new equilibrium holds at once")
     plan.recommendations.append(f"Recommend {setting}: {details}. Without it Δ_t stays below Δ* in those "
                                 f"stages; {why}.")
     plan.recommended_rescale = mode
@@ -462,8 +476,8 @@ class Plan:
             enough = {True: "yes", False: "NO", None: "—"}[s.long_enough] + ("" if s.predictable else "?")
             row = [s.group, str(s.index), f"{s.start}–{s.end}",
                    *([f"{_num(s.start / spe)}–{_num(s.end / spe)}"] if spe else []), str(s.steps), _lr_text(s),
-                   _change_text(s.change) or "—", _num(v.weight_decay), _num(v.momentum) if v.family == "sgdm" else
-                   ("0" if v.family == "sgd" else "—"), _num(s.angular_update), _num(s.relaxation_steps), needed,
+                   _change_text(s.change) or "—", _num(v.weight_decay),
+                   _num(v.momentum) if v.family in ("sgdm", "nesterov", "muon") else ("0" if v.family == "sgd" else "—"), _num(s.angular_update), _num(s.relaxation_steps), needed,
                    enough]
             table.append(row)
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -474,8 +488,10 @@ class Plan:
             + "; length = end − start; lr = η (first→last where it varies inside the stage); change = how the "
             "equilibrium moves from the previous stage, k = (η·λ')/(η'·λ) (÷k: a drop, ×: a rise); wd = λ; "
             "mom = α; Δ* = equilibrium angular update per step, sqrt(2λη/(1+α)) (SGD sqrt(2λη), AdamW "
-            "sqrt(2ηλ(1−β1)/(1+β1))); τ = relaxation time (1−α)/(4λη) steps (SGD 1/(4λη)); needed = steps to "
-            "reach the stage's equilibrium: Corollary 3.1 ⌈|ln k|·(1−α)/(4λη')⌉ after a change, (init) = "
+            "sqrt(2ηλ(1−β1)/(1+β1)), Nesterov, Lion, Muon: docs/optimizer_theory.md); τ = relaxation time "
+            "(1−α)/(4λη) steps (SGD 1/(4λη); AdamW/Lion/Muon 1/(2ηλ)); needed = steps to "
+            "reach the stage's equilibrium: Corollary 3.1 ⌈|ln k|·(1−α)/(4λη')⌉ (AdamW/Lion/Muon "
+            "⌈|ln k|/(2λ'η')⌉) after a change, (init) = "
             f"{_num(FIRST_STAGE_TIME_CONSTANTS)}τ from the initial weights; enough = length ≥ needed "
             "(? = unpredictable schedule)")
         if not legend:
