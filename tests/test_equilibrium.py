@@ -7,13 +7,18 @@ from lightning_smd.equilibrium import EquilibriumTracker
 
 
 def _reference(steps_ratios, start, window, tolerance):
-    """The first measured step of the first full window whose every point is within tolerance (brute force)."""
+    """The first measured step of the first full window whose four consecutive parts each have a
+    mean within tolerance (brute force)."""
     for i, (step, _) in enumerate(steps_ratios):
         if step - start + 1 < window:
             continue
         points = [(s, r) for s, r in steps_ratios[: i + 1] if s > step - window]
         gaps = [b[0] - a[0] for a, b in zip(points, points[1:])] or [1]
-        if max(gaps) <= 2 * min(gaps) and points[0][0] <= step - window + max(gaps) and all(abs(r - 1.0) <= tolerance for _, r in points):
+        ratios = [r for _, r in points]
+        parts = [ratios[round(j * len(ratios) / min(4, len(ratios))):round((j + 1) * len(ratios) / min(4, len(ratios)))]
+                 for j in range(min(4, len(ratios)))]
+        if (max(gaps) <= 2 * min(gaps) and points[0][0] <= step - window + max(gaps)
+                and all(abs(sum(p) / len(p) - 1.0) <= tolerance for p in parts)):
             return points[0][0]
     return None
 

@@ -185,10 +185,12 @@ def test_digits_bn_cnn_warm_start_removes_the_transient(tmp_path):
         cb = SMDCallback(log_every_n_steps=2, unit_grad_every=2, warm_start=warm, equilibrium_window=50, verbose=False)
         trainer = fit(module, tmp_path / str(warm), [cb], max_steps=700, log_every_n_steps=2)
         reached = _steps_to_equilibrium(cb)
-        assert set(reached) == set(CONVS), reached
-        steps[warm] = max(reached.values())
+        if warm:
+            assert set(reached) == set(CONVS), reached
+        # a conv not at equilibrium by the end: its first full window starts after 700 - 50 (a lower bound)
+        steps[warm] = max(reached.get(name, 700 - 50 + 1) for name in CONVS)
         final[warm] = mean_over(read_metrics(trainer)["train_loss"], 600)
-    assert steps[150] <= steps[False] / 3, steps  # measured 152 vs 630
+    assert steps[150] <= steps[False] / 3, steps  # measured 152 vs 630 with the window-mean verdict
     print(f"digits CNN steps to ±10 % equilibrium (slowest conv): {steps}; train loss, last 100 steps: {final}")
 
 

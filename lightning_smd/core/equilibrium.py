@@ -9,6 +9,10 @@ from typing import Any, Sequence
 
 __all__ = ["EquilibriumTracker", "Stage"]
 
+#: a window is judged by the means of this many consecutive parts of it (noise averages out, a
+#: transient does not)
+SUBWINDOWS = 4
+
 
 @dataclass
 class Stage:
@@ -96,16 +100,20 @@ class EquilibriumTracker:
         ``window`` steps lie in the stage, measured points cover it from its first step (the
         oldest is no later than one measurement interval after it: no verdict from a window
         that began before measuring did, e.g. during detection; no hole over two measurement
-        intervals inside it), and every point is within
-        ``tolerance`` of 1. A window *mean* within the tolerance would let a transient far from
-        1 (9.7 → 0.01 → 3.8) average out, and date equilibrium before it ended."""
+        intervals inside it), and the mean of each of its :data:`SUBWINDOWS` consecutive parts is
+        within ``tolerance`` of 1. The mean of the whole window would let a transient far from 1
+        (9.7 → 0.01 → 3.8) average out and date equilibrium before it ended; every single point
+        within the tolerance would never hold for the noisy Δ_t of a small tensor or batch."""
         if step - start + 1 < self.window or not points or points[0][0] < start:
             return False
         gaps = [b[0] - a[0] for a, b in zip(points, list(points)[1:])] or [1]
         interval = max(gaps)
         if interval > 2 * min(gaps) or points[0][0] > step - self.window + interval:
             return False  # a hole in the measurements (one skipped step is allowed), or a late start
-        return all(abs(r - 1.0) <= self.tolerance for _, r in points)
+        ratios = [r for _, r in points]
+        parts = min(SUBWINDOWS, len(ratios))
+        bounds = [round(i * len(ratios) / parts) for i in range(parts + 1)]
+        return all(abs(sum(ratios[a:b]) / (b - a) - 1.0) <= self.tolerance for a, b in zip(bounds, bounds[1:]))
 
     def window_mean(self, name: str) -> tuple[float, int] | None:
         """``(mean, count)``: the mean of Δ_t/Δ* over the tensor's current window (the last
