@@ -28,6 +28,7 @@ def _final(root, cb, steps=30, lr=0.01):
     return module.X.detach().clone()
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_second_trainer_on_a_new_model_starts_fresh(tmp_path):
     reused = SMDCallback(log_every_n_steps=1, rescale=True, verbose=False)
     first = NoisyRayleighQuotient(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, init_norm=2.0)

@@ -81,6 +81,7 @@ def test_window_mean_accessor():
 NRQ = dict(p=64, sigma=1.0, lr=0.1, weight_decay=5e-3)  # ‖x*‖⁴ = (p − 1)σ²η/(2λ) = 630, ‖x*‖ ≈ 5.01
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_nrq_equilibrium_rescale_equals_k_quarter_at_equilibrium(tmp_path):
     drop = 300
     module = NoisyRayleighQuotient(**NRQ, init_norm=(63 * 0.1 / 1e-2) ** 0.25, milestones=[drop])

@@ -57,8 +57,8 @@ def _data_overrides(data: str, root: Path) -> list[str]:
     return []
 
 
-# the default run keeps the offline digits column and the digits CNN row; the rest of the matrix is slow
-_MATRIX = [pytest.param(m, d, marks=() if "digits" in (m, d) or m == "digits_cnn" else pytest.mark.slow)
+# the default run keeps the digits CNN's row; the rest of the matrix (3-6 s each on 2 cores) is slow
+_MATRIX = [pytest.param(m, d, marks=() if m == "digits_cnn" else pytest.mark.slow)
            for m in MODELS for d in DATASETS]
 
 

@@ -45,6 +45,7 @@ def test_quickstart_short_run_writes_config_metrics_and_figures(tmp_path):
     assert 0.0 <= result["metrics"]["val/acc"] <= 1.0
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_cifar10_resnet18(tmp_path):
     make_cifar10(tmp_path / "cifar", n_per_batch=4)
     result = _run(tmp_path, ["experiment=cifar10_resnet18_sgd", f"data.root={tmp_path / 'cifar'}",
@@ -61,6 +62,7 @@ def test_cifar10_resnet18(tmp_path):
     ("imagenet_resnet50_goyal", "model.layer1.0.conv1.weight"),
     ("mobilenet_v2_imagenet", "model.features.0.0.weight"),
 ])
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_imagenet_models(tmp_path, experiment, first):
     make_image_folder(tmp_path / "imagenet", per_class=2, size=(40, 40))
     result = _run(tmp_path, [f"experiment={experiment}", f"data.root={tmp_path / 'imagenet'}",
@@ -92,6 +94,7 @@ def test_coco_maskrcnn(tmp_path):
         assert key in result["metrics"]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_nrq_angular_update_matches_theory(tmp_path):
     """NRQ started at its equilibrium norm ‖X*‖⁴ = (p−1)σ²η/(2λ): Δ_t ≈ Δ* = sqrt(2λη) at once."""
     lr, wd, p, sigma = 0.1, 1e-3, 100, 1.0
@@ -121,6 +124,7 @@ def _report_reads(out: Path, kind: str) -> None:
     assert "**3 scale-invariant tensors**" in text
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_tensorboard_logger(tmp_path):
     result = _run(tmp_path, ["experiment=quickstart", "logger=tensorboard"])
     out = Path(result["output_dir"])
@@ -147,6 +151,7 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     _report_reads(out / "wandb", "wandb")  # the W&B run alone
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_quickstart_rescale_at_lr_drop(tmp_path):
     result = _run(tmp_path, ["experiment=quickstart_rescale", "trainer.max_epochs=2", "scheduler.milestones=[1]"])
     assert result["global_step"] == 12

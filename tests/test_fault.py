@@ -14,6 +14,7 @@ from tests.setups_common import metrics_of, run_setup, smd_series
 STEPS, CKPT, CRASH, DROP = 14, 6, 11, 8
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_crash_after_a_rescale_then_resume(tmp_path):
     kw = dict(steps=STEPS, model_kwargs={"step_indexed": True, "milestones": (DROP,)},
               callback_kwargs={"rescale": True})

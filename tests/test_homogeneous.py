@@ -479,6 +479,7 @@ def _preset(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, dict
     return result, {cb.prefix: cb for cb in built if isinstance(cb, HomogeneousCallback)}
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_ewn_vs_swn_preset_runs_through_train_and_logs_both_networks(tmp_path):
     """The user's path (examples/train.py's train() on the composed preset), a few steps."""
     result, callbacks = _preset(tmp_path, "ewn_vs_swn", ["trainer.max_epochs=2", "data.steps_per_epoch=3",

@@ -24,6 +24,7 @@ wandb = pytest.importorskip("wandb")
 
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_histograms_to_tensorboard_and_wandb_and_figures(tmp_path: Path, offline_wandb):
     torch.manual_seed(0)
     every, channel_every, max_steps = 2, 4, 12

@@ -56,6 +56,7 @@ def test_grad_scaler_overflow_step_is_not_logged(tmp_path, optimizer, fused):
             assert value == pytest.approx(truth[step], rel=1e-4, abs=1e-8), (name, step)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_fused_optimizer_gradient_statistics_are_unscaled(tmp_path):
     """The hook sees scale × g under a fused optimizer: L (‖g‖²‖w‖², h̃) must not depend on it."""
     *_, plain, _ = _run(tmp_path, "sgdm", False)

@@ -307,6 +307,7 @@ def short_records() -> list[tuple[int, dict[str, float]]]:
     return [(s, merged[s]) for s in sorted(merged)]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_csv_round_trip_and_cli(tmp_path: Path) -> None:
     replay, logger = fit_with_csv(tmp_path, short_records())
     assert len(replay.logged) == 48
@@ -409,6 +410,7 @@ def test_report_does_not_overwrite_the_callbacks_figures(tmp_path: Path, capsys)
     assert f"wrote {run / 'smd_report' / report.SUMMARY_FILE}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_folder_with_several_runs_is_refused_and_listed(tmp_path: Path, capsys) -> None:
     from pytorch_lightning.loggers import TensorBoardLogger
 

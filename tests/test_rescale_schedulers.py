@@ -58,6 +58,7 @@ SCHEDULERS = {
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_rescale_exactly_at_every_drop(tmp_path, name):
     make, interval, monitor = SCHEDULERS[name]
     module = ScheduledNRQ(make, interval, monitor, p=16, sigma=0.5, lr=0.1, weight_decay=0.05, init_norm=2.0)

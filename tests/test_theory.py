@@ -63,6 +63,7 @@ def _simulate_norm_sq(lr, wd, momentum, unit_grad_sq, steps, x0, seed=0):
     return norms
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_sgd_recursion_reaches_theory():
     lr, wd, L = 0.1, 1e-3, 4.0
     norms = _simulate_norm_sq(lr, wd, 0.0, L, steps=30000, x0=1.0)

@@ -146,6 +146,7 @@ def test_killed_and_resumed_run_logs_the_uninterrupted_series(multi, single, str
 
 
 # ------------------------------------------------------------------ single process, fast
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_accumulation_measures_per_optimizer_step(single):
     """accumulate_grad_batches=4 on batches of 4 == batch 16: one measurement per optimizer step."""
     assert_same_series(single["32-a4"], single["32-a1"], rel=2e-4, what="accumulate=4")
@@ -161,6 +162,7 @@ def test_param_groups_get_their_own_theory(single):
     assert "smd/angular_update/net.6.weight" not in m  # classifier: not scale-invariant
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_torch_compile_maps_names_back(tmp_path, single):
     trainer, cb = run_setup(tmp_path, "compiled", steps=STEPS, model_kwargs={"compile": True})
     assert set(cb.candidates) == {"net.0.weight", "net.3.weight"}

@@ -88,6 +88,7 @@ def history_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_offline_run_metrics_figures_table(tmp_path: Path, offline_wandb) -> None:
     replay = WandbReplay(short_records(), tmp_path / "figs")
     fit(tmp_path, [replay])
@@ -210,6 +211,7 @@ class BNConvNet(pl.LightningModule):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_end_to_end_smd_callback(tmp_path: Path, offline_wandb, momentum: float) -> None:
     from lightning_smd import SMDCallback
 
@@ -263,6 +265,7 @@ def lines_of(table: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_concern_sections_end_to_end(tmp_path: Path, offline_wandb) -> None:
     """A real fit (LR ÷10 at step 40, rescale on): one W&B section per concern, read back."""
     from lightning_smd import SMDCallback
@@ -370,6 +373,7 @@ def test_concern_sections_end_to_end(tmp_path: Path, offline_wandb) -> None:
     assert [second[5], second[6]] == [measured[0], measured[-1]]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_concern_charts_stay_within_the_table_limit() -> None:
     """Many tensors, many steps: at most 100 tensor lines + theory, under wandb.Table.MAX_ROWS,
     and the piecewise-constant Δ* line kept exactly (only its change points)."""

@@ -172,6 +172,7 @@ def _fit_candidates(entry: ZooModel, steps: int = 6) -> tuple[set[str], nn.Modul
 
 
 @pytest.mark.parametrize("name", ["tv/mobilenet_v2(0.35)", "timm/ghostnet_050"])
+@pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_callback_decision_in_fit_against_oracle(name):
     entry = next(z for z in zoo() if z.name == name)
     torch.manual_seed(0)
