@@ -40,11 +40,14 @@ class NaiveAngularUpdate(pl.Callback):
             return
         metrics = {}
         for name, p in self.params:
-            w0, w1 = self.before[name], p.detach()
-            cos = (w0 * w1).sum() / (w0.norm() * w1.norm())
-            metrics[f"naive/angular_update/{name}"] = torch.acos(cos.clamp(-1.0, 1.0)).item()
-            metrics[f"naive/weight_norm/{name}"] = w1.norm().item()
+            metrics.update(self.metrics_of(name, self.before[name], p.detach()))
         self.before = None
         self.last = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step - 1)
+
+    def metrics_of(self, name: str, w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
+        """The metrics of one tensor from its clone before the step and its value after it."""
+        cos = (w0 * w1).sum() / (w0.norm() * w1.norm())
+        return {f"naive/angular_update/{name}": torch.acos(cos.clamp(-1.0, 1.0)).item(),
+                f"naive/weight_norm/{name}": w1.norm().item()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from naive_reference import _conv_weights_before_norm as _conv_weights  # the same tensors as the naive reference
+from naive_reference import NaiveAngularUpdate, _conv_weights_before_norm as _conv_weights  # the naive reference's tensors
 
 
 class CvpodsStyleMonitor(pl.Callback):
@@ -47,35 +47,14 @@ class CvpodsStyleMonitor(pl.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step - 1)
 
 
-class ReqStylePerNeuronMonitor(pl.Callback):
-    """Per-neuron (output channel) rotation of every conv weight from clones taken before the step."""
+class ReqStylePerNeuronMonitor(NaiveAngularUpdate):
+    """Per-neuron (output channel) rotation of every conv weight from clones taken before the step
+    (the naive reference's clone-before-step, with per-row angles and four statistics per tensor)."""
 
-    def __init__(self, every: int = 1) -> None:
-        self.every = every
-        self.params: list[tuple[str, torch.Tensor]] = []
-        self.before: dict[str, torch.Tensor] | None = None
-        self.last: dict[str, float] = {}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.params = _conv_weights(pl_module)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if (trainer.global_step + 1) % self.every == 0:
-            self.before = {name: p.detach().clone() for name, p in self.params}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.before is None:
-            return
-        metrics = {}
-        for name, p in self.params:
-            w0 = self.before[name].flatten(1)
-            w1 = p.detach().flatten(1)
-            cos = (w0 * w1).sum(1) / (w0.norm(dim=1) * w1.norm(dim=1))
-            angles = torch.acos(cos.clamp(-1.0, 1.0))
-            mean, std, low, high = torch.stack([angles.mean(), angles.std(), angles.min(), angles.max()]).tolist()
-            metrics.update({f"req/rotation_mean/{name}": mean, f"req/rotation_std/{name}": std,
-                            f"req/rotation_min/{name}": low, f"req/rotation_max/{name}": high})
-        self.before = None
-        self.last = metrics
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step - 1)
+    def metrics_of(self, name: str, w0: torch.Tensor, w1: torch.Tensor) -> dict[str, float]:
+        w0, w1 = w0.flatten(1), w1.flatten(1)
+        cos = (w0 * w1).sum(1) / (w0.norm(dim=1) * w1.norm(dim=1))
+        angles = torch.acos(cos.clamp(-1.0, 1.0))
+        mean, std, low, high = torch.stack([angles.mean(), angles.std(), angles.min(), angles.max()]).tolist()
+        return {f"req/rotation_mean/{name}": mean, f"req/rotation_std/{name}": std,
+                f"req/rotation_min/{name}": low, f"req/rotation_max/{name}": high}
