@@ -321,7 +321,8 @@ def test_detection_finds_the_direction_of_ewn_and_swn_per_unit():
     found = find_scale_invariant(model, X)
     assert [c.name for c in found] == [f"{i}.parametrizations.weight.original1" for i in (0, 2, 4)]
     assert all(c.reason == "weight_norm direction" for c in found)
-    units = [invariance_unit(model, c.name, c.reason) for c in found]
+    assert all(c.weight_norm for c in found)
+    units = [invariance_unit(model, c) for c in found]
     assert [(u.count, u.kind) for u in units] == [(8, "channel"), (5, "channel"), (1, "tensor")]
 
 

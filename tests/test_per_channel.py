@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_smd import SMDCallback, theory
 from lightning_smd.channels import STALL_RATIO, ChannelMetrics
-from lightning_smd.detect import structural_candidates
+from lightning_smd.detect import Candidate, structural_candidates
 from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
 from lightning_smd.rescale import rescale_
 from lightning_smd.units import Unit, invariance_unit, invariance_units
@@ -59,8 +59,7 @@ class QKNormBlock(nn.Module):
 
 
 def _units_of(model: nn.Module, x: torch.Tensor) -> dict[str, Unit]:
-    reasons = {n: c.reason for n, c in structural_candidates(model, x).items()}
-    return invariance_units(model, reasons)
+    return invariance_units(model, structural_candidates(model, x))
 
 
 def _scale_unit(p: torch.Tensor, units: int, j: int, factor: float) -> None:
@@ -107,13 +106,32 @@ def test_units_from_detection_gn_cnn_and_qk_norm_and_each_unit_is_invariant():
 
 def test_unknown_or_functional_norms_are_one_unit():
     model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.LayerNorm(8))
-    assert invariance_unit(model, "0.weight", "Linear → LayerNorm (1)") == Unit(1, "tensor")
-    assert invariance_unit(model, "0.weight", "Linear → F.layer_norm (in <root>)") == Unit(1, "tensor")
-    assert invariance_unit(model, "0.weight", "restored from checkpoint") == Unit(1, "tensor")
-    assert invariance_unit(model, "0.weight", "weight_norm direction") == Unit(1, "tensor")
+    assert invariance_unit(model, Candidate("0.weight", "", "structural", norms=("1",))) == Unit(1, "tensor")
+    functional = Candidate("0.weight", "", "structural", functional_norms=("F.layer_norm (in <root>)",))
+    assert invariance_unit(model, functional) == Unit(1, "tensor")
+    assert invariance_unit(model, Candidate("0.weight", "restored from checkpoint", "checkpoint")) == Unit(1, "tensor")
+    assert invariance_unit(model, Candidate("0.weight", "", "structural", weight_norm=True)) == Unit(1, "tensor")
     both = nn.ModuleDict({"conv": nn.Conv2d(3, 8, 1), "bn": nn.BatchNorm2d(8), "gn": nn.GroupNorm(2, 8)})
     # feeding a BatchNorm and a GroupNorm: only the coarser unit is invariant for both
-    assert invariance_unit(both, "conv.weight", "Conv2d → BatchNorm2d (bn), GroupNorm (gn)").count == 2
+    assert invariance_unit(both, Candidate("conv.weight", "", "structural", norms=("bn", "gn"))).count == 2
+
+
+class _OddNames(nn.Module):
+    """Module names the human-readable reason cannot be parsed back from: parentheses, spaces, arrows."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"conv": nn.Conv2d(3, 8, 3, bias=False), "bn (main) → x": nn.BatchNorm2d(8)})
+
+    def forward(self, x):
+        return self.blocks["bn (main) → x"](self.blocks["conv"](x))
+
+
+def test_units_come_from_the_structured_evidence_not_the_sentence():
+    model = _OddNames()
+    found = structural_candidates(model, torch.randn(2, 3, 8, 8))
+    assert found["blocks.conv.weight"].norms == ("blocks.bn (main) → x",)
+    assert invariance_units(model, found)["blocks.conv.weight"] == Unit(8, "channel", "BatchNorm2d (blocks.bn (main) → x)")
 
 
 def _brute_force(w_old: torch.Tensor, w_new: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:

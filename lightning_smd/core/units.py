@@ -12,9 +12,9 @@ A normalization makes its input invariant to a scale per *what it normalizes tog
 * LayerNorm / RMSNorm over all features, legacy ``weight_norm`` hooks, tensors found numerically, and
   anything not recognised: the whole tensor (1 unit), which is always invariant when its units are.
 
-The unit is re-derived from the detection evidence (:attr:`~lightning_smd.detect.Candidate.reason`
-names the normalization modules the tensor's output feeds, ``"Conv2d → BatchNorm2d (layer1.0.bn1)"``)
-and the module graph. A tensor feeding several normalizations gets the coarsest unit consistent
+The unit is derived from detection's evidence, carried as data on the candidate
+(:attr:`~lightning_smd.core.detect.Candidate.norms`: the normalization modules the tensor's output
+feeds, by name; ``functional_norms``; ``weight_norm``) and from the module graph. A tensor feeding several normalizations gets the coarsest unit consistent
 with all of them (the gcd of their unit counts). Units are rows of dim 0, so a transposed
 convolution (output channels on dim 1) is measured as one unit.
 """
@@ -22,15 +22,15 @@ convolution (output channels on dim 1) is measured as one unit.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
 from torch import nn
 
+from lightning_smd.core.detect.candidate import Candidate
+
 __all__ = ["Unit", "format_units", "invariance_unit", "invariance_units"]
 
-_LABEL = re.compile(r"(\w+) \(([^()]*)\)")
 _ROW_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -83,41 +83,44 @@ def _weight_norm_unit(root: nn.Module, name: str) -> Unit:
     return Unit(int(original.shape[0]), "channel", "weight_norm direction, per output unit")
 
 
-def invariance_unit(root: nn.Module, name: str, reason: str) -> Unit:
-    """The invariance unit of parameter ``name`` of ``root``, from its detection ``reason``."""
-    if reason == "weight_norm direction" and ".parametrizations." in f".{name}":
+def invariance_unit(root: nn.Module, candidate: Candidate) -> Unit:
+    """The invariance unit of the tensor ``candidate`` names in ``root``, from detection's evidence
+    (:attr:`~lightning_smd.core.detect.Candidate.norms`, ``functional_norms``, ``weight_norm``)."""
+    name = candidate.name
+    if candidate.weight_norm and ".parametrizations." in f".{name}":
         return _weight_norm_unit(root, name)
     module_name, _, local = name.rpartition(".")
     try:
         producer = root.get_submodule(module_name) if module_name else root
     except AttributeError:
         return _TENSOR
-    if local != "weight" or not isinstance(producer, _ROW_PRODUCERS) or "→" not in reason:
+    if local != "weight" or not isinstance(producer, _ROW_PRODUCERS) or not candidate.norms:
         return _TENSOR
+    if candidate.functional_norms:
+        return _TENSOR  # a functional norm has no module: nothing finer is known
     out_features = int(producer.weight.shape[0])
     units: list[Unit] = []
-    for cls_name, norm_name in _LABEL.findall(reason.split("→", 1)[1]):
+    for norm_name in candidate.norms:
         try:
             norm = root.get_submodule(norm_name)
         except AttributeError:
-            return _TENSOR  # a functional norm or an unknown module: nothing finer is known
+            return _TENSOR  # an unknown module: nothing finer is known
         unit = _norm_unit(norm, out_features)
         if unit is None:
             return _TENSOR
         units.append(unit)
-    if not units:
-        return _TENSOR
     count = math.gcd(*(u.count for u in units))
     if count == 1:
         return _TENSOR
     kinds = {u.kind for u in units if u.count == count}
     kind = kinds.pop() if len(kinds) == 1 else "group"
-    return Unit(count, kind, reason.split("→", 1)[1].strip())
+    labels = ", ".join(f"{type(root.get_submodule(n)).__name__} ({n})" for n in candidate.norms)
+    return Unit(count, kind, labels)
 
 
-def invariance_units(root: nn.Module, reasons: Mapping[str, str]) -> dict[str, Unit]:
-    """:func:`invariance_unit` for every ``name → reason``."""
-    return {name: invariance_unit(root, name, reason) for name, reason in reasons.items()}
+def invariance_units(root: nn.Module, candidates: Mapping[str, Candidate]) -> dict[str, Unit]:
+    """:func:`invariance_unit` for every ``name → Candidate``."""
+    return {name: invariance_unit(root, candidate) for name, candidate in candidates.items()}
 
 
 def format_units(units: Mapping[str, Unit]) -> str:

@@ -426,7 +426,7 @@ class SMDCallback(pl.Callback):
         """per_channel: the invariance units of the chosen tensors, from detection's evidence."""
         if not self.per_channel:
             return None
-        derived = invariance_units(trainer.lightning_module, {n: c.reason for n, c in self.candidates.items()})
+        derived = invariance_units(trainer.lightning_module, self.candidates)
         # after a resume the candidates' evidence is gone ("restored from checkpoint"): the checkpointed units
         self.units = {n: self.units.get(n, u) if self.candidates[n].source == "checkpoint" else u for n, u in derived.items()}
         return {n: u.count for n, u in self.units.items()}

@@ -16,12 +16,23 @@ class Candidate:
     Attributes:
         name: parameter name, normalized with :func:`clean_name`.
         reason: human-readable evidence, e.g. ``"Conv2d → BatchNorm2d (layer1.0.bn1)"``.
-        source: ``"structural"`` or ``"numerical"``.
+        source: ``"structural"``, ``"numerical"`` (or ``"checkpoint"``: restored after a resume).
+        norms: the evidence as data: the normalization modules (names in the model, wrapper
+            segments removed as by :func:`clean_name`) that the tensor's output feeds, in the
+            order of the forward; empty when it feeds none (numerical discoveries, self-normalizing
+            modules, weight-normalization directions).
+        functional_norms: the functional normalization calls it feeds, which have no module
+            (``"F.layer_norm (in block.0)"``).
+        weight_norm: whether it is the direction ``v`` of a weight normalization
+            (``w = g·v/‖v‖``: torch's ``weight_norm`` or :func:`~lightning_smd.parametrizations.exp_weight_norm`).
     """
 
     name: str
     reason: str
     source: str
+    norms: tuple[str, ...] = ()
+    functional_norms: tuple[str, ...] = ()
+    weight_norm: bool = False
 
 
 def clean_name(name: str) -> str:

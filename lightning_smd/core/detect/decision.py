@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -152,6 +153,6 @@ def decide(
                 rejected[name] = f"{discovered.pop(name).reason}, but {why}"
             else:
                 c = discovered[name]
-                discovered[name] = Candidate(name, f"{c.reason}, confirmed: L(2w) = L(w)", c.source)
+                discovered[name] = replace(c, reason=f"{c.reason}, confirmed: L(2w) = L(w)")
     chosen.update(discovered)
     return chosen, rejected

@@ -43,6 +43,7 @@ class _NormUse:
     label: str
     per_channel: bool
     module: nn.Module | None = None
+    name: str | None = None  # the module's name in the model; None for a functional call
 
 
 @dataclass
@@ -203,9 +204,10 @@ class DataflowRecorder:
         flows = self._flows_of(args[0]) if args else []
         if _is_normalizing(module) and args:
             if flows:
-                label = f"{type(module).__name__} ({self._names.get(id(module), '?')})"
+                module_name = self._names.get(id(module), "?")
+                label = f"{type(module).__name__} ({module_name})"
                 for flow in flows:
-                    flow.norms.append(_NormUse(label, _per_channel_module(module), module))
+                    flow.norms.append(_NormUse(label, _per_channel_module(module), module, module_name))
                 self._note_norm_input(module, args[0], label)
         elif flows and _passes_constants(module) and len(args) == 1 and not kwargs:
             for flow in flows:
@@ -421,7 +423,8 @@ def _norm_verdicts(producer: _Producer) -> list[tuple[nn.Parameter, Candidate | 
     through = dict.fromkeys(t for f in producer.flows for t in f.through)
     path = " → ".join([f"{type(module).__name__} γ", *through, _norm_labels(producer)])
     reason = f"{path} (linear map, no padding: β is dead)" if through else f"{path} (β is dead)"
-    return [(module.weight, Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural"))]
+    return [(module.weight, Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural",
+                                      *_norm_evidence(producer)))]
 
 
 _PLAIN_NORM_FORWARDS = frozenset(
@@ -530,13 +533,22 @@ def _norm_labels(producer: _Producer) -> str:
     return ", ".join(labels)
 
 
+def _norm_evidence(producer: _Producer) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The normalization modules (by name) and the functional normalization calls that the
+    producer's outputs feed: :attr:`Candidate.norms`, :attr:`Candidate.functional_norms`."""
+    uses = [use for flow in producer.flows for use in flow.norms]
+    modules = tuple(dict.fromkeys(use.name for use in uses if use.name is not None))
+    functional = tuple(dict.fromkeys(use.label for use in uses if use.name is None))
+    return modules, functional
+
+
 def _linear_verdict(producer: _Producer) -> Candidate | None:
     module = producer.module
     has_bias = getattr(module, "bias", None) is not None
     if not all(_only_norms(f) and _bias_cancels(f, has_bias) for f in producer.flows):
         return None
     reason = f"{type(module).__name__} → {_norm_labels(producer)}"
-    return Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural")
+    return Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural", *_norm_evidence(producer))
 
 
 def _testable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -565,7 +577,8 @@ def _rerun_verdict(
     ratio = float((doubled - base).norm()) / moved
     if ratio <= RERUN_TOL:
         producer.rerun_defect[id(param)] = ratio
-        return Candidate(name, _self_normalizing_reason(producer, local), "structural")
+        reason = _self_normalizing_reason(producer, local)
+        return Candidate(name, reason, "structural", weight_norm=reason == _WEIGHT_NORM_REASON)
     eps = getattr(producer.module, "eps", None)
     if isinstance(eps, float) and ratio < 0.5 and _close(_rerun_eps(producer, local, param), base):
         producer.eps_notes[name] = (
@@ -576,7 +589,7 @@ def _rerun_verdict(
         reason = (
             f"{type(producer.module).__name__} output scales uniformly → {_norm_labels(producer)}"
         )
-        return Candidate(name, reason, "structural")
+        return Candidate(name, reason, "structural", *_norm_evidence(producer))
     return None
 
 
@@ -595,17 +608,18 @@ def _rerun_eps(producer: _Producer, local: str, param: nn.Parameter) -> Tensor:
 
 #: parametrizations ``w = scale · v/‖v‖`` whose direction ``v`` (``original1``) is scale-invariant per unit
 _WEIGHT_NORMS = (nn.utils.parametrizations._WeightNorm, ExpWeightNorm)
+_WEIGHT_NORM_REASON = "weight_norm direction"
 
 
 def _self_normalizing_reason(producer: _Producer, local: str) -> str:
     module = producer.module
     if local.endswith("weight_v"):
-        return "weight_norm direction"
+        return _WEIGHT_NORM_REASON
     if local.endswith(".original1") and parametrize.is_parametrized(module):
         tensor_name = local.split(".")[1]
         chain = module.parametrizations[tensor_name]
         if any(isinstance(p, _WEIGHT_NORMS) for p in chain):
-            return "weight_norm direction"
+            return _WEIGHT_NORM_REASON
     where = f"{type(module).__name__} {producer.name or '<root>'}"
     return f"self-normalizing: output unchanged when scaled ({where})"
 
