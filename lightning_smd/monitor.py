@@ -24,6 +24,7 @@ step axis of Lightning's loggers and of ``LearningRateMonitor``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -35,8 +36,15 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_smd.core.steps import StepHooks
+from lightning_smd.lightning.callback import SMDCallback
 
 __all__ = ["SMDMonitor"]
+
+
+class _Engine(SMDCallback):
+    """The engine the monitor drives: the callback's parts and steps, its errors naming ``SMDMonitor``."""
+
+    _owner = "SMDMonitor"
 
 
 class _Collector:
@@ -131,8 +139,6 @@ class SMDMonitor:
     def __init__(self, model: nn.Module, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *,
                  schedulers: Any | Sequence[Any] | None = None, total_steps: int | None = None,
                  grad_scaler: Any | None = None, **options: Any) -> None:
-        from lightning_smd.lightning.callback import SMDCallback
-
         # Lightning Fabric's wrappers: the user's module (its names; its forward runs inside the
         # wrapper's) and the torch optimizer (the wrapper's step() calls it)
         model = getattr(model, "_original_module", model)
@@ -148,7 +154,10 @@ class SMDMonitor:
             schedulers = [schedulers]
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"SMDMonitor(total_steps={total_steps!r}): expected a positive int")
-        self._callback = SMDCallback(**options)
+        known = set(inspect.signature(SMDCallback.__init__).parameters) - {"self"}
+        if unknown := sorted(set(options) - known):
+            raise TypeError(f"SMDMonitor: unknown option(s) {unknown}; the options are SMDCallback's: {sorted(known)}")
+        self._callback = _Engine(**options)
         every = self._callback.log_every_n_steps or 50
         self._loop = _Loop(model, optimizers, every, grad_scaler, list(schedulers or []), total_steps, os.getcwd())
         self._loop.callbacks = [self._callback]

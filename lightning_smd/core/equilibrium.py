@@ -42,9 +42,10 @@ class EquilibriumTracker:
 
     def __init__(self, tolerance: float = 0.1, window: int = 200) -> None:
         if not 0 < tolerance < 1:
-            raise ValueError(f"SMDCallback(equilibrium_tolerance=...) must be in (0, 1), got {tolerance!r}")
+            raise ValueError(f"EquilibriumTracker(tolerance=...) (option equilibrium_tolerance) must be in (0, 1), "
+                             f"got {tolerance!r}")
         if window < 1:
-            raise ValueError(f"SMDCallback(equilibrium_window=...) must be >= 1, got {window!r}")
+            raise ValueError(f"EquilibriumTracker(window=...) (option equilibrium_window) must be >= 1, got {window!r}")
         self.tolerance = tolerance
         self.window = window
         self.stages: list[Stage] = []

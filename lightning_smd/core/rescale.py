@@ -64,11 +64,13 @@ class RescalePolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"SMDCallback(rescale=...) mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"RescalePolicy(mode=...) must be one of {MODES}, got {self.mode!r}")
         if not self.min_drop > 1:
-            raise ValueError(f"SMDCallback(rescale_min_drop=...) must be > 1, got {self.min_drop!r}")
+            raise ValueError(f"RescalePolicy(min_drop=...) (option rescale_min_drop) must be > 1: the factor by "
+                             f"which η·λ must drop to rescale, 2 = halved; got {self.min_drop!r}")
         if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"SMDCallback(rescale_min_lr_ratio=...) must be in (0, 1], got {self.min_lr_ratio!r}")
+            raise ValueError(f"RescalePolicy(min_lr_ratio=...) (option rescale_min_lr_ratio) must be in (0, 1], "
+                             f"got {self.min_lr_ratio!r}")
 
     def factor(self, old: tuple[float, float], new: tuple[float, float], peak_lr: float,
                exponent: float = 0.25) -> float | None:

@@ -22,53 +22,58 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate(a: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the argument for every value ``SMDCallback`` cannot work with."""
+def validate(a: dict[str, Any], owner: str = "SMDCallback") -> None:
+    """Raise ``ValueError`` naming the argument (as ``owner(argument=...)``: ``SMDCallback`` or
+    ``SMDMonitor``, which take the same options) for every value the engine cannot work with."""
     if a["log_every_n_steps"] is not None and not _positive_int(a["log_every_n_steps"]):
-        raise ValueError(f"SMDCallback(log_every_n_steps=...) must be a positive int or None, got {a['log_every_n_steps']!r}")
+        raise ValueError(f"{owner}(log_every_n_steps=...) must be a positive int or None, got {a['log_every_n_steps']!r}")
     if a["detect"] not in DETECT_MODES:
-        raise ValueError(f"SMDCallback(detect=...) must be one of {DETECT_MODES}, got {a['detect']!r}")
+        raise ValueError(f"{owner}(detect=...) must be one of {DETECT_MODES}, got {a['detect']!r}")
     if not _positive_int(a["detect_steps"]):
-        raise ValueError(f"SMDCallback(detect_steps=...) must be an int >= 1, got {a['detect_steps']!r}")
+        raise ValueError(f"{owner}(detect_steps=...) must be an int >= 1, got {a['detect_steps']!r}")
     if not (_number(a["radial_threshold"]) and a["radial_threshold"] > 0):
-        raise ValueError(f"SMDCallback(radial_threshold=...) must be a number > 0, got {a['radial_threshold']!r}")
+        raise ValueError(f"{owner}(radial_threshold=...) must be a number > 0, got {a['radial_threshold']!r}")
     if a["figures_every_n_steps"] is not None and not _positive_int(a["figures_every_n_steps"]):
-        raise ValueError(f"SMDCallback(figures_every_n_steps=...) must be an int >= 1 or None, got {a['figures_every_n_steps']!r}")
+        raise ValueError(f"{owner}(figures_every_n_steps=...) must be an int >= 1 or None, got {a['figures_every_n_steps']!r}")
     if a["figures_dir"] is not None and not isinstance(a["figures_dir"], (str, os.PathLike)):
-        raise ValueError(f"SMDCallback(figures_dir=...) must be a path (str or os.PathLike) or None, got {a['figures_dir']!r}")
+        raise ValueError(f"{owner}(figures_dir=...) must be a path (str or os.PathLike) or None, got {a['figures_dir']!r}")
     if not (_number(a["rescale_min_drop"]) and a["rescale_min_drop"] > 1):
-        raise ValueError(f"SMDCallback(rescale_min_drop=...) must be a number > 1 (the factor by which η·λ must drop "
+        raise ValueError(f"{owner}(rescale_min_drop=...) must be a number > 1 (the factor by which η·λ must drop "
                          f"to rescale; 2 = halved), got {a['rescale_min_drop']!r}")
     if not (_number(a["rescale_min_lr_ratio"]) and 0 < a["rescale_min_lr_ratio"] <= 1):
-        raise ValueError(f"SMDCallback(rescale_min_lr_ratio=...) must be a number in (0, 1], got {a['rescale_min_lr_ratio']!r}")
+        raise ValueError(f"{owner}(rescale_min_lr_ratio=...) must be a number in (0, 1], got {a['rescale_min_lr_ratio']!r}")
     if not (_number(a["ema_steps"]) and a["ema_steps"] > 0):
-        raise ValueError(f"SMDCallback(ema_steps=...) must be a number > 0, got {a['ema_steps']!r}")
-    if not (_number(a["equilibrium_tolerance"]) and a["equilibrium_tolerance"] > 0):
-        raise ValueError(f"SMDCallback(equilibrium_tolerance=...) must be a number > 0, got {a['equilibrium_tolerance']!r}")
+        raise ValueError(f"{owner}(ema_steps=...) must be a number > 0, got {a['ema_steps']!r}")
+    if not (_number(a["equilibrium_tolerance"]) and 0 < a["equilibrium_tolerance"] < 1):
+        raise ValueError(f"{owner}(equilibrium_tolerance=...) must be a number in (0, 1) (0.1: within ±10 %), got {a['equilibrium_tolerance']!r}")
     if not _positive_int(a["equilibrium_window"]):
-        raise ValueError(f"SMDCallback(equilibrium_window=...) must be an int >= 1, got {a['equilibrium_window']!r}")
+        raise ValueError(f"{owner}(equilibrium_window=...) must be an int >= 1, got {a['equilibrium_window']!r}")
     for flag in ("rescale_on_increase",):
         if not isinstance(a[flag], bool):
-            raise ValueError(f"SMDCallback({flag}=...) must be True or False, got {a[flag]!r}")
+            raise ValueError(f"{owner}({flag}=...) must be True or False, got {a[flag]!r}")
     if not any(a["rescale"] is m if isinstance(m, bool) else a["rescale"] == m for m in RESCALE_MODES):
         raise ValueError(
-            f"SMDCallback(rescale=...) must be False, True, 'drop', 'continuous' or 'equilibrium', got {a['rescale']!r}")
+            f"{owner}(rescale=...) must be False, True, 'drop', 'continuous' or 'equilibrium', got {a['rescale']!r}")
     warm = a.get("warm_start", False)
     if not (isinstance(warm, bool) or _positive_int(warm)):
-        raise ValueError(f"SMDCallback(warm_start=...) must be True, False or a step count >= 1, got {warm!r}")
+        raise ValueError(f"{owner}(warm_start=...) must be True, False or a step count >= 1, got {warm!r}")
     steps = a.get("warmup_steps")
     if steps is not None and not (_positive_int(steps) or steps == 0 and not isinstance(steps, bool)):
-        raise ValueError(f"SMDCallback(warmup_steps=...) must be None (recognize a warm-up from the LR) or an int >= 0 "
+        raise ValueError(f"{owner}(warmup_steps=...) must be None (recognize a warm-up from the LR) or an int >= 0 "
                          f"(0: no warm-up), got {steps!r}")
     if not _positive_int(a["unit_grad_every"]):
-        raise ValueError(f"SMDCallback(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
+        raise ValueError(f"{owner}(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
     if "per_channel" in a and not (isinstance(a["per_channel"], bool) or _positive_int(a["per_channel"])):
-        raise ValueError(f"SMDCallback(per_channel=...) must be True, False or a positive int (steps between "
+        raise ValueError(f"{owner}(per_channel=...) must be True, False or a positive int (steps between "
                          f"per-channel measurements), got {a['per_channel']!r}")
     if "verbose" in a and not (isinstance(a["verbose"], bool) or a["verbose"] in (0, 1, 2)):
-        raise ValueError(f"SMDCallback(verbose=...) must be True/False, 0, 1 or 2 (2: one row per tensor), "
+        raise ValueError(f"{owner}(verbose=...) must be True/False, 0, 1 or 2 (2: one row per tensor), "
                          f"got {a['verbose']!r}")
-    select([], include=a["include"], exclude=a["exclude"])  # regexes and types now, not at fit start
+    for argument in ("include", "exclude"):  # regexes and types now, not at fit start
+        try:
+            select([], **{argument: a[argument]})
+        except ValueError as err:
+            raise ValueError(f"{owner}({argument}=...): {err}") from None
 
 
 #: arguments that only change where or whether things are shown, not what is measured or done

@@ -5,11 +5,11 @@ The data flow of one step, and what each part does, is in ``docs/architecture.md
 
 from __future__ import annotations
 
+import importlib
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pytorch_lightning as pl
 import torch
 from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -32,6 +32,9 @@ from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, param_counts, trainable
 from lightning_smd.core.units import Unit, invariance_units
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 #: the full per-tensor detection table, written next to the figures
 TENSORS_FILE = "smd_tensors.txt"
 
@@ -42,7 +45,19 @@ DEFAULT_CHANNEL_EVERY = 1  # per_channel=True: per-unit statistics on every meas
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
-class SMDCallback(pl.Callback):
+def _callback_base() -> type:
+    """Lightning's ``Callback``: ``pytorch_lightning``'s, else ``lightning.pytorch``'s (a Trainer of
+    either namespace calls the hooks of both). Without Lightning, ``object``: the class is then the
+    engine :class:`~lightning_smd.SMDMonitor` drives, and nothing here imports Lightning."""
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        try:
+            return importlib.import_module(name).Callback
+        except ImportError:
+            continue
+    return object
+
+
+class SMDCallback(_callback_base()):
     """Measure (and optionally control) the Spherical Motion Dynamics of a normalized network.
 
     For every scale-invariant weight tensor (detected automatically: conv/linear feeding a
@@ -144,7 +159,7 @@ class SMDCallback(pl.Callback):
             equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
             verbose=verbose, per_channel=per_channel, warmup_steps=warmup_steps,
         )
-        arguments.validate(given)
+        arguments.validate(given, self._owner)
         self._given = given  # to start fresh when reused on a new Trainer or model (see setup)
         self._fit_of: tuple[Any, Any] | None = None  # weak references: the Trainer and module of the last fit
         self._continuing = False
@@ -195,6 +210,9 @@ class SMDCallback(pl.Callback):
         # optimizer id → log step: a measured step Lightning announced (on_before_optimizer_step)
         # and torch has not run yet; left at the batch end, the GradScaler skipped it
         self._due: dict[int, int] = {}
+
+    #: the name errors give the constructor (``SMDMonitor`` sets its own: it takes the same options)
+    _owner = "SMDCallback"
 
     @property
     def state_key(self) -> str:
@@ -248,7 +266,7 @@ class SMDCallback(pl.Callback):
                 "(weights × k^(-2e) instead of k^(-e)). Keep one SMDCallback."
             )
         if self.figures_dir is not None and trainer.is_global_zero and self.publisher.writes_files(trainer):
-            check_writable(self.figures_dir, "SMDCallback(figures_dir=...)")
+            check_writable(self.figures_dir, f"{self._owner}(figures_dir=...)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_supported(trainer)
@@ -258,7 +276,7 @@ class SMDCallback(pl.Callback):
         self._hooks = StepHooks(list(trainer.optimizers), self._before_step, self._after_step)
         self._due = {}
         self._trainable = trainable(trainer, pl_module)
-        check_filters([t.name for t in self._trainable], self.include, self.exclude)
+        check_filters([t.name for t in self._trainable], self.include, self.exclude, self._owner)
         self._tracked = None
         self.detection.reset(self._trainable)
         if self._continuing and self.candidates and self._saved_names is None:

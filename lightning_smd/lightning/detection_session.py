@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_smd.core import theory
@@ -26,6 +25,9 @@ from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.steps import radial_floor
 from lightning_smd.report.summary import DetectionRow, first_names, format_detection_report
 from lightning_smd.lightning.tracking import Tracked, group_label
+
+if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
+    import pytorch_lightning as pl
 
 __all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
 
@@ -198,7 +200,7 @@ class DetectionSession:
         return Decision(chosen), sorted(wanted - known)
 
 
-def check_filters(names: list[str], include: Any, exclude: Any) -> None:
+def check_filters(names: list[str], include: Any, exclude: Any, owner: str = "SMDCallback") -> None:
     """Run the ``include``/``exclude`` filters over every name now (before the first step), so a
     callable that raises is reported with the parameter it failed on."""
     for name in names:
@@ -209,7 +211,7 @@ def check_filters(names: list[str], include: Any, exclude: Any) -> None:
                 select([name], **{argument: pattern})
             except Exception as err:
                 raise ValueError(
-                    f"SMDCallback({argument}=...) failed on parameter {name!r}: {type(err).__name__}: {err}. "
+                    f"{owner}({argument}=...) failed on parameter {name!r}: {type(err).__name__}: {err}. "
                     "It is called with every trainable parameter's name and must return True or False."
                 ) from err
 

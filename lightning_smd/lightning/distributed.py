@@ -22,12 +22,14 @@ run on all ranks, never under ``trainer.is_global_zero``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
+    import pytorch_lightning as pl
 
 __all__ = ["LayoutReduce", "check_supported", "is_sharded", "make_reduce_fn"]
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING
 
 from lightning_smd.lightning.namespace import is_kind
 
@@ -12,6 +11,9 @@ from lightning_smd.report import channel_figures, figures as report, wandb_extra
 from lightning_smd.core.channels import ChannelMetrics
 from lightning_smd.report.history import History
 from lightning_smd.report.series import RunSeries
+
+if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
+    import pytorch_lightning as pl
 
 __all__ = ["Publisher", "check_writable", "log_dir"]
 

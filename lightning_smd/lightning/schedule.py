@@ -28,11 +28,10 @@ multiplies by the same numbers (``check`` runs on every rank: the collective is 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import math
 
-import pytorch_lightning as pl
 import torch
 from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
 
@@ -45,6 +44,9 @@ from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
 from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.report.summary import first_names
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, group_label
+
+if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
+    import pytorch_lightning as pl
 
 __all__ = ["FAR_FROM_EQUILIBRIUM", "ScheduleWatcher", "default_warm_start_steps"]
 
@@ -61,7 +63,7 @@ def default_warm_start_steps(detect_steps: int, every: int, unit_grad_every: int
     samples of L, which is sampled once per ``max(log_every_n_steps, unit_grad_every)`` steps."""
     return detect_steps + 1 + samples * max(every, unit_grad_every)
 
-Publish = Callable[[pl.Trainer, dict[str, float], int], None]
+Publish = Callable[["pl.Trainer", dict[str, float], int], None]
 HParams = tuple[float, float]
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import pytorch_lightning as pl
 from lightning_smd.lightning.namespace import rank_zero_warn
 from torch import Tensor
 
@@ -14,6 +13,9 @@ from lightning_smd.core.detect import clean_name, normalization_parameters
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.measure import GroupSlice
 from lightning_smd.core.steps import StepRecorder, choose_mode
+
+if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
+    import pytorch_lightning as pl
 
 __all__ = ["Tracked", "TrackedSet", "group_label", "param_counts", "trainable"]
 

@@ -46,7 +46,7 @@ class WarmupTracker:
     def __init__(self, warmup_steps: int | None = None) -> None:
         if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
                                          or warmup_steps < 0):
-            raise ValueError(f"SMDCallback(warmup_steps=...) must be None (recognize a warm-up from the LR) or an "
+            raise ValueError(f"WarmupTracker(warmup_steps=...) must be None (recognize a warm-up from the LR) or an "
                              f"int >= 0 (0: no warm-up), got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.ended: set[str] = set()
