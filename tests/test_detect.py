@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_smd.detect import (
     Candidate,
-    _radial_cosines,
+    radial_cosines,
     DataflowRecorder,
     RadialCosineCheck,
     clean_name,
@@ -386,7 +386,7 @@ def test_find_scale_invariant_auto_confirms_and_filters():
     # bn1's γ with β = 0 feeds a ReLU and then conv2 → bn2, so at initialisation its radial
     # cosine is as small as a conv's; norm layers' own parameters are never discovered numerically.
     assert {c.name for c in found if c.source == "numerical"} == set()
-    cosines = _radial_cosines(model, (_image_batch(size=32),), {})
+    cosines = radial_cosines(model, (_image_batch(size=32),), {})
     assert all(cosines[f"layer{i}.{j}.bn1.weight"] < 1e-4 for i in (1, 2, 3) for j in (0, 1))
 
 
@@ -685,7 +685,7 @@ class ZeroBiasIntoLayerNorm(nn.Module):
 def test_numerical_discovery_is_not_fooled_by_init_values():
     x = _image_batch(n=4, size=8)
     model = ZeroBiasIntoLayerNorm()
-    assert _radial_cosines(model, (x,), {})["conv.weight"] < 1e-5  # looks invariant at init...
+    assert radial_cosines(model, (x,), {})["conv.weight"] < 1e-5  # looks invariant at init...
     assert "conv.weight" not in _oracle_invariant(model, x)  # ...but is not
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_smd.detect import (
-    _radial_cosines,
+    radial_cosines,
     discovery_threshold,
     find_scale_invariant,
     normalization_parameters,
@@ -79,7 +79,7 @@ def _score_model(entry: ZooModel, discoveries: Discoveries | None = None) -> Sco
         print(f"{entry.name}: too close to call (scored as not invariant): {truth.ambiguous}")
     if discoveries is not None:
         structural = structural_candidates(model, *args, **kwargs)
-        cosines = _radial_cosines(model, args, kwargs)
+        cosines = radial_cosines(model, args, kwargs)
         numels = {n: p.numel() for n, p in model.named_parameters()}
         skip = set(structural) | normalization_parameters(model)
         unexplained = {n: c for n, c in cosines.items() if n not in skip}

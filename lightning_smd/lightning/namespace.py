@@ -13,6 +13,8 @@ import logging
 import warnings
 from typing import Any
 
+from lightning_smd.report.loggers import is_kind
+
 __all__ = ["bind", "is_kind", "namespace_of", "rank_zero_info", "rank_zero_warn"]
 
 _state = {"rank": 0, "logger": "pytorch_lightning.utilities.rank_zero"}
@@ -28,11 +30,6 @@ def bind(trainer: Any) -> None:
     """Take the rank from ``trainer`` and log reports where its namespace logs its own."""
     _state["rank"] = int(getattr(trainer, "global_rank", 0) or 0)
     _state["logger"] = f"{namespace_of(trainer)}.utilities.rank_zero"
-
-
-def is_kind(obj: Any, *class_names: str) -> bool:
-    """Whether ``obj`` is an instance of a class of one of these names, in either namespace."""
-    return any(cls.__name__ in class_names for cls in type(obj).__mro__)
 
 
 def rank_zero_warn(message: str, stacklevel: int = 4, **kwargs: Any) -> None:

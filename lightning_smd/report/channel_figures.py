@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lightning_smd.core.channels import STALL_RATIO, ChannelMetrics
+from lightning_smd.report.loggers import loggers_of_kind
 
 __all__ = ["CHANNEL_FIGURE_FILES", "HIST_PREFIX", "channel_bands", "default_heatmap_layer", "log_histograms",
            "HEATMAP_RECORD", "bands_from_series", "plot_bands", "plot_channel_bands", "plot_channel_heatmap", "plot_unit_heatmap", "report_channel_figures", "save_channel_figures",
@@ -33,11 +34,7 @@ CHANNEL_FIGURE_FILES = {"channel_bands": "smd_channel_bands.png", "channel_heatm
 
 
 def _tensorboard_writers(trainer: Any) -> list[Any]:
-    if not getattr(trainer, "is_global_zero", True):
-        return []
-    from lightning_smd.lightning.namespace import is_kind
-
-    return [lg.experiment for lg in getattr(trainer, "loggers", []) if is_kind(lg, "TensorBoardLogger")]
+    return [lg.experiment for lg in loggers_of_kind(trainer, "TensorBoardLogger")]
 
 
 def log_histograms(trainer: Any, channels: ChannelMetrics, step: int) -> None:
@@ -56,10 +53,10 @@ def log_histograms(trainer: Any, channels: ChannelMetrics, step: int) -> None:
     for writer in _tensorboard_writers(trainer):
         for key, v in values.items():
             writer.add_histogram(key, v, global_step=int(step))
-    if wandb_extras._wandb_loggers(trainer):
+    if wandb_extras.wandb_loggers(trainer):
         import wandb
 
-        wandb_extras._log(trainer, lambda: {k: wandb.Histogram(v) for k, v in values.items()}, step)
+        wandb_extras.log_to_wandb(trainer, lambda: {k: wandb.Histogram(v) for k, v in values.items()}, step)
 
 
 #: above this many layers the bands figure shows a selection (the heatmap keeps every unit of its layer)
@@ -237,7 +234,7 @@ def plot_unit_heatmap(steps: Any, matrix: np.ndarray, layer: str, path: str | Pa
     on 1) where Δ* is known, else Δ_t in radians (log colour scale)."""
     from matplotlib.colors import LogNorm
 
-    from lightning_smd.report.figures import RATIO_LABEL, RATIO_SPAN, _diverging_cmap, _plain_log_ticks
+    from lightning_smd.report.figures import RATIO_LABEL, RATIO_SPAN, diverging_cmap, plain_log_ticks
 
     fig = _figure((8.0, 4.0))
     if fig is None:
@@ -248,7 +245,7 @@ def plot_unit_heatmap(steps: Any, matrix: np.ndarray, layer: str, path: str | Pa
     ax = fig.add_subplot()
     extent = (steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1, matrix.shape[0] - 0.5, -0.5)
     if theory_known:
-        image = ax.imshow(data, aspect="auto", cmap=_diverging_cmap(), norm=LogNorm(1 / RATIO_SPAN, RATIO_SPAN),
+        image = ax.imshow(data, aspect="auto", cmap=diverging_cmap(), norm=LogNorm(1 / RATIO_SPAN, RATIO_SPAN),
                           extent=extent, interpolation="nearest")
         label = RATIO_LABEL
     else:
@@ -257,7 +254,7 @@ def plot_unit_heatmap(steps: Any, matrix: np.ndarray, layer: str, path: str | Pa
     bar = fig.colorbar(image, ax=ax, extend="both" if theory_known else "neither")
     bar.set_label(label, fontsize=8)
     if theory_known:
-        _plain_log_ticks(bar, RATIO_SPAN)
+        plain_log_ticks(bar, RATIO_SPAN)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"unit ({matrix.shape[0]})")
     title = f"{_short(layer, 60)}: per-unit angular update" + (f" (stalled {stalled:.0%})" if stalled else "")

@@ -223,7 +223,7 @@ def _mark_events(ax: Any, series: RunSeries) -> None:
         ax.axvline(step, color="tab:red", lw=1.2, ls=":", label=label)
 
 
-def _unique_columns(values: np.ndarray, rtol: float = 1e-6) -> list[int]:
+def unique_columns(values: np.ndarray, rtol: float = 1e-6) -> list[int]:
     """Indices of the columns of ``values`` that differ from all earlier ones (NaN = NaN)."""
     kept: list[int] = []
     for j in range(values.shape[1]):
@@ -276,7 +276,7 @@ def draw_angular_update(ax: Any, series: RunSeries, title: str | None = None) ->
     matplotlib ``ax`` (to compose figures, e.g. runs side by side)."""
     _plot_lines(ax, series, series.angular_update, series.names)
     events = lr_changes(series)
-    for k, j in enumerate(_unique_columns(series.angular_update_theory)):
+    for k, j in enumerate(unique_columns(series.angular_update_theory)):
         steps, theory = theory_steps(series.steps, series.angular_update_theory[:, j], events)
         ax.plot(steps, theory, color="black", lw=1.6, ls="--", drawstyle="steps-post",
                 label=r"theory $\Delta^*$" if k == 0 else None)
@@ -294,7 +294,7 @@ def plot_angular_update(series: RunSeries, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _default_layer(series: RunSeries) -> str | None:
+def default_layer(series: RunSeries) -> str | None:
     counts = np.isfinite(series.weight_norm).sum(axis=0) if series.names else np.array([])
     if counts.size == 0 or counts.max() == 0:
         return None
@@ -305,7 +305,7 @@ def plot_weight_norm(series: RunSeries, path: Path, layer: str | None = None) ->
     """‖w_t‖ of one tensor with its predicted equilibrium ‖w*‖ dashed."""
     if layer is not None and layer not in series.names:
         raise KeyError(f"unknown tensor {layer!r}; logged tensors: {', '.join(series.names)}")
-    layer = layer or _default_layer(series)
+    layer = layer or default_layer(series)
     if layer is None:
         return None
     steps, norm = series.series("weight_norm", layer)
@@ -346,12 +346,12 @@ def plot_ratio_heatmap(series: RunSeries, path: Path) -> Path | None:
     height = float(np.clip(1.6 + 0.18 * len(rows), 3.5, 12.0))
     fig = _new_figure((10.0, height))
     ax = fig.add_subplot()
-    cmap = _diverging_cmap()
+    cmap = diverging_cmap()
     mesh = ax.pcolormesh(_step_edges(series.steps[columns].astype(float)), np.arange(len(rows) + 1),
                          data, cmap=cmap, norm=LogNorm(1 / span, span), shading="flat")
     bar = fig.colorbar(mesh, ax=ax, pad=0.01, aspect=6 * height, extend="both")
     bar.set_label(RATIO_LABEL)
-    _plain_log_ticks(bar, span)
+    plain_log_ticks(bar, span)
     _label_rows(ax, [series.names[j] for j in rows])
     ax.set_ylim(len(rows), 0)
     for step, _ in series.rescale_events:
@@ -361,7 +361,7 @@ def plot_ratio_heatmap(series: RunSeries, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _plain_log_ticks(bar: Any, span: float) -> None:
+def plain_log_ticks(bar: Any, span: float) -> None:
     """Ticks like 0.5, 1, 2 instead of 5×10⁻¹ on the log colour bar."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
@@ -374,7 +374,7 @@ def _plain_log_ticks(bar: Any, span: float) -> None:
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _diverging_cmap() -> Any:
+def diverging_cmap() -> Any:
     from matplotlib import colormaps
 
     return colormaps["RdBu_r"].with_extremes(bad="0.85")
@@ -612,10 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _single_source(path: Path) -> Any:
     """The :class:`~lightning_smd.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
-    from lightning_smd.series import MultipleRunsError, RunSource, _kind_of_file, find_runs
+    from lightning_smd.series import MultipleRunsError, RunSource, kind_of_file, find_runs
 
     if path.is_file():
-        return RunSource(path.parent, _kind_of_file(path), path)
+        return RunSource(path.parent, kind_of_file(path), path)
     runs = find_runs(path)
     if not runs:
         raise FileNotFoundError(

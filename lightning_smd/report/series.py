@@ -212,7 +212,7 @@ class RunSeries:
         """
         path = Path(path)
         if path.is_file():
-            return RunSource(path.parent, _kind_of_file(path), path).load()
+            return RunSource(path.parent, kind_of_file(path), path).load()
         runs = find_runs(path)
         if not runs:
             raise FileNotFoundError(
@@ -255,7 +255,7 @@ class MultipleRunsError(ValueError):
         super().__init__(f"{path} holds {len(runs)} runs; pass one of them, or --all to report each:\n{listing}")
 
 
-def _kind_of_file(path: Path) -> str:
+def kind_of_file(path: Path) -> str:
     if path.suffix == ".wandb":
         return "wandb"
     if path.name.startswith("events.out.tfevents."):

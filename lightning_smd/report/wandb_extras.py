@@ -53,10 +53,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from lightning_smd.report.loggers import loggers_of_kind
+
 if TYPE_CHECKING:
     from lightning_smd.report.series import RunSeries
 
-__all__ = ["log_concern_charts", "log_figures", "log_plan_table", "log_summary_table", "setup", "wandb_key"]
+__all__ = ["log_concern_charts", "log_figures", "log_plan_table", "log_summary_table", "log_to_wandb", "setup", "wandb_key",
+           "wandb_loggers"]
 
 FIGURES_SECTION = "smd_figures"
 TABLE_KEY = "smd_summary/layers"
@@ -75,13 +78,9 @@ _MIN_POINTS = 10
 _defined: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
-def _wandb_loggers(trainer: Any) -> list[Any]:
+def wandb_loggers(trainer: Any) -> list[Any]:
     """The trainer's ``WandbLogger`` instances, on global rank 0 only."""
-    if not getattr(trainer, "is_global_zero", True):
-        return []
-    from lightning_smd.lightning.namespace import is_kind
-
-    return [lg for lg in getattr(trainer, "loggers", []) if is_kind(lg, "WandbLogger")]
+    return loggers_of_kind(trainer, "WandbLogger")
 
 
 def wandb_key(logger: Any, key: str) -> str:
@@ -125,7 +124,7 @@ def setup(trainer: Any) -> None:
 
     Idempotent; call it again after a resume.
     """
-    for logger in _wandb_loggers(trainer):
+    for logger in wandb_loggers(trainer):
         step = _step_metric(logger)
         _define(logger, step)
         for glob in _GLOBS:
@@ -135,10 +134,10 @@ def setup(trainer: Any) -> None:
                     summary="min,max,last")
 
 
-def _log(trainer: Any, make: Any, step: int) -> None:
+def log_to_wandb(trainer: Any, make: Any, step: int) -> None:
     """``logger.log_metrics(make(logger), step)`` on each WandbLogger: adds the logger prefix
     and ``trainer/global_step`` so media land on the Lightning step axis."""
-    for logger in _wandb_loggers(trainer):
+    for logger in wandb_loggers(trainer):
         payload = make()
         if payload:
             logger.log_metrics(payload, step=int(step))
@@ -146,17 +145,17 @@ def _log(trainer: Any, make: Any, step: int) -> None:
 
 def log_figures(trainer: Any, figures: Mapping[str, Path], step: int) -> None:
     """Log each figure file as a ``wandb.Image`` under ``smd_figures/{name}`` at ``step``."""
-    if not figures or not _wandb_loggers(trainer):
+    if not figures or not wandb_loggers(trainer):
         return
     import wandb
 
-    _log(trainer, lambda: {f"{FIGURES_SECTION}/{name}": wandb.Image(str(path)) for name, path in figures.items()
+    log_to_wandb(trainer, lambda: {f"{FIGURES_SECTION}/{name}": wandb.Image(str(path)) for name, path in figures.items()
                            if Path(path).is_file()}, step)
 
 
 def _log_table(trainer: Any, key: str, rows: list[dict[str, Any]], step: int) -> None:
     """``rows`` (dicts with the same keys) as one ``wandb.Table`` under ``key`` at ``step``."""
-    if not rows or not _wandb_loggers(trainer):
+    if not rows or not wandb_loggers(trainer):
         return
     import wandb
 
@@ -166,7 +165,7 @@ def _log_table(trainer: Any, key: str, rows: list[dict[str, Any]], step: int) ->
         data = [[row.get(col) for col in columns] for row in rows]
         return {key: wandb.Table(columns=columns, data=data)}
 
-    _log(trainer, make, step)
+    log_to_wandb(trainer, make, step)
 
 
 def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
@@ -205,7 +204,7 @@ def log_concern_charts(trainer: Any, series: RunSeries, step: int) -> None:
     Costs a few tables of at most ``_MAX_ROWS`` rows: call it where figures are rendered,
     not every step.
     """
-    if series.is_empty() or not _wandb_loggers(trainer):
+    if series.is_empty() or not wandb_loggers(trainer):
         return
     import wandb
 
@@ -223,7 +222,7 @@ def log_concern_charts(trainer: Any, series: RunSeries, step: int) -> None:
                 out[key] = wandb.Table(columns=spec["columns"], data=spec["data"])
         return out
 
-    _log(trainer, make, step)
+    log_to_wandb(trainer, make, step)
 
 
 def _concern_specs(series: RunSeries) -> dict[str, dict[str, Any]]:
@@ -300,13 +299,13 @@ def _of_total(shown: int, total: int) -> str:
 
 
 def _angular_update_lines(series: RunSeries) -> dict[str, Any] | None:
-    from lightning_smd.report.figures import _unique_columns
+    from lightning_smd.report.figures import unique_columns
 
     columns = _tensor_columns(series, series.angular_update)
     if not columns:
         return None
     lines = [(f"Δ_t {series.names[j]}", series.angular_update[:, j]) for j in columns]
-    theory = _unique_columns(series.angular_update_theory)[:_MAX_THEORY_LINES]
+    theory = unique_columns(series.angular_update_theory)[:_MAX_THEORY_LINES]
     for j in theory:
         label = "Δ* theory" if len(theory) == 1 else f"Δ* theory ({series.names[j]})"
         lines.append((label, series.angular_update_theory[:, j]))
@@ -324,9 +323,9 @@ def _ratio_stat_lines(series: RunSeries) -> dict[str, Any] | None:
 
 
 def _weight_norm_layer_lines(series: RunSeries) -> dict[str, Any] | None:
-    from lightning_smd.report.figures import _default_layer
+    from lightning_smd.report.figures import default_layer
 
-    layer = _default_layer(series)
+    layer = default_layer(series)
     if layer is None:
         return None
     j = series.names.index(layer)

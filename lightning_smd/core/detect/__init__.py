@@ -27,8 +27,8 @@ from lightning_smd.core.detect.decision import DETECT_MODES, decide, normalizati
 from lightning_smd.core.detect.modules import is_norm_module
 from lightning_smd.core.detect.numerics import (
     RadialCosineCheck,
-    _projection_loss,
-    _radial_cosines,
+    projection_loss,
+    radial_cosines,
     confirm_scale_invariance,
     discovery_threshold,
     precision_floor,
@@ -39,31 +39,31 @@ from lightning_smd.core.detect.structure import DataflowRecorder, structural_can
 from lightning_smd.core.detect.candidate import _WRAPPER_SEGMENTS  # noqa: F401
 from lightning_smd.core.detect.decision import _matcher  # noqa: F401
 from lightning_smd.core.detect.modules import (  # noqa: F401
-    _CASTS,
-    _DATA_READS,
-    _FROM_METADATA,
+    CASTS as _CASTS,
+    DATA_READS as _DATA_READS,
+    FROM_METADATA as _FROM_METADATA,
     _LINEAR_IN_WEIGHT,
-    _NORM_FUNCS,
+    NORM_FUNCS as _NORM_FUNCS,
     _NORM_MODULES,
     _PLAIN_FORWARDS,
-    _RESHAPES,
-    _arg,
-    _channel_first,
-    _func_name,
-    _is_leaf,
-    _is_linear_in_weight,
-    _is_normalizing,
+    RESHAPES as _RESHAPES,
+    call_arg as _arg,
+    is_channel_first as _channel_first,
+    func_name as _func_name,
+    is_leaf as _is_leaf,
+    is_linear_in_weight as _is_linear_in_weight,
+    is_normalizing as _is_normalizing,
     _normalizes_with_own_stats,
-    _owns_weights,
-    _per_channel_module,
+    owns_weights as _owns_weights,
+    per_channel_module as _per_channel_module,
 )
 from lightning_smd.core.detect.numerics import _local  # noqa: F401
 from lightning_smd.core.detect.sandbox import (  # noqa: F401
     _cuda_devices,
-    _force_eager,
-    _fork_rng,
-    _restore_buffers,
-    _snapshot_buffers,
+    force_eager as _force_eager,
+    forked_rng as _fork_rng,
+    restore_buffers as _restore_buffers,
+    snapshot_buffers as _snapshot_buffers,
 )
 from lightning_smd.core.detect.structure import (  # noqa: F401
     _bias_cancels,

@@ -11,8 +11,8 @@ from torch import nn
 
 from lightning_smd.core.detect.candidate import Candidate, clean_name
 from lightning_smd.core.detect.decision import DETECT_MODES, decide, normalization_parameters, select
-from lightning_smd.core.detect.numerics import _radial_cosines, confirm_scale_invariance, precision_floor
-from lightning_smd.core.detect.structure import DataflowRecorder, _recorded, structural_candidates
+from lightning_smd.core.detect.numerics import radial_cosines, confirm_scale_invariance, precision_floor
+from lightning_smd.core.detect.structure import DataflowRecorder, recorded_forward, structural_candidates
 
 __all__ = ["DetectionNotes", "detection_notes", "find_scale_invariant", "notes_from_recorder"]
 
@@ -59,10 +59,10 @@ def find_scale_invariant(
     if detect not in DETECT_MODES:
         allowed = ", ".join(map(repr, DETECT_MODES))
         raise ValueError(f"detect must be one of {allowed}, got {detect!r}")
-    recorder = _recorded(module, args, kwargs) if detect != "numerical" else None
+    recorder = recorded_forward(module, args, kwargs) if detect != "numerical" else None
     structural = (recorder.candidates or {}) if recorder is not None else {}
     notes = notes_from_recorder(recorder) if recorder is not None else DetectionNotes({}, {})
-    cosines = _radial_cosines(module, args, kwargs) if detect != "structural" else {}
+    cosines = radial_cosines(module, args, kwargs) if detect != "structural" else {}
     params = {clean_name(n): p for n, p in module.named_parameters()}
     dtypes = {n: p.dtype for n, p in params.items()}
     # 16-bit tensors: structure is confirmed at the format's rounding floor (as the callback does)
@@ -119,5 +119,5 @@ def notes_from_recorder(recorder: DataflowRecorder) -> DetectionNotes:
 def detection_notes(module: nn.Module, *args: Any, **kwargs: Any) -> DetectionNotes:
     """Dead and eps-dominated tensors of ``module`` from ONE forward ``module(*args, **kwargs)``,
     with the same side-effect-free pass as :func:`structural_candidates`."""
-    recorder = _recorded(module, args, kwargs)
+    recorder = recorded_forward(module, args, kwargs)
     return notes_from_recorder(recorder)

@@ -21,21 +21,21 @@ _LINEAR_IN_WEIGHT = (
 )
 _PLAIN_FORWARDS = frozenset(cls.forward for cls in _LINEAR_IN_WEIGHT)
 _NORM_MODULES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
-_NORM_FUNCS = frozenset({"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"})
+NORM_FUNCS = frozenset({"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"})
 
 # Calls that read values out of a tensor: data-dependent use even though no tensor comes back.
-_DATA_READS = frozenset(
+DATA_READS = frozenset(
     {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
      "__array__", "__reduce_ex__", "__deepcopy__"}
 )
 # Calls that return a tensor built from metadata only.
-_FROM_METADATA = frozenset(
+FROM_METADATA = frozenset(
     {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
      "full_like", "rand_like", "randn_like", "randint_like"}
 )
 # Calls that move values around without mixing them: a uniform scale passes through.
-_CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "type"})
-_RESHAPES = frozenset(
+CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "contiguous", "clone", "type"})
+RESHAPES = frozenset(
     {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "movedim", "squeeze",
      "unsqueeze", "T", "mT"}
 )
@@ -54,23 +54,23 @@ def _normalizes_with_own_stats(module: nn.Module) -> bool:
     return isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))
 
 
-def _is_normalizing(module: nn.Module | None) -> bool:
+def is_normalizing(module: nn.Module | None) -> bool:
     return module is not None and is_norm_module(module) and _normalizes_with_own_stats(module)
 
 
-def _per_channel_module(module: nn.Module) -> bool:
+def per_channel_module(module: nn.Module) -> bool:
     """Whether a norm module removes a per-channel (dim 1) constant, e.g. a conv bias."""
     if isinstance(module, (_BatchNorm, _InstanceNorm)):
         return True
     return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
 
 
-def _owns_weights(module: nn.Module) -> bool:
+def owns_weights(module: nn.Module) -> bool:
     has_direct = next(module.parameters(recurse=False), None) is not None
     return (has_direct or parametrize.is_parametrized(module)) and not is_norm_module(module)
 
 
-def _is_linear_in_weight(module: nn.Module) -> bool:
+def is_linear_in_weight(module: nn.Module) -> bool:
     """Plain conv/linear: output is linear in ``weight``, so scaling it scales the output."""
     return (
         type(module).forward in _PLAIN_FORWARDS
@@ -79,11 +79,11 @@ def _is_linear_in_weight(module: nn.Module) -> bool:
     )
 
 
-def _is_leaf(module: nn.Module) -> bool:
+def is_leaf(module: nn.Module) -> bool:
     return set(module._modules) <= {"parametrizations"}
 
 
-def _channel_first(module: nn.Module, output: Tensor) -> bool:
+def is_channel_first(module: nn.Module, output: Tensor) -> bool:
     """Whether the producer's output channels (where its bias lives) are on dim 1."""
     if isinstance(module, nn.Linear):
         return output.ndim == 2
@@ -91,13 +91,13 @@ def _channel_first(module: nn.Module, output: Tensor) -> bool:
     return kernel is not None and output.ndim == len(kernel) + 2
 
 
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int, key: str, default: Any) -> Any:
+def call_arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int, key: str, default: Any) -> Any:
     if len(args) > pos:
         return args[pos]
     return kwargs.get(key, default)
 
 
-def _func_name(func: Any) -> str:
+def func_name(func: Any) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # property access, e.g. Tensor.shape.__get__
         name = getattr(getattr(func, "__self__", None), "__name__", name)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_smd.core.detect.candidate import clean_name
-from lightning_smd.core.detect.sandbox import _fork_rng, _restore_buffers, _snapshot_buffers
+from lightning_smd.core.detect.sandbox import forked_rng, restore_buffers, snapshot_buffers
 
 __all__ = ["CHANCE", "RadialCosineCheck", "confirm_scale_invariance", "discovery_threshold", "precision_floor"]
 
@@ -116,7 +116,7 @@ def _squared_norms(tensors: list[Tensor], acc: torch.dtype) -> Tensor:
     return torch.stack(out).square()  # type: ignore[arg-type]
 
 
-def _projection_loss(output: Any) -> Tensor:
+def projection_loss(output: Any) -> Tensor:
     """A scalar from any model output: scalar tensors (losses) are summed, other tensors
     enter through a fixed random projection."""
     leaves = [
@@ -136,13 +136,13 @@ def _projection_loss(output: Any) -> Tensor:
     return total
 
 
-def _radial_cosines(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, float]:
+def radial_cosines(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, float]:
     """Radial cosine of every trainable tensor after one backward, on a deep copy."""
     replica = copy.deepcopy(module)
     replica.train()
-    with _fork_rng(replica):
+    with forked_rng(replica):
         torch.manual_seed(0)
-        _projection_loss(replica(*args, **kwargs)).backward()
+        projection_loss(replica(*args, **kwargs)).backward()
     check = RadialCosineCheck(
         [(clean_name(n), p) for n, p in replica.named_parameters() if p.requires_grad]
     )
@@ -174,7 +174,7 @@ def discovery_threshold(threshold: float, numel: int, dtype: torch.dtype = torch
     return min(threshold, max(CHANCE / math.sqrt(max(numel, 1)), precision_floor(dtype)))
 
 
-def _generic_values(p: Tensor, generator: torch.Generator) -> Tensor:
+def generic_values(p: Tensor, generator: torch.Generator) -> Tensor:
     """A random point near ``p`` that breaks init coincidences: vectors (biases, γ, β, layer
     scale) get O(0.3) noise around their values, constant-filled matrices random values."""
     noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
@@ -228,20 +228,20 @@ def confirm_scale_invariance(
     tol = tol if tol is not None else (5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3)
     generator = torch.Generator().manual_seed(seed)
     saved = {n: p.detach().clone() for n, p in params.items()}
-    buffers = _snapshot_buffers(module)
+    buffers = snapshot_buffers(module)
 
     def outputs() -> list[Tensor]:
-        with _fork_rng(module):
+        with forked_rng(module):
             torch.manual_seed(seed)
             out = _flat_outputs(run())
-        _restore_buffers(buffers)
+        restore_buffers(buffers)
         return out
 
     verdicts: dict[str, str | None] = {}
     try:
         with torch.no_grad():
             for p in params.values():
-                p.copy_(_generic_values(p, generator))
+                p.copy_(generic_values(p, generator))
             base = outputs()
             size = math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in base))
             floor = 100 * torch.finfo(dtype).eps * size
@@ -268,5 +268,5 @@ def confirm_scale_invariance(
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
-        _restore_buffers(buffers)
+        restore_buffers(buffers)
     return verdicts

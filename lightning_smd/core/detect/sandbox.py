@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 
-def _force_eager() -> Any:
+def force_eager() -> Any:
     """Run ``torch.compile``d code eagerly while recording (returns the stance to exit)."""
     try:
         return torch.compiler.set_stance("force_eager")
@@ -22,11 +22,11 @@ def _cuda_devices(module: nn.Module) -> list[int]:
     return sorted(d for d in devices if d is not None)
 
 
-def _fork_rng(module: nn.Module):
+def forked_rng(module: nn.Module):
     return torch.random.fork_rng(devices=_cuda_devices(module))
 
 
-def _snapshot_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
+def snapshot_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
     saved = []
     for sub in module.modules():
         for name, buf in sub._buffers.items():
@@ -35,7 +35,7 @@ def _snapshot_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor, T
     return saved
 
 
-def _restore_buffers(saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
+def restore_buffers(saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
     with torch.no_grad():
         for sub, name, buf, value in saved:
             sub._buffers[name] = buf
@@ -50,7 +50,7 @@ def isolated_call(module: nn.Module, swap: dict[str, Tensor], args: tuple, kwarg
     Runs on copies: every buffer and every tensor input is cloned first, so a forward that
     updates BatchNorm's running statistics (or works in place on its input) cannot bump the
     version of a tensor an autograd graph saved, as the live forward detection records will be
-    backpropagated after this runs. Call under ``torch.no_grad()`` and ``_fork_rng``.
+    backpropagated after this runs. Call under ``torch.no_grad()`` and ``forked_rng``.
     """
     buffers = {n: b.detach().clone() for n, b in module.named_buffers() if not nn.parameter.is_lazy(b)}
     copy = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731

@@ -16,23 +16,23 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_smd.core.detect.candidate import Candidate, clean_name
 from lightning_smd.core.detect.modules import (
-    _CASTS,
-    _DATA_READS,
-    _FROM_METADATA,
-    _NORM_FUNCS,
-    _RESHAPES,
-    _arg,
-    _channel_first,
-    _func_name,
-    _is_leaf,
-    _is_linear_in_weight,
-    _is_normalizing,
+    CASTS,
+    DATA_READS,
+    FROM_METADATA,
+    NORM_FUNCS,
+    RESHAPES,
+    call_arg,
+    is_channel_first,
+    func_name,
+    is_leaf,
+    is_linear_in_weight,
+    is_normalizing,
     is_norm_module,
-    _owns_weights,
-    _per_channel_module,
+    owns_weights,
+    per_channel_module,
 )
-from lightning_smd.core.detect.numerics import _generic_values
-from lightning_smd.core.detect.sandbox import _force_eager, _fork_rng, _restore_buffers, _snapshot_buffers, isolated_call
+from lightning_smd.core.detect.numerics import generic_values
+from lightning_smd.core.detect.sandbox import force_eager, forked_rng, restore_buffers, snapshot_buffers, isolated_call
 from lightning_smd.parametrizations import ExpWeightNorm
 
 __all__ = ["DataflowRecorder", "structural_candidates"]
@@ -140,7 +140,7 @@ class DataflowRecorder:
         self.candidates = None
         for name, sub in self._module.named_modules():
             self._names[id(sub)] = clean_name(name) or "<root>"
-            if _owns_weights(sub):
+            if owns_weights(sub):
                 self._producers[id(sub)] = _Producer(sub, clean_name(name))
             elif _has_affine_weight(sub):
                 self._norm_producers[id(sub)] = _Producer(sub, clean_name(name))
@@ -150,7 +150,7 @@ class DataflowRecorder:
             self._handles.append(
                 sub.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)
             )
-        self._stance = _force_eager()
+        self._stance = force_eager()
         self._mode = _RecordingMode(self)
         self._mode.__enter__()
 
@@ -202,12 +202,12 @@ class DataflowRecorder:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._stack.append(module)
         flows = self._flows_of(args[0]) if args else []
-        if _is_normalizing(module) and args:
+        if is_normalizing(module) and args:
             if flows:
                 module_name = self._names.get(id(module), "?")
                 label = f"{type(module).__name__} ({module_name})"
                 for flow in flows:
-                    flow.norms.append(_NormUse(label, _per_channel_module(module), module, module_name))
+                    flow.norms.append(_NormUse(label, per_channel_module(module), module, module_name))
                 self._note_norm_input(module, args[0], label)
         elif flows and _passes_constants(module) and len(args) == 1 and not kwargs:
             for flow in flows:
@@ -215,7 +215,7 @@ class DataflowRecorder:
                     flow.passing.add(id(module))
                     self._passing.setdefault(id(module), []).append(flow)
         producer = self._producers.get(id(module))
-        if producer is not None and producer.inputs is None and not _is_linear_in_weight(module):
+        if producer is not None and producer.inputs is None and not is_linear_in_weight(module):
             producer.inputs = (args, kwargs)
         norm_producer = self._norm_producers.get(id(module))
         if norm_producer is not None and norm_producer.inputs is None and not _plain_norm(module):
@@ -237,13 +237,13 @@ class DataflowRecorder:
         producer = self._producers.get(id(module)) or self._norm_producers.get(id(module))
         if producer is not None and isinstance(output, Tensor) and id(output) not in self._tracked:
             from_norm = id(module) in self._norm_producers
-            first = _norm_channel_first(module, output) if from_norm else _channel_first(module, output)
+            first = _norm_channel_first(module, output) if from_norm else is_channel_first(module, output)
             flow = _Flow(channel_first=first, from_norm=from_norm)
             producer.flows.append(flow)
             self._track(output, flow)
         for flow in passing:  # a norm's output continues through a linear map without padding
             flow.passing.discard(id(module))
-            if isinstance(output, Tensor) and _channel_first(module, output):
+            if isinstance(output, Tensor) and is_channel_first(module, output):
                 flow.through.append(f"{type(module).__name__} ({self._names.get(id(module), '?')})")
                 self._track(output, flow)
             else:
@@ -256,11 +256,11 @@ class DataflowRecorder:
         uses = [(t, flow) for t in flat for flow in self._flows_of(t)]
         if not uses:
             return
-        name = _func_name(func)
-        if name not in _DATA_READS and (name in _FROM_METADATA or not _has_tensor(out)):
+        name = func_name(func)
+        if name not in DATA_READS and (name in FROM_METADATA or not _has_tensor(out)):
             return  # metadata only: shape, dtype, dim(), size(), ...
         consumer = self._stack[-1] if self._stack else None
-        if _is_normalizing(consumer):
+        if is_normalizing(consumer):
             return  # inside a normalization module: its input use was recorded by _pre_hook
         where = self._names.get(id(consumer), "<root>") if consumer is not None else "<root>"
         n_tensors = len({id(t) for t, _ in uses})
@@ -273,11 +273,11 @@ class DataflowRecorder:
         norm = _functional_norm(name, args, kwargs, tensor)
         if norm is not None:
             flow.norms.append(_NormUse(f"F.{name} (in {where})", norm))
-        elif out is tensor and (name in _CASTS or name in _RESHAPES or name in _NO_OPS):
+        elif out is tensor and (name in CASTS or name in RESHAPES or name in _NO_OPS):
             pass  # returned its input unchanged (e.g. .contiguous() of a contiguous tensor);
             # not F.relu(x, inplace=True), which also returns its input, modified
-        elif (name in _CASTS or name in _RESHAPES) and isinstance(out, Tensor) and n_uses == 1:
-            flow.reshaped |= name in _RESHAPES
+        elif (name in CASTS or name in RESHAPES) and isinstance(out, Tensor) and n_uses == 1:
+            flow.reshaped |= name in RESHAPES
             self._track(out, flow)
         else:
             flow.others.append(f"{name} (in {where})")
@@ -344,11 +344,11 @@ class DataflowRecorder:
 
     def _judge(self, producer: _Producer) -> list[tuple[nn.Parameter, Candidate | None]]:
         module = producer.module
-        if _is_linear_in_weight(module):
+        if is_linear_in_weight(module):
             if not producer.flows:
                 return []
             return [(module.weight, _linear_verdict(producer))]
-        if producer.inputs is None or not _is_leaf(module):
+        if producer.inputs is None or not is_leaf(module):
             return []
         feeds_norms = bool(producer.flows) and all(_only_norms(f) for f in producer.flows)
         return [
@@ -381,7 +381,7 @@ def _norm_channel_first(module: nn.Module, output: Tensor) -> bool:
 def _passes_constants(module: nn.Module) -> bool:
     """A plain conv/linear that maps a per-channel constant to a per-channel constant: no
     padding (zero borders would make it vary in space), no transposed conv (overlaps vary)."""
-    if not _is_linear_in_weight(module) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if not is_linear_in_weight(module) or isinstance(module, nn.modules.conv._ConvTransposeNd):
         return False
     padding = getattr(module, "padding", 0)
     if isinstance(padding, str):
@@ -446,8 +446,8 @@ def _affine_output(module: nn.Module, inputs: tuple[tuple, dict] | None) -> bool
     gamma = module._parameters.get("weight")
     beta = module._parameters.get("bias")
     generator = torch.Generator().manual_seed(0)
-    g = _generic_values(gamma, generator)
-    b = _generic_values(beta, generator) if beta is not None else None
+    g = generic_values(gamma, generator)
+    b = generic_values(beta, generator) if beta is not None else None
     outs = []
     try:
         with torch.no_grad():
@@ -455,7 +455,7 @@ def _affine_output(module: nn.Module, inputs: tuple[tuple, dict] | None) -> bool
                 swap = {"weight": gv}
                 if beta is not None:
                     swap["bias"] = torch.zeros_like(beta) if bv is None else bv
-                with _fork_rng(module):
+                with forked_rng(module):
                     torch.manual_seed(0)
                     outs.append(isolated_call(module, swap, args, kwargs))
     except Exception:
@@ -489,7 +489,7 @@ def _dead_params(producer: _Producer) -> list[tuple[nn.Parameter, str]]:
         if all(_gamma_flow(f) for f in producer.flows):
             return [(bias, f"β of {type(module).__name__} → {_norm_labels(producer)}: a per-channel constant it removes")]
         return []
-    if _is_linear_in_weight(module) and all(_only_norms(f) and _bias_cancels(f, True) for f in producer.flows):
+    if is_linear_in_weight(module) and all(_only_norms(f) and _bias_cancels(f, True) for f in producer.flows):
         return [(bias, f"bias of {type(module).__name__} → {_norm_labels(producer)}: a per-channel constant it removes")]
     return []
 
@@ -505,14 +505,14 @@ def _has_tensor(value: Any) -> bool:
 def _functional_norm(name: str, args: tuple, kwargs: dict, tensor: Tensor) -> bool | None:
     """For a normalizing call on ``tensor`` return whether it removes per-channel constants;
     ``None`` when the call is not a normalization with the input's own statistics."""
-    if name not in _NORM_FUNCS or _arg(args, kwargs, 0, "input", None) is not tensor:
+    if name not in NORM_FUNCS or call_arg(args, kwargs, 0, "input", None) is not tensor:
         return None
     if name == "batch_norm":
-        return True if _arg(args, kwargs, 5, "training", False) else None
+        return True if call_arg(args, kwargs, 5, "training", False) else None
     if name == "instance_norm":
-        return True if _arg(args, kwargs, 5, "use_input_stats", True) else None
+        return True if call_arg(args, kwargs, 5, "use_input_stats", True) else None
     if name == "group_norm":
-        groups = _arg(args, kwargs, 1, "num_groups", None)
+        groups = call_arg(args, kwargs, 1, "num_groups", None)
         return tensor.ndim >= 2 and groups == tensor.shape[1]
     return False  # layer_norm, rms_norm: no per-channel centring
 
@@ -643,12 +643,12 @@ def _rerun(
             # the module's other tensors at generic values: a zero-init gain or bias would make
             # the output constant (or scale uniformly) by accident
             others = {
-                n: _generic_values(p, generator)
+                n: generic_values(p, generator)
                 for n, p in _testable_params(module)
                 if n != local and p is not param
             }
             for value in (original, 2.0 * original, original * (1.0 + 0.5 * noise.to(original))):
-                with _fork_rng(module):
+                with forked_rng(module):
                     torch.manual_seed(0)
                     outputs.append(isolated_call(module, {**others, local: value}, args, kwargs))
     except Exception:  # a module that cannot be re-run in isolation: no verdict
@@ -683,20 +683,20 @@ def structural_candidates(module: nn.Module, *args: Any, **kwargs: Any) -> dict[
     ``torch.no_grad()``. Train/eval modes, buffers (BN running statistics,
     ``num_batches_tracked``) and the RNG state are restored afterwards.
     """
-    return _recorded(module, args, kwargs).candidates or {}
+    return recorded_forward(module, args, kwargs).candidates or {}
 
 
-def _recorded(module: nn.Module, args: tuple, kwargs: dict) -> DataflowRecorder:
+def recorded_forward(module: nn.Module, args: tuple, kwargs: dict) -> DataflowRecorder:
     """A stopped :class:`DataflowRecorder` after one side-effect-free forward pass."""
     modes = [(m, m.training) for m in module.modules()]
-    buffers = _snapshot_buffers(module)
+    buffers = snapshot_buffers(module)
     try:
-        with torch.no_grad(), _fork_rng(module):
+        with torch.no_grad(), forked_rng(module):
             module.train()
             with DataflowRecorder(module) as recorder:
                 module(*args, **kwargs)
     finally:
         for sub, training in modes:
             sub.training = training
-        _restore_buffers(buffers)
+        restore_buffers(buffers)
     return recorder
