@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 from lightning_smd.core import theory
 
 if TYPE_CHECKING:
+    from lightning_smd.core.options import DetectionOptions, EquilibriumOptions, EstimateOptions
+    from lightning_smd.core.rescale import RescalePolicy
     from lightning_smd.core.detect import find_scale_invariant
     from lightning_smd.homogeneous.callback import HomogeneousCallback
     from lightning_smd.lightning.callback import SMDCallback
     from lightning_smd.monitor import SMDMonitor
 
-__all__ = ["HomogeneousCallback", "SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
+__all__ = ["DetectionOptions", "EquilibriumOptions", "EstimateOptions", "HomogeneousCallback", "RescalePolicy",
+           "SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
 __version__ = "0.1.0"
 
 # Modules that moved into core/, lightning/ and report/: the old names stay importable (the same
@@ -84,6 +87,14 @@ def __getattr__(name: str) -> Any:
         from lightning_smd.homogeneous.callback import HomogeneousCallback
 
         return HomogeneousCallback
+    if name in ("DetectionOptions", "EquilibriumOptions", "EstimateOptions"):
+        from lightning_smd.core import options
+
+        return getattr(options, name)
+    if name == "RescalePolicy":
+        from lightning_smd.core.rescale import RescalePolicy
+
+        return RescalePolicy
     if name == "find_scale_invariant":
         from lightning_smd.core.detect import find_scale_invariant
 

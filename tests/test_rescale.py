@@ -38,7 +38,7 @@ def test_policy_continuous_mode_floors_the_lr():
 
 @pytest.mark.parametrize("bad", [{"mode": "sometimes"}, {"min_drop": 1.0}, {"min_lr_ratio": 0.0}])
 def test_policy_rejects_bad_settings(bad):
-    with pytest.raises(ValueError, match="SMDCallback"):
+    with pytest.raises(ValueError, match=rf"RescalePolicy\({next(iter(bad))}="):
         RescalePolicy(**bad)
 
 

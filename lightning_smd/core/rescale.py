@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lightning_smd.core.detect import clean_name
 from lightning_smd.core.measure import local
+from lightning_smd.core.options import RescaleMode, check
 
 __all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_", "rescale_averaged_models"]
 
@@ -57,20 +58,20 @@ class RescalePolicy:
         on_increase: also rescale when ηλ grows (warmup, cyclic schedules); off by default.
     """
 
-    mode: str = "drop"
+    mode: RescaleMode = "drop"
     min_drop: float = 2.0
     min_lr_ratio: float = 1e-3
     on_increase: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"RescalePolicy(mode=...) must be one of {MODES}, got {self.mode!r}")
-        if not self.min_drop > 1:
-            raise ValueError(f"RescalePolicy(min_drop=...) (option rescale_min_drop) must be > 1: the factor by "
-                             f"which η·λ must drop to rescale, 2 = halved; got {self.min_drop!r}")
-        if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"RescalePolicy(min_lr_ratio=...) (option rescale_min_lr_ratio) must be in (0, 1], "
-                             f"got {self.min_lr_ratio!r}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        check("RescalePolicy", "mode", self.mode in MODES, f"must be one of {MODES}", self.mode)
+        check("RescalePolicy", "min_drop", number(self.min_drop) and self.min_drop > 1,
+              "must be a number > 1 (the factor by which η·λ must drop to rescale; 2 = halved)", self.min_drop)
+        check("RescalePolicy", "min_lr_ratio", number(self.min_lr_ratio) and 0 < self.min_lr_ratio <= 1,
+              "must be a number in (0, 1]", self.min_lr_ratio)
+        check("RescalePolicy", "on_increase", isinstance(self.on_increase, bool), "must be True or False",
+              self.on_increase)
 
     def factor(self, old: tuple[float, float], new: tuple[float, float], peak_lr: float,
                exponent: float = 0.25) -> float | None:

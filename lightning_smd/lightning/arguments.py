@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from lightning_smd.core.detect import select
+from lightning_smd.core.options import DetectionOptions, EquilibriumOptions, EstimateOptions, OptionError
+from lightning_smd.core.rescale import RescalePolicy
 
-__all__ = ["DETECT_MODES", "RESCALE_MODES", "changes", "record", "validate"]
+__all__ = ["DETECT_MODES", "FLAT_OPTIONS", "RESCALE_MODES", "changes", "options", "record", "validate"]
 
 DETECT_MODES = ("auto", "structural", "numerical")
 RESCALE_MODES = (False, True, "drop", "continuous", "equilibrium")
@@ -18,39 +19,15 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate(a: dict[str, Any], owner: str = "SMDCallback") -> None:
     """Raise ``ValueError`` naming the argument (as ``owner(argument=...)``: ``SMDCallback`` or
     ``SMDMonitor``, which take the same options) for every value the engine cannot work with."""
     if a["log_every_n_steps"] is not None and not _positive_int(a["log_every_n_steps"]):
         raise ValueError(f"{owner}(log_every_n_steps=...) must be a positive int or None, got {a['log_every_n_steps']!r}")
-    if a["detect"] not in DETECT_MODES:
-        raise ValueError(f"{owner}(detect=...) must be one of {DETECT_MODES}, got {a['detect']!r}")
-    if not _positive_int(a["detect_steps"]):
-        raise ValueError(f"{owner}(detect_steps=...) must be an int >= 1, got {a['detect_steps']!r}")
-    if not (_number(a["radial_threshold"]) and a["radial_threshold"] > 0):
-        raise ValueError(f"{owner}(radial_threshold=...) must be a number > 0, got {a['radial_threshold']!r}")
     if a["figures_every_n_steps"] is not None and not _positive_int(a["figures_every_n_steps"]):
         raise ValueError(f"{owner}(figures_every_n_steps=...) must be an int >= 1 or None, got {a['figures_every_n_steps']!r}")
     if a["figures_dir"] is not None and not isinstance(a["figures_dir"], (str, os.PathLike)):
         raise ValueError(f"{owner}(figures_dir=...) must be a path (str or os.PathLike) or None, got {a['figures_dir']!r}")
-    if not (_number(a["rescale_min_drop"]) and a["rescale_min_drop"] > 1):
-        raise ValueError(f"{owner}(rescale_min_drop=...) must be a number > 1 (the factor by which η·λ must drop "
-                         f"to rescale; 2 = halved), got {a['rescale_min_drop']!r}")
-    if not (_number(a["rescale_min_lr_ratio"]) and 0 < a["rescale_min_lr_ratio"] <= 1):
-        raise ValueError(f"{owner}(rescale_min_lr_ratio=...) must be a number in (0, 1], got {a['rescale_min_lr_ratio']!r}")
-    if not (_number(a["ema_steps"]) and a["ema_steps"] > 0):
-        raise ValueError(f"{owner}(ema_steps=...) must be a number > 0, got {a['ema_steps']!r}")
-    if not (_number(a["equilibrium_tolerance"]) and 0 < a["equilibrium_tolerance"] < 1):
-        raise ValueError(f"{owner}(equilibrium_tolerance=...) must be a number in (0, 1) (0.1: within ±10 %), got {a['equilibrium_tolerance']!r}")
-    if not _positive_int(a["equilibrium_window"]):
-        raise ValueError(f"{owner}(equilibrium_window=...) must be an int >= 1, got {a['equilibrium_window']!r}")
-    for flag in ("rescale_on_increase",):
-        if not isinstance(a[flag], bool):
-            raise ValueError(f"{owner}({flag}=...) must be True or False, got {a[flag]!r}")
     if not any(a["rescale"] is m if isinstance(m, bool) else a["rescale"] == m for m in RESCALE_MODES):
         raise ValueError(
             f"{owner}(rescale=...) must be False, True, 'drop', 'continuous' or 'equilibrium', got {a['rescale']!r}")
@@ -61,19 +38,42 @@ def validate(a: dict[str, Any], owner: str = "SMDCallback") -> None:
     if steps is not None and not (_positive_int(steps) or steps == 0 and not isinstance(steps, bool)):
         raise ValueError(f"{owner}(warmup_steps=...) must be None (recognize a warm-up from the LR) or an int >= 0 "
                          f"(0: no warm-up), got {steps!r}")
-    if not _positive_int(a["unit_grad_every"]):
-        raise ValueError(f"{owner}(unit_grad_every=...) must be an int >= 1, got {a['unit_grad_every']!r}")
     if "per_channel" in a and not (isinstance(a["per_channel"], bool) or _positive_int(a["per_channel"])):
         raise ValueError(f"{owner}(per_channel=...) must be True, False or a positive int (steps between "
                          f"per-channel measurements), got {a['per_channel']!r}")
     if "verbose" in a and not (isinstance(a["verbose"], bool) or a["verbose"] in (0, 1, 2)):
         raise ValueError(f"{owner}(verbose=...) must be True/False, 0, 1 or 2 (2: one row per tensor), "
                          f"got {a['verbose']!r}")
+    options(a, owner)
     for argument in ("include", "exclude"):  # regexes and types now, not at fit start
         try:
             select([], **{argument: a[argument]})
         except ValueError as err:
             raise ValueError(f"{owner}({argument}=...): {err}") from None
+
+
+#: the flat arguments that are fields of the engine's options dataclasses, validated there
+FLAT_OPTIONS: dict[str, tuple[type, str]] = {
+    "detect": (DetectionOptions, "mode"), "detect_steps": (DetectionOptions, "steps"),
+    "radial_threshold": (DetectionOptions, "radial_threshold"),
+    "ema_steps": (EstimateOptions, "ema_steps"), "unit_grad_every": (EstimateOptions, "unit_grad_every"),
+    "equilibrium_tolerance": (EquilibriumOptions, "tolerance"), "equilibrium_window": (EquilibriumOptions, "window"),
+    "rescale_min_drop": (RescalePolicy, "min_drop"), "rescale_min_lr_ratio": (RescalePolicy, "min_lr_ratio"),
+    "rescale_on_increase": (RescalePolicy, "on_increase"),
+}
+
+
+def options(a: dict[str, Any], owner: str = "SMDCallback") -> dict[type, Any]:
+    """The options dataclasses built from the flat arguments; a bad value is refused by the dataclass
+    and named here as the adapter's argument (``owner(detect_steps=...)``)."""
+    built: dict[type, Any] = {}
+    for cls in (DetectionOptions, EstimateOptions, EquilibriumOptions, RescalePolicy):
+        fields = {field: flat for flat, (c, field) in FLAT_OPTIONS.items() if c is cls}
+        try:
+            built[cls] = cls(**{field: a[flat] for field, flat in fields.items()})
+        except OptionError as err:
+            raise ValueError(f"{owner}({fields[err.field]}=...) {err.requirement}, got {err.value!r}") from None
+    return built
 
 
 #: arguments that only change where or whether things are shown, not what is measured or done

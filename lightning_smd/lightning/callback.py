@@ -26,6 +26,7 @@ from lightning_smd.report.history import History
 from lightning_smd.lightning.metrics import MetricsBuilder
 from lightning_smd.core.plan import Plan, plan_from_trainer
 from lightning_smd.lightning.publish import Publisher, check_writable
+from lightning_smd.core.options import DetectMode, RescaleMode
 from lightning_smd.core.rescale import RescalePolicy
 from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad_scaler
@@ -131,10 +132,10 @@ class SMDCallback(_callback_base()):
     def __init__(
         self,
         log_every_n_steps: int | None = None,
-        rescale: bool | str = False,
+        rescale: bool | RescaleMode = False,
         include: NameFilter = None,
         exclude: NameFilter = None,
-        detect: str = "auto",
+        detect: DetectMode = "auto",
         detect_steps: int = 3,
         radial_threshold: float = 1e-4,
         ema_steps: float = 200.0,

@@ -37,3 +37,27 @@ def test_hydra_config_mirrors_the_signature():
     keys = set(config) - {"_target_"}
     parameters = set(inspect.signature(SMDCallback.__init__).parameters) - {"self"}
     assert keys == parameters, (sorted(parameters - keys), sorted(keys - parameters))
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    ("DetectionOptions", "mode", "both"), ("DetectionOptions", "steps", 0), ("DetectionOptions", "radial_threshold", -1.0),
+    ("EstimateOptions", "ema_steps", float("nan")), ("EstimateOptions", "unit_grad_every", 2.5),
+    ("EquilibriumOptions", "tolerance", 1.0), ("EquilibriumOptions", "window", True),
+    ("RescalePolicy", "min_drop", "2"), ("RescalePolicy", "min_lr_ratio", 2.0), ("RescalePolicy", "on_increase", 1),
+])
+def test_options_dataclasses_validate_their_fields(cls, field, value):
+    """Each advanced knob is validated once, by the frozen dataclass that defines it; the callback's
+    flat argument for it is refused with the same rule, naming the argument."""
+    import dataclasses
+
+    import lightning_smd
+    from lightning_smd.lightning.arguments import FLAT_OPTIONS
+
+    options = getattr(lightning_smd, cls)
+    with pytest.raises(ValueError, match=rf"{cls}\({field}="):
+        options(**{field: value})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(options(), field, value)
+    (flat,) = [name for name, (c, f) in FLAT_OPTIONS.items() if c is options and f == field]
+    with pytest.raises(ValueError, match=rf"SMDCallback\({flat}="):
+        SMDCallback(**{flat: value})
