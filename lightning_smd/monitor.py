@@ -253,7 +253,7 @@ class SMDMonitor:
         for handle in self._forward_hooks:
             handle.remove()
         self._forward_hooks = []
-        self._callback._remove_hooks()
+        self._callback.teardown(self._loop, self._model, "fit")  # the engine's step hooks
 
     # ------------------------------------------------------------------ hooks
     def _begin_iteration(self) -> None:
