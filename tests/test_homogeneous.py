@@ -528,3 +528,20 @@ def test_ewn_vs_swn_example_ewn_is_relatively_sparser(tmp_path):
     assert last < first
     columns = set(next(csv.DictReader(open(result["metrics_csv"]))))
     assert {"homogeneous/ewn/normalized_margin", "homogeneous/swn/normalized_margin"} <= columns
+
+
+def test_degree_and_margin_hold_at_margins_near_float32_limits():
+    """Late in training (normalized GD on EWN) the logits reach ~1e19: the Euler check must not
+    square them (‖f‖² overflows float32 in the backward pass) and the margin must stay finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(exp_weight_norm(nn.Linear(6, 16, bias=False)), nn.ReLU(),
+                          exp_weight_norm(nn.Linear(16, 1, bias=False)))
+    with torch.no_grad():
+        model[2].parametrizations.weight.original0.fill_(45.0)  # ‖w_out‖ = e^45 ≈ 3.5e19
+    out = model(X)
+    assert torch.isfinite(out).all() and float(out.abs().max()) > 1e18
+    result = homogeneity_degree(model, X)
+    assert result.homogeneous and result.degree == 2, result.message()
+    stats = normalized_margin(out.detach(), (out.detach().squeeze(1) > 0).long(), param_norm(model), 2,
+                              loss="exponential")
+    assert stats.normalized > 0 and math.isfinite(stats.normalized)
