@@ -192,7 +192,7 @@ class WeightNormComparison(ConfiguredOptimizerModule):
             if not torch.isfinite(log_loss):  # an example module: one host sync per step is fine
                 raise FloatingPointError(
                     f"WeightNormComparison: the {name.upper()} network's loss is {float(log_loss)} at step "
-                    f"{self.global_step} (its logits overflowed): lower optimizer.lr or the number of steps")
+                    f"{self.global_step} (the step diverged, or the logits overflowed): lower optimizer.lr or the number of steps")
             self.log(f"train/log_loss_{name}", log_loss)
             self.log(f"train/loss_{name}", torch.exp(log_loss.detach().double()), prog_bar=True)
             total = total + (log_loss if self.normalized_gradient else torch.exp(log_loss))
