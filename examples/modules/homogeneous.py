@@ -201,13 +201,14 @@ class WeightNormComparison(ConfiguredOptimizerModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.normalized_gradient:
             return
-        for net in self.nets.values():
+        for name, net in self.nets.items():
             grads = [p.grad for p in net.parameters() if p.grad is not None]
             if grads:  # the norm in float64: late in training ‖∇‖² overflows float32
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.double() for g in grads])))
                 if not torch.isfinite(norm):
-                    raise FloatingPointError(f"WeightNormComparison: the gradient norm is {float(norm)} at step "
-                                             f"{self.global_step}: lower optimizer.lr or the number of steps")
+                    raise FloatingPointError(f"WeightNormComparison: the {name.upper()} network's gradient norm is "
+                                             f"{float(norm)} at step {self.global_step} (its logits overflowed): "
+                                             "lower optimizer.lr or the number of steps")
                 torch._foreach_div_(grads, float(norm.clamp_min(1e-300)))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
