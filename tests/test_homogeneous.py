@@ -594,3 +594,26 @@ def test_example_log_loss_matches_the_losses_and_stays_finite_at_large_margins(c
         assert torch.isfinite(value) and float(value) < -100 and torch.isfinite(grad).all() and grad.abs().sum() > 0
     with pytest.raises(ValueError, match="model.loss"):
         log_mean_loss(logits, y, "hinge")
+
+
+def test_weight_norm_comparison_normalizes_each_gradient_and_stops_clearly_on_overflow():
+    """The ewn_vs_swn module: with normalized_gradient each network's gradient has norm 1 before the
+    step (each its own), and logits that overflow stop training with an error naming the network."""
+    from examples.modules.homogeneous import WeightNormComparison
+
+    module = WeightNormComparison(num_classes=2, in_channels=1, image_size=3, widths=(5,), loss="exponential",
+                                  normalized_gradient=True)
+    module.log = lambda *a, **k: None  # no Trainer here
+    x, y = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+    module.training_step((x, y), 0).backward()
+    module.on_before_optimizer_step(None)
+    for net in module.nets.values():
+        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in net.parameters()))
+        assert norm == pytest.approx(1.0, rel=1e-6)
+    with torch.no_grad():
+        for layer in (1, 3):  # γ of both layers 1e30: logits ~1e60 overflow float32 to ±inf
+            module.nets["swn"][layer].parametrizations.weight.original0.fill_(1e30)
+    with pytest.raises(FloatingPointError, match="SWN network's loss .* optimizer.lr"):
+        module.training_step((x, y), 1)
+    with pytest.raises(ValueError, match="model.loss"):
+        WeightNormComparison(image_size=3, loss="hinge")
