@@ -88,9 +88,14 @@ def margin_figure(out: Path, run_root: Path) -> None:
 def sparsity_figures(out: Path, run_root: Path) -> None:
     result, callbacks = run_preset("ewn_vs_swn", run_root / "ewn_vs_swn")
     histories = {name: read_history(result["metrics_csv"], f"homogeneous/{name}") for name in ("ewn", "swn")}
-    losses = {name: read_history(result["metrics_csv"], "train") for name in ("ewn", "swn")}
-    print("final training loss (mean logistic loss of the last logged step): "
-          + ", ".join(f"{n.upper()} {losses[n][-1][1][f'train/loss_{n}']:.3g}" for n in losses))
+    train = read_history(result["metrics_csv"], "train")
+    last = [m for _, m in train if "train/log_loss_ewn" in m][-1]
+    print("final training loss (mean exponential loss of the last logged step, as its natural log): "
+          + ", ".join(f"{n.upper()} log 𝓛 = {last[f'train/log_loss_{n}']:.4g}" for n in ("ewn", "swn")))
+    for name, history in histories.items():
+        norms = {k.rsplit("/", 1)[1]: v for k, v in history[-1][1].items() if "/layer_norm/" in k}
+        print(f"  {name.upper()} at step {history[-1][0]}: layer norms ‖W‖ " + ", ".join(f"layer {k}: {v:.4g}" for k, v in norms.items())
+              + f"; γ̄ = {history[-1][1].get(f'homogeneous/{name}/normalized_margin', float('nan')):.4g}")
     print("\newn_vs_swn relative sparsity (fraction of units with r_u < t), read back from metrics.csv:")
     for name, history in histories.items():
         for step, m in history[:: max(1, len(history) // 5)] + history[-1:]:

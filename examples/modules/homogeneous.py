@@ -8,6 +8,7 @@ number of Linear layers.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +65,40 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
+LOSSES = ("logistic", "exponential")
+
+
+def _log_softplus(z: torch.Tensor) -> torch.Tensor:
+    """``log(log(1 + e^z))``, exact and differentiable for very negative ``z`` (where the
+    softplus underflows): there it is ``z + log(log1p(u)/u) ≈ z − u/2`` with ``u = e^z < 2e-9``."""
+    low = z < -20
+    z_hi = torch.where(low, torch.zeros_like(z), z)  # safe inputs: no inf/nan in the unused branch
+    z_lo = torch.where(low, z, torch.full_like(z, -20.0))
+    return torch.where(low, z_lo - 0.5 * torch.exp(z_lo), torch.log(F.softplus(z_hi)))
+
+
+def log_mean_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "logistic") -> torch.Tensor:
+    """``log 𝓛̄``, the log of the mean training loss, computed in log space so that it stays finite
+    (and its gradient ``∇𝓛̄/𝓛̄`` exact) when 𝓛̄ itself is far below float precision.
+
+    Per example, with the margins ``s_j = f_y − f_j`` (``j ≠ y``; one logit: ``s = y·f``,
+    ``y ∈ {−1, +1}``): ``exponential``: ``ℓ = Σ_j e^{−s_j}``; ``logistic``:
+    ``ℓ = log(1 + Σ_j e^{−s_j})`` (the logistic loss, or the cross-entropy with several logits).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
+    if logits.shape[-1] == 1:
+        neg_margins = (-(2.0 * y.to(logits.dtype) - 1.0) * logits.squeeze(-1)).unsqueeze(-1)
+    else:
+        true = logits.gather(1, y[:, None])
+        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(1, y[:, None], False)
+        neg_margins = (logits - true)[mask].reshape(len(y), -1)
+    per_example = torch.logsumexp(neg_margins, dim=1)  # log Σ_j e^{−s_j}
+    if loss == "logistic":
+        per_example = _log_softplus(per_example)
+    return torch.logsumexp(per_example, dim=0) - math.log(len(y))
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     pred = (logits.squeeze(-1) > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
     return (pred == y).float().mean()
@@ -113,18 +148,33 @@ class WeightNormComparison(ConfiguredOptimizerModule):
 
     The loss is the sum of the two networks' losses; their parameters are disjoint, so each gets
     exactly the gradient it would get alone, and the optimizer (SGD) updates each as if alone.
-    Logs ``train/loss_ewn``, ``train/loss_swn`` and ``val/acc_ewn``, ``val/acc_swn``.
-    ``init_scale`` multiplies the initial weights: EWN's per-unit learning rate is ‖w_u‖², so its
-    rich-get-richer effect over SWN needs unit norms above 1 (docs/homogeneous.md).
+    Logs ``train/loss_ewn``, ``train/loss_swn`` (the mean training loss), ``train/log_loss_ewn``,
+    ``train/log_loss_swn`` (its natural log: still finite when the loss underflows) and
+    ``val/acc_ewn``, ``val/acc_swn``.
+
+    Args:
+        loss: ``"logistic"`` (logistic / cross-entropy) or ``"exponential"``.
+        normalized_gradient: normalized gradient descent, the same rule for both networks: each
+            network's gradient is divided by its own global norm before the optimizer step, so
+            with plain SGD every step has length ``lr`` (in the stored parameters ``s``/``γ``,
+            ``v``). Gradient descent at a constant learning rate all but stops once the loss is
+            small (its gradient shrinks with the loss); the normalized step keeps the late phase
+            moving, where the asymptotic relative sparsity of EWN shows (Morwani & Ramaswamy).
+            The objective is then ``log 𝓛̄`` (same gradient direction as 𝓛̄, finite at any margin).
+        init_scale: multiplies PyTorch's default initial weights.
     """
 
     def __init__(self, num_classes: int = 2, in_channels: int = 1, image_size: int = 25,
                  widths: Sequence[int] = (64,), init_seed: int = 0, init_scale: float = 1.0,
+                 loss: str = "logistic", normalized_gradient: bool = False,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, scheduler_interval: str = "epoch",
                  norm_weight_decay: float | None = None, bias_weight_decay: float | None = None) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.loss_name, self.normalized_gradient = loss, bool(normalized_gradient)
         outputs = 1 if num_classes == 2 else num_classes
         base = homogeneous_mlp(in_channels * image_size * image_size, list(widths), outputs, "none", False, init_seed,
                                init_scale)
@@ -138,10 +188,28 @@ class WeightNormComparison(ConfiguredOptimizerModule):
         x, y = batch
         total = 0.0
         for name, net in self.nets.items():
-            loss = _loss(net(x), y)
-            self.log(f"train/loss_{name}", loss, prog_bar=True)
-            total = total + loss
+            log_loss = log_mean_loss(net(x), y, self.loss_name)
+            if not torch.isfinite(log_loss):  # an example module: one host sync per step is fine
+                raise FloatingPointError(
+                    f"WeightNormComparison: the {name.upper()} network's loss is {float(log_loss)} at step "
+                    f"{self.global_step} (the step diverged, or the logits overflowed): lower optimizer.lr or the number of steps")
+            self.log(f"train/log_loss_{name}", log_loss)
+            self.log(f"train/loss_{name}", torch.exp(log_loss.detach().double()), prog_bar=True)
+            total = total + (log_loss if self.normalized_gradient else torch.exp(log_loss))
         return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.normalized_gradient:
+            return
+        for name, net in self.nets.items():
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            if grads:  # the norm in float64: late in training ‖∇‖² overflows float32
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.double() for g in grads])))
+                if not torch.isfinite(norm):
+                    raise FloatingPointError(f"WeightNormComparison: the {name.upper()} network's gradient norm is "
+                                             f"{float(norm)} at step {self.global_step} (its logits overflowed): "
+                                             "lower optimizer.lr or the number of steps")
+                torch._foreach_div_(grads, float(norm.clamp_min(1e-300)))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -44,8 +44,8 @@ class HomogeneousCallback(pl.Callback):
     * ``homogeneous/normalized_margin``, ``homogeneous/smoothed_margin`` (once defined),
       ``homogeneous/margin/{p05,p50}``, ``homogeneous/support_count``;
     * ``homogeneous/relative_sparsity/{lt_1e-1,lt_1e-2,lt_1e-3}/{layer}`` for the EWN/SWN layers
-      (``sparsity_layers="all"``: every Linear/Conv), and ``homogeneous/min_relative_norm/{layer}``,
-      the smallest r_u of the layer.
+      (``sparsity_layers="all"``: every Linear/Conv), ``homogeneous/min_relative_norm/{layer}``,
+      the smallest r_u of the layer, and ``homogeneous/layer_norm/{layer}``, the layer's ‖W‖.
 
     At fit start the network's homogeneity is checked (:func:`homogeneity_degree`). A network that
     is not homogeneous gets one :class:`NotHomogeneousWarning` naming the tensors that break it,

@@ -5,7 +5,7 @@
 
 * **scaling**: ``L_c = log(⟨f(cθ), f(θ)⟩ / ‖f(θ)‖²) / log c`` for several ``c``; L is their mean and
   the residual ``max_c ‖f(cθ) − c^L f(θ)‖ / ‖c^L f(θ)‖`` must stay under the tolerance;
-* **Euler's identity** ``⟨θ, ∇_θ f⟩ = L·f``, read on ``φ = ⟨f(θ), sg(f(θ))⟩`` (sg: no gradient):
+* **Euler's identity** ``⟨θ, ∇_θ f⟩ = L·f``, read on ``φ = ⟨f(θ), sg(f(θ))⟩/‖sg(f(θ))‖`` (sg: no gradient):
   ``L_Euler = ⟨θ, ∇_θ φ⟩ / φ``.
 
 When f is not homogeneous, the same scaled forward passes locate the cause, with no list of
@@ -69,9 +69,12 @@ class Homogeneity:
         if self.homogeneous:
             return (f"homogeneous of degree L = {self.degree:g} (scaling residual {self.error:.1e}, "
                     f"Euler's identity gives {self.euler_degree:.4f})")
-        lines = [f"not homogeneous: f(c·θ) ≠ c^L·f(θ) (scaling residual {self.error:.1e} > {self.tolerance:g}; "
-                 f"L by scaling {', '.join(f'{v:.3f}' for v in self.scale_degrees.values())}, "
-                 f"by Euler's identity {self.euler_degree:.3f})."]
+        by = (f"L by scaling {', '.join(f'{v:.3f}' for v in self.scale_degrees.values())}, "
+              f"by Euler's identity {self.euler_degree:.3f}")
+        if self.error <= self.tolerance:  # scaling holds: Euler's identity disagrees (or is not finite)
+            lines = [f"not homogeneous: Euler's identity ⟨θ, ∇_θ f⟩ = L·f fails (scaling residual {self.error:.1e}; {by})."]
+        else:
+            lines = [f"not homogeneous: f(c·θ) ≠ c^L·f(θ) (scaling residual {self.error:.1e} > {self.tolerance:g}; {by})."]
         if self.breakers:
             lines.append("Tensors that break it:")
             lines += [f"  {name}: {why}" for name, why in self.breakers.items()]
@@ -239,7 +242,11 @@ def _euler(model: nn.Module, args: tuple, handles: list[ScaleHandle]) -> float:
         with torch.enable_grad():
             torch.manual_seed(0)
             out = [t for t in tree_flatten(model(*args))[0] if isinstance(t, Tensor) and t.is_floating_point()]
-            phi = sum((t.double() * t.detach().double()).sum() for t in out)
+            # φ = ⟨f, sg(f)/‖sg(f)‖⟩: the same L_Euler as ⟨f, sg(f)⟩, with a backward pass of
+            # gradient-norm 1 at the output (‖f‖² overflows float32 late in training)
+            scale = torch.sqrt(sum((t.detach().double() ** 2).sum() for t in out)) if out else 1.0
+            scale = scale if float(scale) > 0 else 1.0
+            phi = sum((t.double() * (t.detach().double() / scale)).sum() for t in out)
             grads = torch.autograd.grad(phi, params, allow_unused=True)
     finally:
         for p, flag in zip(params, flags):

@@ -77,7 +77,13 @@ def plot_sparsity(histories: Mapping[str, Sequence[Record]], path: str | Path, p
                 ax.plot(steps, values, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4], label=f"{label} {layer}".strip())
         ax.set_title("smallest r_u = min n_u / max n_u")
         ax.set_xlabel("step")
-        ax.set_ylim(0, 1.02)
+        ax.set_yscale("log")  # r_u decays geometrically under EWN's asymptotic relative sparsity
+        low = min((v for h in histories.values() for _, m in h for k, v in m.items()
+                   if k.startswith(min_head) and v > 0), default=0.1)
+        ax.set_ylim(min(0.05, low / 2), 1.5)
+        for t in (1e-1, 1e-2, 1e-3):
+            if t >= low / 2:
+                ax.axhline(t, color="0.6", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     for ax, t in zip(axes, thresholds):
         for i, (label, history) in enumerate(histories.items()):

@@ -7,12 +7,12 @@ Per example ``i`` the margin ``q_i`` is
 
 With ``ρ = ‖θ‖₂`` and degree ``L``: the normalized margin ``γ̄ = min_i q_i / ρ^L``, which does not
 change when θ is rescaled. Lyu & Li's smoothed margin, with the *summed* loss
-``𝓛 = Σ_i ℓ_i`` (ICLR 2020, §4.1 for binary losses and Appendix for cross-entropy; written
-``γ̃ = g(log(1/𝓛))/ρ^L`` with ``ℓ = e^{−f(q)}`` and ``g = f⁻¹``):
+``𝓛 = Σ_i ℓ_i`` (ICLR 2020, §4.1: ``γ̃ = g(log(1/𝓛))/ρ^L`` for ``ℓ = e^{−f(q)}``, ``g = f⁻¹``;
+the table with the source of each case is in docs/homogeneous.md):
 
-* exponential loss (binary ``ℓ = e^{−q}``, multiclass ``ℓ_i = Σ_{j≠y} e^{−(f_y − f_j)}``):
-  ``γ̃ = log(1/𝓛) / ρ^L``;
-* logistic / cross-entropy (binary ``ℓ = log(1 + e^{−q})``, multiclass
+* exponential loss, binary ``ℓ = e^{−q}``: ``γ̃ = log(1/𝓛) / ρ^L = −log Σ_i e^{−q_i} / ρ^L``
+  (multiclass ``ℓ_i = Σ_{j≠y} e^{−(f_y − f_j)}``: our extension, same formula);
+* logistic (binary ``ℓ = log(1 + e^{−q})``) and cross-entropy (multiclass
   ``ℓ_i = log(1 + Σ_{j≠y} e^{−(f_y − f_j)})``): ``γ̃ = −log(e^{𝓛} − 1) / ρ^L``.
 
 γ̃ ≤ γ̄ whenever it is defined; it is reported only once 𝓛 is below the loss of one example at

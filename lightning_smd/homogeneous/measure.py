@@ -7,7 +7,9 @@ with no gradient, and returns the keys of the public contract (``prefix="homogen
 * ``{prefix}/normalized_margin``, ``{prefix}/smoothed_margin`` (only while defined),
   ``{prefix}/margin/p05``, ``{prefix}/margin/p50``, ``{prefix}/support_count``;
 * ``{prefix}/relative_sparsity/{lt_1e-1,lt_1e-2,lt_1e-3}/{layer}``, and
-  ``{prefix}/min_relative_norm/{layer}`` (``min_u r_u``: it moves long before a threshold is crossed).
+  ``{prefix}/min_relative_norm/{layer}`` (``min_u r_u``: it moves long before a threshold is crossed)
+  and ``{prefix}/layer_norm/{layer}`` (``‖W‖ = (Σ_u n_u²)^½`` of the effective weight: how ρ splits
+  over the layers, which γ̄ = q_min/ρ^L depends on).
 
 A model that is not homogeneous gets no degree and no margin key at all (only ``param_norm``
 and sparsity, which do not depend on homogeneity).
@@ -100,6 +102,7 @@ def measure_homogeneous(
                     metrics[f"{prefix}/relative_sparsity/{threshold_label(t)}/{layer or '<root>'}"] = frac
                 if float(norms.max()) > 0:
                     metrics[f"{prefix}/min_relative_norm/{layer or '<root>'}"] = float(norms.min() / norms.max())
+                metrics[f"{prefix}/layer_norm/{layer or '<root>'}"] = float(norms.norm())
     finally:
         for m, training in modes:
             m.training = training
