@@ -277,37 +277,59 @@ def test_qknorm_transformer_muon_settles_on_its_theory_line(tmp_path):
         assert ratio == pytest.approx(1.0, abs=0.1)
 
 
-# ------------------------------------------------------------------- Lion's own drop factor
-def _lion_drop(variant, p, lr, wd, drop):
-    if variant == "lion-pytorch":  # decay η·λ: ‖w*‖ ∝ sqrt(η/λ), the drop factor is k^(-1/2)
-        opt = _lion_pytorch(p, lr, wd)
-    else:  # timm's corrected_weight_decay: decay λ·η²/η_max, ‖w*‖ ∝ sqrt(η_max/λ) does not move at a drop
-        opt = pytest.importorskip("timm.optim").Lion(p, lr=lr, weight_decay=wd, betas=(0.9, 0.95),
-                                                     corrected_weight_decay=True)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop], 0.1)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+# -------------------------------------------------- each family's own drop factor, on the matrix model
+def _lion_timm_corrected(p, lr, wd):
+    return pytest.importorskip("timm.optim").Lion(p, lr=lr, weight_decay=wd, betas=(0.9, 0.95),
+                                                  corrected_weight_decay=True)
 
 
-@pytest.mark.slow  # 500 steps of the matrix model
-@pytest.mark.parametrize("variant", ["lion-pytorch", "timm-corrected"])
-def test_lion_drop_rescale_keeps_the_ratio(variant, tmp_path):
-    """Lion at equilibrium, LR ÷10, ``rescale=True``: Δ_t/Δ* over the 200 steps after the drop is within ±10 %
-    of its value over the 200 steps before. lion-pytorch (decay ηλ) is rescaled by 10^(-1/2); timm's
-    ``corrected_weight_decay`` ties the decay to η (λ_eff = λη/η_max), its equilibrium norm does not move and
-    nothing is rescaled (the raw (η, λ) gave 10^(-1/2): the ratio then jumped ×3.2)."""
-    lr, wd, drop = 2e-4, 10.0, 300
-    star = theory.angular_update_lion(lr, wd, 0.9, 0.95)
-    # start at ‖w*‖ = η·ū/Δ*, ū ≈ sqrt(m·n) (a sign update), so that 300 steps (1.2 τ) are enough to settle
-    module = MatrixNRQ(lambda p: _lion_drop(variant, p, lr, wd, drop), init_norm=lr * math.sqrt(32 * 64) / star)
-    trainer = fit(module, tmp_path, [SMDCallback(log_every_n_steps=2, rescale=True, verbose=False)],
-                  max_steps=drop + 200, log_every_n_steps=2)
+# variant: (optimizer factory (params, lr), lr, Δ* as a function of lr, drop factor, start norm ≈ ‖w*‖)
+_LION = dict(wd=10.0, star=lambda lr: theory.angular_update_lion(lr, 10.0, 0.9, 0.95))
+DROP_VARIANTS = {
+    # Lion, decay ηλ: ‖w*‖ = η·ū/Δ* ∝ sqrt(η/λ), ū ≈ sqrt(m·n) for a sign update
+    "lion-pytorch": (lambda p, lr: _lion_pytorch(p, lr, 10.0), 2e-4, _LION["star"], 10**-0.5,
+                     2e-4 * math.sqrt(32 * 64) / _LION["star"](2e-4)),
+    # timm's corrected_weight_decay: decay λη²/η_max, λ_eff = λη/η_max, ‖w*‖ ∝ sqrt(η_max/λ) does not move: no rescale
+    "timm-lion-corrected": (lambda p, lr: _lion_timm_corrected(p, lr, 10.0), 2e-4,
+                            lambda lr: theory.angular_update_lion(lr, 10.0 * lr / 2e-4, 0.9, 0.95), None,
+                            2e-4 * math.sqrt(32 * 64) / _LION["star"](2e-4)),
+    "muon": (lambda p, lr: torch.optim.Muon(p, lr=lr, weight_decay=0.1), 0.05,
+             lambda lr: theory.angular_update_muon(lr, 0.1, 0.95, True, (32, 64)), 10**-0.5,
+             theory.equilibrium_norm_muon(0.05, 0.1, 0.95, True, (32, 64))),
+    # coupled L2: ‖w*‖⁴ = ηL/(2λ(1 − α)), L ≈ m·n (unit-variance noise): k^(-1/4)
+    "nesterov": (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-3), 0.05,
+                 lambda lr: theory.angular_update_nesterov(lr, 5e-3, 0.9), 10**-0.25,
+                 math.sqrt(theory.equilibrium_norm_sq_sgdm(32 * 64, 0.05, 5e-3, 0.9))),
+}
+
+
+def _with_drop(make, lr, drop):
+    def build(params):
+        opt = make(params, lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop], 0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    return build
+
+
+@pytest.mark.slow  # 500 steps of the matrix model each
+@pytest.mark.parametrize("variant", list(DROP_VARIANTS))
+def test_drop_rescale_keeps_the_ratio_per_family(variant, tmp_path):
+    """At equilibrium, LR ÷10, ``rescale=True``: the family's own factor is applied and logged, and Δ_t/Δ* over
+    the 200 steps after the drop is within ±10 % of its value over the 200 steps before. timm's Lion with
+    ``corrected_weight_decay`` ties the decay to η, its ‖w*‖ does not move and nothing is rescaled (the raw
+    (η, λ) gave 10^(-1/2) before: the ratio then jumped ×3.2)."""
+    make, lr, star_of, expected_factor, init_norm = DROP_VARIANTS[variant]
+    drop = 300  # τ = 100–250 steps; the weights start near ‖w*‖
+    trainer = fit(MatrixNRQ(_with_drop(make, lr, drop), init_norm=init_norm), tmp_path,
+                  [SMDCallback(log_every_n_steps=2, rescale=True, verbose=False)], max_steps=drop + 200,
+                  log_every_n_steps=2)
     m = read_metrics(trainer)
     factor = list(m["smd/rescale_factor"].values()) if "smd/rescale_factor" in m else []
-    assert factor == ([pytest.approx(10**-0.5, rel=1e-9)] if variant == "lion-pytorch" else [])
-    theory_line = m["smd/angular_update_theory/W"]
-    star_after = star / 10 if variant == "timm-corrected" else theory.angular_update_lion(lr / 10, wd, 0.9, 0.95)
-    assert theory_line[max(s for s in theory_line if s < drop)] == pytest.approx(star, rel=1e-9)
-    assert theory_line[max(theory_line)] == pytest.approx(star_after, rel=1e-9)
+    assert factor == ([] if expected_factor is None else [pytest.approx(expected_factor, rel=1e-9)])
+    star, star_after = star_of(lr), star_of(lr / 10)
+    line = m["smd/angular_update_theory/W"]
+    assert line[max(s for s in line if s < drop)] == pytest.approx(star, rel=1e-9)
+    assert line[max(line)] == pytest.approx(star_after, rel=1e-9)
     before = mean_over(m["smd/angular_update/W"], drop - 200, drop - 1) / star
     after = mean_over(m["smd/angular_update/W"], drop, drop + 199) / star_after
     print(f"\n{variant}: Δ_t/Δ* before {before:.3f}, after {after:.3f}, after/before {after / before:.3f}")
