@@ -14,7 +14,11 @@ times), then Δ_t averaged over the second half:
 Real networks: Muon lr 0.02, λ 0.2, μ 0.95 (τ = 1/(2ηλ) = 125 steps), 1500 steps, Δ_t averaged over
 the last 750.
 
-Usage: ``python benchmarks/optimizer_equilibrium.py [nrq] [mlp] [qknorm] [--heavy-ball] [--steps=N]`` (prints a
+``--noise``: the mlp with 30 % fixed random labels and input noise 0.5 (stationary gradient noise, as the
+tests); ``--diagnose``: also the measured update correlation ρ against the theory's.
+
+Usage: ``python benchmarks/optimizer_equilibrium.py [nrq] [mlp] [qknorm] [--heavy-ball] [--steps=N] [--noise]
+[--diagnose]`` (prints a
 Markdown table; a few minutes per part on 2 CPU cores).
 """
 
@@ -81,19 +85,28 @@ def _digits_mlp(seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
 
 
 def real_network(kind: str, steps: int, lr: float = 0.02, wd: float = 0.2, momentum: float = 0.95,
-                 nesterov: bool = True, seed: int = 0) -> list[tuple[str, float]]:
-    """Muon on the 2-D hidden weights; mean Δ_t/Δ* of the scale-invariant ones over the last half."""
+                 nesterov: bool = True, seed: int = 0, noise: bool = False,
+                 diagnose: bool = False) -> list[tuple[str, float]]:
+    """Muon on the 2-D hidden weights; mean Δ_t/Δ* of the scale-invariant ones over the last half.
+
+    ``noise`` (mlp): 30 % fixed random labels and input noise 0.5, the stationary-noise setting of the
+    tests. ``diagnose``: also the update correlation the theory assumes, ρ = 1/(1 + 2S) with S the
+    decay-weighted sum Σ_k (1 − ηλ)^(k−1)·c_k of the updates' autocorrelation c_k over the last half,
+    against the theory's ρ (Δ*² = 2ηλρ)."""
     if kind == "mlp":
-        from examples.data.digits import load_digits_tensors
+        from examples.data.digits import load_digits_tensors, with_label_noise
 
         x, y = load_digits_tensors()
+        if noise:
+            y = with_label_noise(y, 0.3, seed=0)
         model, invariant = _digits_mlp(seed)
         hidden = invariant
         loss_fn = nn.CrossEntropyLoss()
 
         def batch(gen):
             idx = torch.randint(0, len(x), (64,), generator=gen)
-            return loss_fn(model(x[idx]), y[idx])
+            xb = x[idx] + 0.5 * torch.randn(x[idx].shape, generator=gen) if noise else x[idx]
+            return loss_fn(model(xb), y[idx])
     else:
         from examples.data.markov import markov_chain, sample_sequences
         from examples.modules.qknorm_transformer import TransformerLM
@@ -116,6 +129,7 @@ def real_network(kind: str, steps: int, lr: float = 0.02, wd: float = 0.2, momen
     gen = torch.Generator().manual_seed(seed)
     sums = [0.0] * len(invariant)
     count = 0
+    updates: list[list[torch.Tensor]] = [[] for _ in invariant]
     for t in range(steps):
         loss = batch(gen)
         muon.zero_grad()
@@ -128,11 +142,21 @@ def real_network(kind: str, steps: int, lr: float = 0.02, wd: float = 0.2, momen
             count += 1
             for i, (b, p) in enumerate(zip(before, invariant)):
                 sums[i] += angle(b, p.detach())
+                if diagnose:
+                    updates[i].append((p.detach() - (1 - lr * wd) * b).double())
     names = {id(p): n for n, p in model.named_parameters()}
     rows = []
-    for p, s in zip(invariant, sums):
+    for i, (p, s) in enumerate(zip(invariant, sums)):
         star = theory.angular_update_muon(lr, wd, momentum, nesterov, tuple(p.shape))
-        rows.append((f"{kind} {names[id(p)]} {tuple(p.shape)} (μ={momentum}, nesterov={nesterov})", s / count / star))
+        label = f"{kind}{' noisy' if noise else ''} {names[id(p)]} {tuple(p.shape)} (μ={momentum}, nesterov={nesterov})"
+        rows.append((label, s / count / star))
+        if diagnose:
+            u = torch.stack(updates[i])
+            n, e0 = len(u) // 2, (u * u).sum(dim=(1, 2)).mean()
+            corr = sum((1 - lr * wd) ** (k - 1) * ((u[n:] * u[n - k:len(u) - k]).sum() / (len(u) - n) / e0).item()
+                       for k in range(1, n))
+            rows.append((f"{label}: ρ measured / ρ theory",
+                         (1 / (1 + 2 * corr)) / theory.muon_correlation(momentum, nesterov, tuple(p.shape))))
     return rows
 
 
@@ -146,7 +170,8 @@ def main(argv: list[str]) -> None:
     for kind in ("mlp", "qknorm"):
         if kind in which:
             for nesterov in (True, False) if both else (True,):
-                rows += real_network(kind, steps=steps, nesterov=nesterov)
+                rows += real_network(kind, steps=steps, nesterov=nesterov, noise="--noise" in argv,
+                                     diagnose="--diagnose" in argv)
     print("| setup | measured Δ_t / Δ* |\n|---|---|")
     for name, r in rows:
         print(f"| {name} | {r:.3f} |")

@@ -50,6 +50,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_smd.core.theory import effective_weight_decay
+
 __all__ = ["GroupSlice", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
 
 ReduceFn = Callable[[Tensor], Tensor]
@@ -202,7 +204,7 @@ class GroupSlice:
                 kappas.append(lr * math.sqrt(bc2) / bc1 if t > 0 else 0.0)
             return [decay] * n, kappas
         if self.mode == "lion":
-            wd_eff = wd / self.optimizer._init_lr if getattr(self.optimizer, "decoupled_wd", False) else wd
+            wd_eff = effective_weight_decay(self.optimizer, self.group, lr, wd)  # decays tied to η (timm, lion-pytorch)
             return [-lr * wd_eff] * n, [lr] * n
         return [-lr * wd] * n, [lr] * n  # grad, nesterov
 

@@ -23,6 +23,8 @@ weight decay ``weight_decay`` (λ), heavy-ball momentum ``momentum`` (α), Adam/
   weight decay (AdamW, Lion, Muon: ‖w‖² relaxes at rate 2ηλ).
 * :func:`norm_exponent`, :func:`drop_rescale_factor`: the drop factor ((η'λ)/(ηλ'))^e of each family
   (e = 1/4 for SGD/SGDM/Nesterov, 1/2 for AdamW/Lion/Muon).
+* :func:`effective_weight_decay`, :func:`effective_hparams`: λ_eff of decays tied to η (lion-pytorch's
+  ``decoupled_weight_decay``, timm's ``corrected_weight_decay``), which drop factors compare.
 * :func:`from_param_group`: recognise the optimizer family of one param group and return a
   :class:`GroupTheory` that evaluates all of the above for it.
 """
@@ -43,6 +45,8 @@ __all__ = [
     "angular_update_nesterov",
     "angular_update_muon",
     "drop_rescale_factor",
+    "effective_hparams",
+    "effective_weight_decay",
     "equilibrium_norm_muon",
     "momentum_correlation",
     "muon_gain",
@@ -530,6 +534,30 @@ def _class_names(optimizer: Any) -> list[str]:
     return [cls.__name__.lower() for cls in type(optimizer).__mro__]
 
 
+def effective_weight_decay(optimizer: Any, group: Mapping[str, Any], lr: float, weight_decay: float) -> float:
+    """λ_eff of a group whose decay step is ``p·(1 − η·λ_eff)``, for (``lr``, ``weight_decay``) = (η, λ).
+
+    λ for torch's optimizers and plain Lion; λ/η_0 for lion-pytorch's ``decoupled_weight_decay=True``
+    (η_0 its initial lr, a constant); λ·η/η_max for timm's ``corrected_weight_decay=True`` (Lion,
+    AdamW: the decay is λ·η²/η_max, η_max the group's ``max_lr_snapshot``). The equilibrium of the
+    decoupled families follows (η, λ_eff): with timm's correction ‖w*‖ ∝ sqrt(η/λ_eff) =
+    sqrt(η_max/λ) does not move at an LR change, and the drop factor is 1.
+    """
+    if getattr(optimizer, "decoupled_wd", False) and _as_float(getattr(optimizer, "_init_lr", 0.0), "lr") > 0:
+        weight_decay /= _as_float(optimizer._init_lr, "lr")
+    if group.get("corrected_weight_decay", False) and _as_float(group.get("max_lr_snapshot", 0.0), "lr") > 0:
+        weight_decay *= lr / _as_float(group["max_lr_snapshot"], "lr")
+    return weight_decay
+
+
+def effective_hparams(optimizer: Any, group: Mapping[str, Any], hparams: tuple[float, float]) -> tuple[float, float]:
+    """(η, λ_eff) for a group's raw (η, λ) (:func:`effective_weight_decay`): what a drop factor compares."""
+    lr, weight_decay = hparams
+    if not (lr > 0 and math.isfinite(lr)):
+        return lr, weight_decay
+    return lr, effective_weight_decay(optimizer, group, lr, weight_decay)
+
+
 def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
     """Recognise the optimizer family of ``group`` (a ``param_groups`` entry) and its formula.
 
@@ -577,12 +605,7 @@ def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
 
     if is_lion and betas is not None:
         beta1, beta2 = (_as_float(b, "betas") for b in betas)
-        # the decay p·(1 − η·λ_eff) of lion-pytorch's decoupled_weight_decay (λ/η_0) and of timm's
-        # corrected_weight_decay (λ·η/η_max)
-        if getattr(optimizer, "decoupled_wd", False) and getattr(optimizer, "_init_lr", 0) > 0:
-            weight_decay /= _as_float(optimizer._init_lr, "lr")
-        if group.get("corrected_weight_decay", False) and _as_float(group.get("max_lr_snapshot", 0.0), "lr") > 0:
-            weight_decay *= lr / _as_float(group["max_lr_snapshot"], "lr")
+        weight_decay = effective_weight_decay(optimizer, group, lr, weight_decay)
         if weight_decay <= 0:
             return none(f"{opt_name}: weight_decay=0, scale-invariant weights have no equilibrium (‖w‖ grows)",
                         beta1=beta1, beta2=beta2)
@@ -591,6 +614,7 @@ def from_param_group(optimizer: Any, group: Mapping[str, Any]) -> GroupTheory:
     if is_adam:
         beta1, beta2 = (_as_float(b, "betas") for b in betas)
         decoupled = "adamw" in names[0] or bool(group.get("decoupled_weight_decay", False))
+        weight_decay = effective_weight_decay(optimizer, group, lr, weight_decay)
         if not decoupled:
             return none(
                 f"{opt_name}: Adam with coupled L2 weight decay has no equilibrium formula; "

@@ -145,8 +145,8 @@ class ScheduleWatcher:
                     factor = None  # the first non-zero (η, λ) of the run (e.g. a warmup from 0): nothing to compare
                 else:
                     last = reference  # through zero: compare with the last non-zero (η, λ)
-                    factor = (self.policy.factor(last, current, self.peak_lr[key], drop_exponent(opt, group))
-                              if self.policy else None)
+                    factor = (self.policy.factor(*_effective(opt, group, last, current), self.peak_lr[key],
+                                                 drop_exponent(opt, group)) if self.policy else None)
                 if factor is not None and tracked is None:
                     self._defer(key, oi, gi, factor, last, current, log_step)
                     factor = None
@@ -197,8 +197,8 @@ class ScheduleWatcher:
                     continue  # a warm-up change: never rescaled
                 if tracked is not None and not tracked.members(oi, gi):
                     continue
-                factor = self.policy.factor(reference, current, max(self.peak_lr.get(key, 0.0), current[0]),
-                                            drop_exponent(opt, group))
+                factor = self.policy.factor(*_effective(opt, group, reference, current),
+                                            max(self.peak_lr.get(key, 0.0), current[0]), drop_exponent(opt, group))
                 if factor is not None:
                     owed.append(f"group {key} (factor {factor:.4f}, lr {reference[0]:g} → {current[0]:g}): the lr changed "
                                 "after the last step; a run resumed from a checkpoint taken now applies it at its first step")
@@ -410,7 +410,8 @@ class ScheduleWatcher:
             predicted = theory.steps_to_equilibrium(last[0] * (1 - new.dampening), new.effective_lr, last[1],
                                                     new.weight_decay, new.momentum)
         elif new.decoupled and min(last) > 0 and min(current) > 0:
-            predicted = theory.steps_to_equilibrium_decoupled(last[0], new.lr, last[1], new.weight_decay)
+            lr_old, wd_old = theory.effective_hparams(opt, opt.param_groups[gi], last)  # λ_eff, as new.weight_decay
+            predicted = theory.steps_to_equilibrium_decoupled(lr_old, new.lr, wd_old, new.weight_decay)
         names = tracked.names_of(key) if tracked is not None else []
         self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
         if predicted is not None and (names or tracked is None) and trainer.is_global_zero:  # no tracked tensor: nothing to predict
@@ -441,6 +442,12 @@ class ScheduleWatcher:
         self.reference = {k: (float(v[0]), float(v[1])) for k, v in
                           state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()
                                                           if v[0] * v[1] > 0}).items()}
+
+
+def _effective(optimizer: torch.optim.Optimizer, group: dict[str, Any], old: HParams, new: HParams) -> tuple[HParams, HParams]:
+    """(η, λ_eff) of both sides of a change: a decay tied to η (timm's ``corrected_weight_decay``) moves
+    no equilibrium at an LR change (``theory.effective_weight_decay``)."""
+    return theory.effective_hparams(optimizer, group, old), theory.effective_hparams(optimizer, group, new)
 
 
 def drop_exponent(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
