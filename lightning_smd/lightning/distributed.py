@@ -104,6 +104,7 @@ def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -
     group = getattr(strategy, "process_group", None) or dist.group.WORLD
 
     def reduce(sums: Tensor) -> Tensor:
+        sums = sums.contiguous()  # a collective on a strided view reduces its storage's first numel elements
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         return sums
 
@@ -190,7 +191,8 @@ class LayoutReduce:
     Plain tensors mixed in (a module left unsharded) are replicated: their columns are kept.
 
     With one group (FSDP2, HSDP: every tracked tensor sharded the same way) the argument is reduced
-    in place, whatever its number of columns; with several, ``N`` must be ``len(params)``.
+    in place (a contiguous copy of a strided one), whatever its number of columns; with several, ``N``
+    must be ``len(params)``. Use the returned tensor.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
@@ -221,7 +223,10 @@ class LayoutReduce:
         if not self.groups:
             return sums
         if len(self.groups) == 1 and len(self.groups[0].columns) == self.num_columns:
-            for pg in self.groups[0].process_groups:  # every column reduced the same way: in place
+            # every column reduced the same way: in place, on a contiguous tensor (gloo and NCCL reduce
+            # a strided view's storage, e.g. a column slice of a wider buffer, as if it were contiguous)
+            sums = sums.contiguous()
+            for pg in self.groups[0].process_groups:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
             return sums
         if sums.shape[-1] != self.num_columns:
