@@ -13,8 +13,11 @@ CPU), each equal to a single-process run on the same global batches, a rescale a
 * the QK-norm transformer example (``tests.test_qknorm.QKNormNet``, AdamW) under FSDP × TP, heads
   split across the tensor-parallel ranks: exactly the q and k projections are tracked.
 
-The 1-vs-N equality model is ``tests.setups_common.TinyNet`` (LayerNorm only, contiguous batch
-halves: the data-parallel gradient is the full-batch gradient up to float reassociation).
+Every ``smd/*`` series is compared, the per-unit ``smd/channel/*`` ones included (each rank adds
+its local rows into their global units; see ``lightning_smd.core.shards``). The 1-vs-N equality
+model is ``tests.setups_common.TinyNet`` with GroupNorm (4 units per hidden weight; per-sample
+like LayerNorm, contiguous batch halves: the data-parallel gradient is the full-batch gradient up
+to float reassociation).
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ QKNORM = "tests.test_qknorm:QKNormNet"
 
 
 def _setup(name, layout, devices, hidden=2, every=1, count=False):
+    # GroupNorm (4 groups of 4 rows): each rank's shard holds whole units (FSDP2, HSDP), some rows of
+    # strided blocks (FSDP over column-wise TP) or part of every row (row-wise TP); the smd/channel/*
+    # series must equal one process's all the same
     return {"name": name, "strategy": layout, "devices": devices, "steps": STEPS, "count_collectives": count,
-            "model_kwargs": {**RESCALE, "hidden_layers": hidden},
+            "model_kwargs": {**RESCALE, "hidden_layers": hidden, "norm": "group"},
             "callback_kwargs": {"rescale": True, "log_every_n_steps": every}}
 
 
@@ -56,7 +62,8 @@ TRACKED = {"hidden2": ["net.0.weight", "net.3.weight"], "hidden3-every2": ["net.
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    runs = {"hidden2": {"hidden_layers": 2}, "hidden3-every2": {"hidden_layers": 3}, "qknorm": {}}
+    runs = {"hidden2": {"hidden_layers": 2, "norm": "group"}, "hidden3-every2": {"hidden_layers": 3, "norm": "group"},
+            "qknorm": {}}
     for name, kw in runs.items():
         every = 2 if name.endswith("every2") else 1
         run_setup(root, name, steps=STEPS, model_kwargs={**RESCALE, **kw}, module_cls=QKNORM if name == "qknorm" else None,
@@ -137,8 +144,9 @@ def _after_detection(calls):
 
 @pytest.mark.slow
 def test_one_all_reduce_per_layout_group_per_measured_step(two, four):
-    """Measured steps: one all-reduce per layout group, in the same order on every rank; unmeasured
-    steps (and the rescale at the LR drop): no collective at all."""
+    """Measured steps: one all-reduce per layout group, in the same order on every rank, the per-unit
+    sums included (each tensor and its 4 units); unmeasured steps (and the rescale at the LR drop): no
+    collective at all."""
     # FSDP × TP, measured every other step: group 1 = net.0 (col-wise) + net.3 (row-wise), sharded over
     # both mesh dimensions (all 4 ranks); group 2 = net.6, sharded over data_parallel only
     _, ranks = four
@@ -147,7 +155,7 @@ def test_one_all_reduce_per_layout_group_per_measured_step(two, four):
         rank = info["rank"]
         measured, detected_at = _after_detection([tuple(c) for c in info["collectives"]])
         dp_peers = [r for r in range(4) if r % 2 == rank % 2]  # mesh (data_parallel=2, tensor_parallel=2)
-        per_step = [("all_reduce", [0, 1, 2, 3], 2), ("all_reduce", dp_peers, 1)]
+        per_step = [("all_reduce", [0, 1, 2, 3], 2 + 2 * 4), ("all_reduce", dp_peers, 1 + 4)]
         steps = sorted({c[0] for c in measured})
         assert steps == [s for s in range(detected_at + 1, STEPS) if (s + 1) % 2 == 0], steps
         for step in steps:
@@ -158,7 +166,7 @@ def test_one_all_reduce_per_layout_group_per_measured_step(two, four):
     _, ranks = two
     for info in ranks["fsdp2-default-mesh"]:
         measured, detected_at = _after_detection([tuple(c) for c in info["collectives"]])
-        assert [c[1:] for c in measured] == [("all_reduce", [0, 1], 2)] * (STEPS - 1 - detected_at)
+        assert [c[1:] for c in measured] == [("all_reduce", [0, 1], 2 + 2 * 4)] * (STEPS - 1 - detected_at)
 
 
 # ------------------------------------------------------------------ in process: layout grouping
@@ -223,3 +231,45 @@ def test_layout_groups_and_one_collective_each(fake_world, monkeypatch):
     calls.clear()
     wide = torch.arange(15.0).reshape(5, 3)
     assert single(wide[:, :2]).tolist() == (wide[:, :2] * 10).tolist() and calls == [((5, 2), [0, 1, 2, 3])]
+
+
+def test_local_rows_and_unit_columns_of_each_placement(fake_world, monkeypatch):
+    """Per-unit statistics under sharding: the global rows (hence units) a rank's local part holds,
+    as torch places them (FSDP over column-wise TP is a ``_StridedShard``: non-adjacent blocks), and
+    each tensor's unit columns reduced with its own layout group."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lightning_smd.core.measure import _row_blocks
+    from lightning_smd.core.shards import local_rows, unit_of_local_rows
+    from lightning_smd.distributed import LayoutReduce
+
+    mesh = fake_world  # rank 1: coordinate (data_parallel 0, tensor_parallel 1)
+    col = DTensor.from_local(torch.ones(2, 4), mesh, [_StridedShard(0, split_factor=2), Shard(0)], run_check=False)
+    row = DTensor.from_local(torch.ones(8, 2), mesh, [Shard(1), Shard(1)], run_check=False)
+    fsdp = DTensor.from_local(torch.ones(3, 4), mesh["data_parallel"], [Shard(0)], run_check=False)
+    hsdp = DTensor.from_local(torch.ones(4, 4), mesh, [Replicate(), Shard(0)], run_check=False)
+    assert local_rows(col) == [4, 5]  # tensor-parallel rank 1 holds rows 4-7, data-parallel rank 0 their first half
+    assert local_rows(col)[0] == compute_local_shape_and_global_offset(col.shape, mesh, col.placements)[1][0]
+    assert local_rows(row) == list(range(8))  # split along dim 1: every row, part of its elements
+    assert local_rows(fsdp) == [0, 1, 2] and local_rows(hsdp) == [4, 5, 6, 7]
+    assert local_rows(torch.ones(3, 2)) is None
+    assert unit_of_local_rows(col, 4) == [2, 2] and unit_of_local_rows(hsdp, 2) == [1, 1, 1, 1]
+    assert unit_of_local_rows(row, 8) == list(range(8)) and unit_of_local_rows(fsdp, 1) == [0, 0, 0]
+    assert [_row_blocks(r) for r in ([2, 2], [1, 1, 1, 1], [0, 0, 1, 1, 1, 1], list(range(8)), [])] == [1, 1, 3, 8, 1]
+
+    calls = []
+
+    def all_reduce(tensor, op=None, group=None, **kw):
+        calls.append((tuple(tensor.shape), dist.get_process_group_ranks(group)))
+        tensor.mul_(10 if len(calls[-1][1]) == 4 else 100)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    reduce = LayoutReduce([col, fsdp, row, torch.ones(3)], units=[4, 3, 8, 1])
+    out = reduce(torch.ones(2, 4 + 16))  # tensor columns, then 4 + 3 + 8 + 1 unit columns
+    assert calls == [((2, 14), [0, 1, 2, 3]), ((2, 4), [1, 3])]
+    assert out[0].tolist() == [10, 100, 10, 1] + [10] * 4 + [100] * 3 + [10] * 8 + [1]
+    assert reduce(torch.ones(2, 4))[0].tolist() == [10, 100, 10, 1]  # a step without per-unit statistics
