@@ -80,7 +80,7 @@ MULTI = [
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
-    launch(2, [{**s, "steps": STEPS} for s in MULTI], root)
+    launch(2, [{**s, "steps": STEPS} for s in MULTI], root, timeout=600)  # 13 runs in one launch
     metrics = {s["name"]: metrics_of(root, s["name"]) for s in MULTI if "crash_at" not in s}
     ranks = {s["name"]: [json.loads((root / f"{s['name']}.rank{r}.json").read_text()) for r in range(2)] for s in MULTI}
     return metrics, ranks
