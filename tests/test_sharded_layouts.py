@@ -93,7 +93,16 @@ def _check_equal(runs, single, setup):
     metrics, ranks = runs
     want = TRACKED[REFERENCE[setup]]
     assert all(r["candidates"] == want for r in ranks[setup]), [r["candidates"] for r in ranks[setup]]
-    assert_same_series(metrics[setup], single[REFERENCE[setup]], rel=REL, what=setup)
+    # a unit's ‖w*‖ comes from its running L, a sum of a few samples h_t‖w‖² of either sign (h_t =
+    # ‖g‖² + 2α⟨v, g⟩ cancels): on a 4-row unit it can sit near 0, where float reassociation (TP's
+    # matmuls add in another order) shows at ~2e-4 (net.0's smallest unit, FSDP × TP, the step after
+    # the rescale; every other series agrees to ~1e-6)
+    split = lambda m, keep: {k: v for k, v in m.items() if k.startswith("smd/channel/weight_norm_theory/") == keep}  # noqa: E731
+    got, ref = metrics[setup], single[REFERENCE[setup]]
+    assert sorted(smd_series(got)) == sorted(smd_series(ref)), setup
+    assert any(k.startswith("smd/channel/") for k in got), "per-unit statistics under sharding"
+    assert_same_series(split(got, False), split(ref, False), rel=REL, what=setup)
+    assert_same_series(split(got, True), split(ref, True), rel=1e-3, what=setup)
     # the rescale happened, on every rank's shards (the series after step 8 would differ otherwise)
     # TinyNet (SGD with momentum): k^(-1/4); the QK-norm transformer (AdamW): its own k^(-1/2)
     exponent = 0.5 if REFERENCE[setup] == "qknorm" else 0.25
