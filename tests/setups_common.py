@@ -58,18 +58,22 @@ class TinyNet(pl.LightningModule):
             ``fsdp2=True`` is ``layout="fsdp2"``. Without a process group the layout is ignored, so
             the same module is the single-process reference.
         hidden_layers: Linear → LayerNorm → ReLU blocks (2: ``net.0``, ``net.3``; 3 adds ``net.6``).
+        norm: ``"layer"`` (LayerNorm over all 16 features: each hidden weight is one invariance unit)
+            or ``"group"`` (GroupNorm, 4 groups: 4 units of 4 rows each, per sample like LayerNorm).
         compile: ``torch.compile`` the network (backend ``aot_eager``: a real Dynamo/AOT trace, fast).
         milestones: LR drops (MultiStepLR ×0.1, step interval).
     """
 
     def __init__(self, optimizer: str = "sgdm", steps: int = 12, accumulate: int = 1, fsdp2: bool = False,
                  compile: bool = False, milestones: tuple[int, ...] = (), fused: bool = False,
-                 step_indexed: bool = False, layout: str | None = None, hidden_layers: int = 2) -> None:
+                 step_indexed: bool = False, layout: str | None = None, hidden_layers: int = 2,
+                 norm: str = "layer") -> None:
         super().__init__()
         torch.manual_seed(0)
         blocks = []
         for i in range(hidden_layers):
-            blocks += [nn.Linear(DIM if i == 0 else 16, 16, bias=False), nn.LayerNorm(16), nn.ReLU()]
+            blocks += [nn.Linear(DIM if i == 0 else 16, 16, bias=False),
+                       nn.GroupNorm(4, 16) if norm == "group" else nn.LayerNorm(16), nn.ReLU()]
         self.net = nn.Sequential(*blocks, nn.Linear(16, 4))
         self.hidden_names = tuple(f"{3 * i}.weight" for i in range(hidden_layers))
         self.optimizer, self.steps, self.accumulate = optimizer, steps, accumulate

@@ -133,6 +133,9 @@ class GroupSlice:
     #: invariance units per tensor (``None``: per-tensor statistics only); ``units[i]`` divides
     #: ``params[i].shape[0]`` and the unit columns of the statistics follow the tensor columns
     units: list[int] | None = None
+    #: sharded tensors (see :mod:`lightning_smd.core.shards`): per tensor, the global unit of each row
+    #: of dim 0 of its local part (``None``: a plain tensor, whose rows are the whole tensor's)
+    unit_rows: list[list[int] | None] | None = None
     _zeros: dict[int, Tensor] = field(default_factory=dict)
     _not_sampled: Tensor | None = None  # the NaN rows of a step that does not sample L (never mutated)
 
@@ -305,6 +308,20 @@ def _rows_of(x: Tensor, units: int, shared: bool) -> int:
     if shared:
         return x.shape[0]
     return units
+
+
+def _row_blocks(unit_rows: list[int]) -> int:
+    """Rows a shard is reduced in so that each lies within one unit: its local rows of dim 0 in
+    equal blocks, as few as the runs of equal units allow (1 for an empty shard)."""
+    if not unit_rows:
+        return 1
+    block, run = 0, 1
+    for a, b in zip(unit_rows, unit_rows[1:]):
+        if a == b:
+            run += 1
+        else:
+            block, run = math.gcd(block, run), 1
+    return len(unit_rows) // math.gcd(block, run)
 
 
 def _rows_pair(x: Tensor, y: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -527,9 +544,11 @@ class StepMeasurer:
         if layout is not None:
             return layout
         units: list[int] = []
+        unit_rows: list[list[int] | None] = []  # sharded: the global unit of each local row
         for s in self._active:
             units.extend(self._units(s) or [1] * len(s.params))
-        plan = RowPlan.build(weights, units)
+            unit_rows.extend(s.unit_rows if s.unit_rows is not None and self._units(s) is not None else [None] * len(s.params))
+        plan = RowPlan.build(weights, [k if r is None else _row_blocks(r) for k, r in zip(units, unit_rows)])
         n = len(weights)
         unit_start, m = [], 0
         for s in self._active:
@@ -539,8 +558,13 @@ class StepMeasurer:
         row_tensor, row_in = plan.row_tensor(), plan.row_in_tensor()
         unit_cols = []
         for i, r in zip(row_tensor, row_in):
-            start = unit_start[i]
-            unit_cols.append(n + m if start is None else n + start + r // (plan.rows[i] // units[i]))
+            start, rows = unit_start[i], unit_rows[i]
+            if start is None or (rows is not None and not rows):  # no units, or an empty shard
+                unit_cols.append(n + m)
+            elif rows is not None:  # a shard: its row's global unit (the all-reduce adds the other shards)
+                unit_cols.append(n + start + rows[r * (len(rows) // plan.rows[i])])
+            else:
+                unit_cols.append(n + start + r // (plan.rows[i] // units[i]))
         device = weights[0].device if weights else torch.device("cpu")
         layout = _Layout(plan, n, m, torch.tensor(row_tensor, dtype=torch.long).to(device),
                          torch.tensor(unit_cols, dtype=torch.long).to(device) if m else None)

@@ -73,10 +73,6 @@ def choose_mode(trainer: Any, optimizer: torch.optim.Optimizer, group_index: int
         return mode
     if any(p.dtype in _LOW_PRECISION for p in params):
         return "snapshot"  # the applied update is rounded to the parameter dtype: measure what was applied
-    if any(type(p).__name__ == "DTensor" for p in params):
-        # sharded (FSDP2, TP): the update rebuilt from the optimizer's state disagreed with one
-        # process at some steps; the transient copy of the local shard measures what was applied
-        return "snapshot"
     if mode in ("grad", "nesterov") and grad_scaler(trainer) is not None and handles_unscaling(optimizer):
         return "snapshot"  # the gradients read after a fused step are still scaled
     return mode

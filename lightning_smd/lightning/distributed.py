@@ -91,21 +91,24 @@ def is_sharded(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> bo
     return _is_fsdp1(strategy) and dist.is_available() and dist.is_initialized()
 
 
-def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> Callable[[Tensor], Tensor] | None:
+def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor],
+                   units: Sequence[int] | None = None) -> Callable[[Tensor], Tensor] | None:
     """A function summing ``[K, N]`` partial sums across the shards of ``params``, or ``None``.
 
-    Column ``j`` of the argument holds partial sums of ``params[j]``. Under DTensor layouts each
-    column is summed over the ranks that hold the *other shards of its tensor* (see
-    :class:`LayoutReduce`); under FSDP1 over the strategy's process group.
+    Column ``j < len(params)`` of the argument holds partial sums of ``params[j]``; with ``units``
+    (per-unit statistics), the argument may go on with ``units[j]`` columns per tensor, in order.
+    Under DTensor layouts each column is summed over the ranks that hold the *other shards of its
+    tensor* (see :class:`LayoutReduce`); under FSDP1 over the strategy's process group.
     """
     if not is_sharded(strategy, params):
         return None
     dtensor = _dtensor_cls()
     if dtensor is not None and any(isinstance(p, dtensor) for p in params):
-        return LayoutReduce(params)
+        return LayoutReduce(params, units)
     group = getattr(strategy, "process_group", None) or dist.group.WORLD
 
     def reduce(sums: Tensor) -> Tensor:
+        sums = sums.contiguous()  # a collective on a strided view reduces its storage's first numel elements
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         return sums
 
@@ -192,12 +195,15 @@ class LayoutReduce:
     Plain tensors mixed in (a module left unsharded) are replicated: their columns are kept.
 
     With one group (FSDP2, HSDP: every tracked tensor sharded the same way) the argument is reduced
-    in place, whatever its number of columns; with several, ``N`` must be ``len(params)``.
+    in place (a contiguous copy of a strided one), whatever its number of columns; with several, ``N``
+    must be ``len(params)``, or ``len(params) + sum(units)`` where the per-unit columns of each tensor
+    follow (``units[j]`` of them for ``params[j]``, reduced with it). Use the returned tensor.
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], units: Sequence[int] | None = None) -> None:
         dtensor = _dtensor_cls()
         self.num_columns = len(params)
+        self.units = list(units) if units is not None else None
         by_key: dict[tuple, _Group] = {}
         for j, p in enumerate(params):
             if dtensor is None or not isinstance(p, dtensor):
@@ -212,6 +218,15 @@ class LayoutReduce:
                                                f"{tuple(p.placements)} on mesh dims {dims}")
             group.columns.append(j)
         self.groups: list[_Group] = sorted(by_key.values(), key=lambda g: g.columns[0])
+        # with per-unit columns: each group also reduces its tensors' unit columns
+        self._with_units: list[_Group] = []
+        if self.units is not None and len(self.units) == self.num_columns:
+            starts, at = [], self.num_columns
+            for k in self.units:
+                starts.append(at)
+                at += k
+            self._with_units = [_Group(g.key, g.columns + [starts[j] + u for j in g.columns for u in range(self.units[j])],
+                                       g.process_groups, g.description) for g in self.groups]
         self.calls = 0  # how many times this function ran (collectives = calls × collectives_per_call)
 
     @property
@@ -223,15 +238,21 @@ class LayoutReduce:
         if not self.groups:
             return sums
         if len(self.groups) == 1 and len(self.groups[0].columns) == self.num_columns:
-            for pg in self.groups[0].process_groups:  # every column reduced the same way: in place
+            # every column reduced the same way: in place, on a contiguous tensor (gloo and NCCL reduce
+            # a strided view's storage, e.g. a column slice of a wider buffer, as if it were contiguous)
+            sums = sums.contiguous()
+            for pg in self.groups[0].process_groups:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=pg)
             return sums
-        if sums.shape[-1] != self.num_columns:
+        groups = self.groups
+        if self._with_units and sums.shape[-1] == self.num_columns + sum(self.units or ()):
+            groups = self._with_units
+        elif sums.shape[-1] != self.num_columns:
             raise RuntimeError(
                 f"SMDCallback: partial sums of {sums.shape[-1]} tensors given to the reduction of {self.num_columns} "
                 f"tracked tensors in {len(self.groups)} layouts; the columns cannot be matched to their layouts."
             )
-        for group in self.groups:
+        for group in groups:
             index = group.index(sums.device)
             chunk = sums.index_select(-1, index)
             for pg in group.process_groups:

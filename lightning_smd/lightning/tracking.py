@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -12,6 +11,7 @@ from torch import Tensor
 from lightning_smd.core.detect import clean_name, normalization_parameters
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.measure import GroupSlice
+from lightning_smd.core.shards import unit_of_local_rows
 from lightning_smd.core.steps import StepRecorder, choose_mode
 
 if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
@@ -72,6 +72,21 @@ def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracke
     return tracked
 
 
+def _unit_rows(chosen: list[Tracked], units: Mapping[str, int]) -> tuple[dict[str, list[int] | None], str | None]:
+    """Per sharded tensor, the global unit of each row of its local part, or why there are none."""
+    out: dict[str, list[int] | None] = {}
+    for t in chosen:
+        if not hasattr(t.param, "placements"):
+            if t.param.dim() <= 1 and units.get(t.name, 1) > 1:  # FSDP1: 1-D views of a flat shard
+                return {}, f"{t.name} is a flattened FSDP1 shard (FSDPStrategy): its rows are not its units"
+            continue  # a plain (replicated) tensor: its rows are the whole tensor's
+        try:
+            out[t.name] = unit_of_local_rows(t.param, units.get(t.name, 1))
+        except ValueError as err:
+            return {}, f"the rows held on this rank of the sharded tensor {t.name} cannot be located ({err})"
+    return out, None
+
+
 class TrackedSet:
     """The scale-invariant tensors chosen by detection, in measurement order, and their recorder.
 
@@ -82,12 +97,15 @@ class TrackedSet:
     def __init__(self, trainer: pl.Trainer, chosen: list[Tracked], unit_grad_every: int,
                  units: Mapping[str, int] | None = None, channel_every: int = 1) -> None:
         # units: name → invariance units per tensor (lightning_smd.units) for per-unit statistics,
-        # taken on the measured step ending each block of channel_every steps; not for sharded
-        # tensors (a shard's rows are not whole units on every rank)
+        # taken on the measured step ending each block of channel_every steps; a DTensor's local
+        # rows add into their global units (lightning_smd.core.shards), the step's all-reduce sums them
+        unit_rows: dict[str, list[int] | None] = {}
         if units is not None and is_sharded(trainer.strategy, [t.param for t in chosen]):
-            rank_zero_warn("SMDCallback(per_channel=True): the tracked tensors are sharded; per-channel "
-                           "statistics are not measured for sharded training yet (per-tensor ones are).")
-            units = None
+            unit_rows, why = _unit_rows(chosen, units)
+            if why is not None:
+                rank_zero_warn(f"SMDCallback(per_channel=True): {why}; per-channel statistics are not measured "
+                               "in this run (per-tensor ones are).")
+                units = None
         by_group: dict[tuple[int, int], list[Tracked]] = {}
         for t in chosen:
             by_group.setdefault(t.group_key, []).append(t)
@@ -99,13 +117,19 @@ class TrackedSet:
             optimizer = trainer.optimizers[oi]
             params = [m.param for m in members]
             slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(trainer, optimizer, gi, params),
-                                     units=[units.get(m.name, 1) for m in members] if units is not None else None))
+                                     units=[units.get(m.name, 1) for m in members] if units is not None else None,
+                                     unit_rows=[unit_rows.get(m.name) for m in members] if unit_rows else None))
             self.names.extend(m.name for m in members)
             self.groups.extend([group_label(trainer, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
         # sharded tensors: every rank holds a part of each sum and must take part in the reduction
         self.measure_on_all_ranks = is_sharded(trainer.strategy, params)
-        make_reduce = functools.partial(make_reduce_fn, trainer.strategy)
+        unit_count = {id(m.param): units.get(m.name, 1) for m in chosen} if units is not None else None
+
+        def make_reduce(params: list[Tensor]):
+            counts = [unit_count[id(p)] for p in params] if unit_count is not None else None
+            return make_reduce_fn(trainer.strategy, params, counts)
+
         self.recorder = StepRecorder(slices, make_reduce, unit_grad_every, channel_every) if slices else None
         for t in chosen:
             if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
