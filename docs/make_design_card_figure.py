@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan.is_file():
         with plan.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                print(f"plan: stage {row['stage']} steps {row['start_step']}–{row['end_step']}, needs "
-                      f"{row['steps_to_equilibrium']} steps to its equilibrium")
-                if row["stage"] == "0" and row["steps_to_equilibrium"].strip().isdigit():
+                if not row["steps_to_equilibrium"].strip().isdigit():
+                    continue  # a group without scale-invariant tensors (BN γ/β, biases: no weight decay)
+                print(f"plan: group {row['group']} stage {row['stage']} steps {row['start_step']}–{row['end_step']}, "
+                      f"needs {row['steps_to_equilibrium']} steps to its equilibrium")
+                if row["stage"] == "0":
                     settled = int(row["start_step"]) + int(row["steps_to_equilibrium"])
     if changes:
         drop = changes[0]

@@ -3,6 +3,7 @@ match, and unknown ``smd.*`` keys, fail in validation naming the keys."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import subprocess
 import sys
@@ -148,7 +149,6 @@ def test_design_card_command_runs(tmp_path):
     epochs of 2 batches (6 steps) with the pairing's own schedule: the LR drop ÷10 lands at 2/3 of the
     run (epoch 2 = step 4), the rescale with it, both in the logs. The full command's accuracy
     (val/acc ≥ 0.9) is checked by `python docs/make_design_card_figure.py --check` (minutes, not CI)."""
-    from lightning_smd.report import lr_changes
     from lightning_smd.series import RunSeries
 
     with composed(["model=resnet50", "smd.rescale=true"], tmp_path / "composed") as cfg:
@@ -162,7 +162,10 @@ def test_design_card_command_runs(tmp_path):
     assert "model resnet50 adapted to the data (1×8×8, 10 classes)" in proc.stdout
     assert "SMD: scale-invariant tensors" in proc.stdout
     assert (run / "version_0" / "hparams.yaml").is_file() and (run / "train.log").is_file()
+    with (run / "version_0" / "metrics.csv").open(newline="") as handle:  # LearningRateMonitor, every step
+        lr = {int(r["step"]): float(r["lr-SGD/all"]) for r in csv.DictReader(handle) if r.get("lr-SGD/all")}
+    assert sorted(lr) == list(range(6))
+    assert [lr[s] for s in range(6)] == pytest.approx([0.005] * 4 + [0.0005] * 2)
     series = RunSeries.from_csv(run / "version_0" / "metrics.csv")
-    assert lr_changes(series) == [4]
     assert [step for step, _ in series.rescale_events] == [4]
     assert series.rescale_events[0][1] == pytest.approx(10 ** -0.25, rel=1e-3)
