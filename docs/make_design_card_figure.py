@@ -13,7 +13,8 @@ the scale-invariant tensors before the drop and at the first logged points after
 
 ``--run-dir`` reads an existing run of the same command instead of training (no timing then).
 ``--check`` exits 1 unless the run keeps the design card's promise (issue 26): val/acc ≥ 0.9 at the
-end, an LR drop, after the plan's first-stage equilibrium step, and a rescale at it.
+end, an LR drop, after the plan's first-stage equilibrium step, a rescale at it, and the mean Δ_t/Δ* of
+the tensors within 1 ± 0.3 over the 10 steps after it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = next(run_dir.rglob("metrics.csv"))
     series = RunSeries.from_csv(metrics)
     changes = report.lr_changes(series)
-    ratio = np.nanmean(series.ratio, axis=1)
+    with warnings.catch_warnings():  # steps where no tensor has a Δ* (before detection) are NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ratio = np.nanmean(series.ratio, axis=1)
     print(f"command: python {' '.join(COMMAND)}  (run dir {run_dir})")
     if timing:
         print(f"time: {timing[0]:.0f} s wall, {timing[1]:.0f} s CPU (process + children), "
@@ -94,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"needs {row['steps_to_equilibrium']} steps to its equilibrium")
                 if row["stage"] == "0":
                     settled = int(row["start_step"]) + int(row["steps_to_equilibrium"])
+    failures = []
     if changes:
         drop = changes[0]
         before = (series.steps >= drop // 2) & (series.steps < drop)
         after = (series.steps >= drop) & (series.steps < drop + 10)
+        right_after = float(np.nanmean(ratio[after]))
         print(f"mean Δ_t/Δ* over the tensors: steps {drop // 2}–{drop - 1} (second half of stage 0): "
-              f"{np.nanmean(ratio[before]):.3f}; steps {drop}–{drop + 9} (right after the drop): "
-              f"{np.nanmean(ratio[after]):.3f}")
-    failures = []
+              f"{np.nanmean(ratio[before]):.3f}; steps {drop}–{drop + 9} (right after the drop): {right_after:.3f}")
+        if not 0.7 <= right_after <= 1.3:
+            failures.append(f"Δ_t is not on the new Δ* right after the drop (mean Δ_t/Δ* {right_after:.3f}, not 1 ± 0.3)")
     accuracy = last_value(metrics, "val/acc")
     if accuracy is None or accuracy < 0.9:
         failures.append(f"final val/acc {accuracy} < 0.9")
