@@ -12,6 +12,9 @@ the scale-invariant tensors before the drop and at the first logged points after
 ``design_card_angular_update.png`` and ``resnet50_channel_bands.png``.
 
 ``--run-dir`` reads an existing run of the same command instead of training (no timing then).
+``--check`` exits 1 unless the run keeps the design card's promise (issue 26): val/acc ≥ 0.9 at the
+end, an LR drop, after the plan's first-stage equilibrium step, a rescale at it, and the mean Δ_t/Δ* of
+the tensors within 1 ± 0.3 over the 10 steps after it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="read this finished run instead of training")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the run keeps the card's promise")
     args = parser.parse_args(argv)
     timing = None
     run_dir = args.run_dir
@@ -73,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = next(run_dir.rglob("metrics.csv"))
     series = RunSeries.from_csv(metrics)
     changes = report.lr_changes(series)
-    ratio = np.nanmean(series.ratio, axis=1)
+    with warnings.catch_warnings():  # steps where no tensor has a Δ* (before detection) are NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ratio = np.nanmean(series.ratio, axis=1)
     print(f"command: python {' '.join(COMMAND)}  (run dir {run_dir})")
     if timing:
         print(f"time: {timing[0]:.0f} s wall, {timing[1]:.0f} s CPU (process + children), "
@@ -81,24 +88,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final val/acc: {last_value(metrics, 'val/acc'):.3f}; optimizer steps: {int(series.steps[-1]) + 1}")
     print(f"LR changes at steps: {changes}; rescales: {[(s, round(f, 4)) for s, f in series.rescale_events]}")
     plan = run_dir / "smd" / "plan.csv"
+    settled = None
     if plan.is_file():
         with plan.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                print(f"plan: stage {row['stage']} steps {row['start_step']}–{row['end_step']}, needs "
-                      f"{row['steps_to_equilibrium']} steps to its equilibrium")
+                if not row["steps_to_equilibrium"].strip().isdigit():
+                    continue  # a group without scale-invariant tensors (BN γ/β, biases: no weight decay)
+                print(f"plan: group {row['group']} stage {row['stage']} steps {row['start_step']}–{row['end_step']}, "
+                      f"needs {row['steps_to_equilibrium']} steps to its equilibrium")
+                if row["stage"] == "0":
+                    settled = int(row["start_step"]) + int(row["steps_to_equilibrium"])
+    failures = []
     if changes:
         drop = changes[0]
-        before = (series.steps >= drop - 30) & (series.steps < drop)
-        after = (series.steps >= drop) & (series.steps < drop + 12)
-        print(f"mean Δ_t/Δ* over the tensors: steps {drop - 30}–{drop - 1}: {np.nanmean(ratio[before]):.3f}; "
-              f"steps {drop}–{drop + 11} (right after the drop): {np.nanmean(ratio[after]):.3f}")
+        before = (series.steps >= drop // 2) & (series.steps < drop)
+        after = (series.steps >= drop) & (series.steps < drop + 10)
+        right_after = float(np.nanmean(ratio[after]))
+        print(f"mean Δ_t/Δ* over the tensors: steps {drop // 2}–{drop - 1} (second half of stage 0): "
+              f"{np.nanmean(ratio[before]):.3f}; steps {drop}–{drop + 9} (right after the drop): {right_after:.3f}")
+        if not 0.7 <= right_after <= 1.3:
+            failures.append(f"Δ_t is not on the new Δ* right after the drop (mean Δ_t/Δ* {right_after:.3f}, not 1 ± 0.3)")
+    accuracy = last_value(metrics, "val/acc")
+    if accuracy is None or accuracy < 0.9:
+        failures.append(f"final val/acc {accuracy} < 0.9")
+    if not changes:
+        failures.append("no LR drop")
+    elif settled is not None and changes[0] < settled:
+        failures.append(f"the LR drop at step {changes[0]} comes before the plan's equilibrium (step {settled})")
+    if changes and changes[0] not in [s for s, _ in series.rescale_events]:
+        failures.append(f"no rescale at the LR drop (step {changes[0]})")
+    print("card's promise: " + ("kept" if not failures else "NOT kept: " + "; ".join(failures)))
     args.docs.mkdir(parents=True, exist_ok=True)
     for source, target in (("smd_angular_update.png", "design_card_angular_update.png"),
                            ("smd_channel_bands.png", "resnet50_channel_bands.png")):
         if (run_dir / "smd" / source).is_file():
             shutil.copyfile(run_dir / "smd" / source, args.docs / target)
             print(f"copied {run_dir / 'smd' / source} -> {args.docs / target}")
-    return 0
+    return 1 if args.check and failures else 0
 
 
 if __name__ == "__main__":

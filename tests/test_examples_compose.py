@@ -3,6 +3,7 @@ match, and unknown ``smd.*`` keys, fail in validation naming the keys."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import subprocess
 import sys
@@ -144,12 +145,27 @@ def test_unknown_smd_key_exits_the_cli_before_hydra(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_design_card_command_runs(tmp_path):
-    """`python examples/train.py model=resnet50 smd.rescale=true`, the project's card, shortened."""
+    """`python examples/train.py model=resnet50 smd.rescale=true`, the project's card, shortened to 3
+    epochs of 2 batches (6 steps) with the pairing's own schedule: the LR drop ÷10 lands at 2/3 of the
+    run (epoch 2 = step 4), the rescale with it, both in the logs. The full command's accuracy
+    (val/acc ≥ 0.9) is checked by `python docs/make_design_card_figure.py --check` (minutes, not CI)."""
+    from lightning_smd.series import RunSeries
+
+    with composed(["model=resnet50", "smd.rescale=true"], tmp_path / "composed") as cfg:
+        assert cfg.trainer.max_epochs == 3 and list(cfg.scheduler.milestones) == [2]
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(TRAIN_PY), "model=resnet50", "smd.rescale=true", "trainer.max_steps=4",
-                           "trainer.limit_val_batches=1", "print_config=false", f"hydra.run.dir={run}"],
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "model=resnet50", "smd.rescale=true",
+                           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+                           "smd.per_channel=false", f"hydra.run.dir={run}"],
                           capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model resnet50 adapted to the data (1×8×8, 10 classes)" in proc.stdout
     assert "SMD: scale-invariant tensors" in proc.stdout
     assert (run / "version_0" / "hparams.yaml").is_file() and (run / "train.log").is_file()
+    with (run / "version_0" / "metrics.csv").open(newline="") as handle:  # LearningRateMonitor, every step
+        lr = {int(r["step"]): float(r["lr-SGD/all"]) for r in csv.DictReader(handle) if r.get("lr-SGD/all")}
+    assert sorted(lr) == list(range(6))
+    assert [lr[s] for s in range(6)] == pytest.approx([0.005] * 4 + [0.0005] * 2)
+    series = RunSeries.from_csv(run / "version_0" / "metrics.csv")
+    assert [step for step, _ in series.rescale_events] == [4]
+    assert series.rescale_events[0][1] == pytest.approx(10 ** -0.25, rel=1e-3)

@@ -29,6 +29,12 @@ class ImageClassifier(ConfiguredOptimizerModule):
             are upsampled (bilinear) to it. One line on rank 0 says what was adapted.
         fully_shard: apply ``torch.distributed.fsdp.fully_shard`` (FSDP2) in ``configure_model``;
             set by ``strategy=fsdp2`` (``ModelParallelStrategy``).
+        bn_recalibration_batches: before each validation during fit, recompute the BatchNorm running
+            statistics from this many training batches (forward only, no gradient; 0 = off). When the
+            weight norms move fast (a large λη: a few % per step), the running averages lag the
+            weights, and in a deep network the lag compounds layer by layer until eval-mode outputs
+            are constant; this measures the network as it is (the "precise BN" of Wu & Johnson,
+            2021). The training itself is unchanged: the running statistics are not used by it.
         optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay:
             see :class:`~examples.modules.optim.ConfiguredOptimizerModule`.
     """
@@ -47,6 +53,7 @@ class ImageClassifier(ConfiguredOptimizerModule):
         fully_shard: bool = False,
         in_channels: int = 3,
         image_size: int | None = None,
+        bn_recalibration_batches: int = 0,
     ) -> None:
         super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -60,6 +67,9 @@ class ImageClassifier(ConfiguredOptimizerModule):
                            + "; ".join(notes))
         self.label_smoothing = label_smoothing
         self.fully_shard = fully_shard
+        if bn_recalibration_batches < 0:
+            raise ValueError(f"model.bn_recalibration_batches must be ≥ 0, got {bn_recalibration_batches}")
+        self.bn_recalibration_batches = bn_recalibration_batches
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5) if num_classes > 5 else None
@@ -91,6 +101,31 @@ class ImageClassifier(ConfiguredOptimizerModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        if self.bn_recalibration_batches and not self.trainer.sanity_checking and self.trainer.training is False \
+                and self.trainer.state.fn == "fit":
+            self._recalibrate_batchnorm()
+
+    @torch.no_grad()
+    def _recalibrate_batchnorm(self) -> None:
+        """BatchNorm running statistics recomputed (cumulative average) from training batches."""
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        loader = self.trainer.train_dataloader
+        if not norms or loader is None:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+            m.train()
+        for i, (x, _) in enumerate(loader):
+            if i >= self.bn_recalibration_batches:
+                break
+            self(x.to(self.device))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

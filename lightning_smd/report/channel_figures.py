@@ -77,20 +77,42 @@ def _figure(size: tuple[float, float]) -> Any:
     return Figure(figsize=size, dpi=110)
 
 
-def channel_bands(channels: ChannelMetrics) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
-    """Per layer with a Δ*: ``(steps, {q: the q-th percentile over units of Δ_t/Δ*})`` for q in 5, 25, 50, 75, 95."""
+def _percentiles(matrix: np.ndarray, quantiles: tuple[int, ...]) -> np.ndarray:
+    """``[len(quantiles), steps]`` percentiles over the units (rows) of the positive values."""
+    positive = np.where(matrix > 0, matrix, np.nan)
+    with np.errstate(invalid="ignore"), _quiet():
+        if np.isfinite(positive).all():  # the usual case, ~10× faster than nanpercentile
+            return np.percentile(positive, quantiles, axis=0)
+        return np.nanpercentile(positive, quantiles, axis=0)
+
+
+def _band_layers(channels: ChannelMetrics) -> list[str]:
+    return [n for n, h in channels.history.items() if h.columns and channels.has_theory.get(n)]
+
+
+def channel_bands(channels: ChannelMetrics, layers: list[str] | None = None,
+                  ) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """Per layer with a Δ* (of ``layers``, default all): ``(steps, {q: the q-th percentile over units
+    of Δ_t/Δ*})`` for q in 5, 25, 50, 75, 95."""
     out = {}
-    for name, history in channels.history.items():
-        if not history.columns or not channels.has_theory.get(name):
-            continue
-        matrix = history.matrix()
-        positive = np.where(matrix > 0, matrix, np.nan)
-        with np.errstate(invalid="ignore"), _quiet():
-            if np.isfinite(positive).all():  # the usual case, ~10× faster than nanpercentile
-                q = np.percentile(positive, _BAND_QUANTILES, axis=0)
-            else:
-                q = np.nanpercentile(positive, _BAND_QUANTILES, axis=0)
+    for name in layers if layers is not None else _band_layers(channels):
+        history = channels.history[name]
+        q = _percentiles(history.matrix(), _BAND_QUANTILES)
         out[name] = (np.asarray(history.steps), dict(zip(_BAND_QUANTILES, q)))
+    return out
+
+
+def _tail_medians(channels: ChannelMetrics, layers: list[str]) -> dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """What :func:`select_layers` reads (the median over units on the last quarter of the steps; NaN
+    before), without the percentiles of every step of every layer."""
+    out = {}
+    for name in layers:
+        history = channels.history[name]
+        n = len(history.columns)
+        tail = max(1, n // 4)
+        median = np.full(n, np.nan)
+        median[n - tail:] = _percentiles(np.stack(history.columns[n - tail:], axis=1), (50,))[0]
+        out[name] = (np.asarray(history.steps), {50: median})
     return out
 
 
@@ -120,15 +142,16 @@ def select_layers(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]],
 
 
 def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path: str | Path,
-               stalled: dict[str, float] | None = None, source: str = "") -> Path | None:
+               stalled: dict[str, float] | None = None, source: str = "", how: str | None = None) -> Path | None:
     """Per layer (a selection above :data:`BANDS_MAX_PANELS` layers, see :func:`select_layers`), the
     bands over units of Δ_t/Δ* against the step: 5–95 % (and 25–75 % where given) and the median,
-    with Δ* (1) and the stall threshold; one title and one legend for the figure. ``None`` without data."""
+    with Δ* (1) and the stall threshold; one title and one legend for the figure. ``None`` without data.
+    ``how``: the selection is already made (``bands`` holds the layers to draw) and this says how."""
     if not bands:
         return None
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-    layers, how = select_layers(bands)
+    layers, how = (list(bands), how) if how is not None else select_layers(bands)
     cols = min(4 if len(layers) > 9 else 3, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig = _figure((3.3 * cols, 2.3 * rows + 1.0))
@@ -192,7 +215,11 @@ def _short(name: str, width: int = 40) -> str:
 
 def plot_channel_bands(channels: ChannelMetrics, path: str | Path) -> Path | None:
     """Per layer, quantile bands of Δ_t/Δ* over units against the step (:func:`plot_bands`); ``None`` without data."""
-    return plot_bands(channel_bands(channels), path, channels.stalled)
+    layers = _band_layers(channels)
+    if len(layers) <= BANDS_MAX_PANELS:
+        return plot_bands(channel_bands(channels, layers), path, channels.stalled)
+    chosen, how = select_layers(_tail_medians(channels, layers))  # percentiles of the drawn layers only
+    return plot_bands(channel_bands(channels, chosen), path, channels.stalled, how=how)
 
 
 def default_heatmap_layer(channels: ChannelMetrics) -> str | None:
