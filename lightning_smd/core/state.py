@@ -15,7 +15,7 @@ What it holds:
 * ``candidates``: the tracked tensors once detection decided (``pending``: their names from a
   checkpoint, until tracking is rebuilt), their invariance ``units``, and ``detection``
   (:class:`~lightning_smd.core.detect.progress.DetectionProgress`): the evidence of a detection
-  that has not decided yet;
+  that has not decided yet (at fit start, or on tensors added to the optimizers later);
 * ``arguments``: the adapter's arguments that shape measurement, compared at a resume.
 
 The checkpoint is plain data (``torch.load(weights_only=True)`` reads it). Format 2 adds the
@@ -126,7 +126,7 @@ class SMDState:
             "arguments": dict(self.arguments),
             "units": {n: [u.count, u.kind, u.why] for n, u in self.units.items()},
             "channels": self.channels.state_dict() if self.channels is not None else {},
-            "detection": self.detection.state_dict() if names is None else None,
+            "detection": self.detection.state_dict(),  # None unless a detection is under way
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,4 +146,4 @@ class SMDState:
         self.units = {n: Unit(int(c), str(k), str(w)) for n, (c, k, w) in (state["units"] or {}).items()}
         if self.channels is not None:
             self.channels.load_state_dict(state["channels"] or {})
-        self.detection.load_state_dict(state.get("detection") if self.pending is None else None)
+        self.detection.load_state_dict(state.get("detection"))

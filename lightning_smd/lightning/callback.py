@@ -329,6 +329,11 @@ class SMDCallback(pl.Callback):
                 rank_zero_warn(f"SMDCallback: {len(missing)} tensors tracked before the resume are gone: {missing[:5]}")
             self._state.pending = None
             self._start_tracking(trainer, decision, scale_grads=False)  # at batch start: no gradients yet
+            if self._state.detection.restored:  # tensors added later were being decided on: go on
+                under_way = set(self._state.detection.names)
+                self._added_at = log_step_of(trainer)
+                self.detection.reset([t for t in self._trainable if t.name in under_way])
+                self.detection.start_recording(pl_module)
         else:
             if self._tracked is not None and param_counts(trainer) != self._param_counts:
                 self._detect_added_tensors(trainer, pl_module)

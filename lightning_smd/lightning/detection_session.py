@@ -88,9 +88,12 @@ class DetectionSession:
         progress = self.progress
         if not progress.restored:
             return False
-        progress.restored = False
         if progress.names == sorted(t.name for t in self.tracked):
+            progress.restored = False
             return True
+        if self.state.pending is not None:  # about tensors added later: taken up once tracking is restored
+            return True
+        progress.restored = False
         rank_zero_warn("SMDCallback: the checkpoint was taken while detection was deciding on other tensors than "
                        "the optimizers now train; detection starts again.")
         progress.clear()
@@ -229,9 +232,11 @@ class DetectionSession:
         return confirm
 
     def restore(self, names: list[str]) -> tuple[Decision, list[str]]:
-        """After a resume: exactly the tensors the checkpointed run tracked (and those now missing)."""
+        """After a resume: exactly the tensors the checkpointed run tracked (and those now missing).
+        A restored progress (tensors added later were being decided on) is left for :meth:`reset`."""
         self.discard_recording()
-        self.progress.clear()
+        if not self.progress.restored:
+            self.progress.clear()
         self.done = True
         wanted, known = set(names), {t.name for t in self.tracked}
         chosen = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(wanted & known)}

@@ -59,6 +59,7 @@ def test_state_survives_a_weights_only_checkpoint_and_reset_forgets_it():
     assert restored.detection.notes == progress.notes and restored.detection.radial_steps(0) == 1
 
     # decided: the tracked names and units are kept, detection's progress is not
+    restored.detection.clear()
     restored.candidates = {"a": Candidate("a", "why", "structural")}
     restored.units = {"a": Unit(4, "channel", "BatchNorm")}
     decided = _through_a_checkpoint(restored.state_dict())
