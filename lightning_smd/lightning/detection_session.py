@@ -64,6 +64,7 @@ class DetectionSession:
         self._inputs: tuple[Any, tuple, dict] | None = None  # (module, args, kwargs) of the recorded forward
         self._child_inputs: dict[str, tuple[Any, tuple, dict]] = {}  # the same for each direct submodule called
         self._input_hook: Any = None
+        self._inputs_recorded = False  # the inputs of one forward were recorded in this fit
         self.done = False
 
     @property
@@ -75,7 +76,7 @@ class DetectionSession:
         tensors was just loaded (or the same fit goes on): then continue from its evidence."""
         self.discard_recording()
         self.tracked = tracked
-        self._inputs, self._child_inputs = None, {}
+        self._inputs, self._child_inputs, self._inputs_recorded = None, {}, False
         if not self._take_restored():
             self.progress.clear()
             self.progress.names = sorted(t.name for t in tracked)
@@ -90,6 +91,7 @@ class DetectionSession:
             return False
         if progress.names == sorted(t.name for t in self.tracked):
             progress.restored = False
+            self._inputs, self._child_inputs, self._inputs_recorded = None, {}, False  # recorded again
             return True
         if self.state.pending is not None:  # about tensors added later: taken up once tracking is restored
             return True
@@ -114,8 +116,9 @@ class DetectionSession:
             self._recorder.start()
             keep_inputs = True
         else:  # evidence from a checkpoint: its forward's inputs were not kept, this forward's are
-            keep_inputs = progress.recorded and self._inputs is None and not self._child_inputs
+            keep_inputs = progress.recorded and not self._inputs_recorded
         if keep_inputs and self._input_hook is None:
+            self._inputs_recorded = True  # one forward's, as in a run without interruption
             # the inputs of the module's own forward, to re-run it for the finite-difference check
             self._inputs, self._child_inputs = None, {}
             self._input_hook = [pl_module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)]
