@@ -230,6 +230,9 @@ class SMDMonitor:
 
     # --------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (plain data: ``torch.load(weights_only=True)`` reads it): the
+        :class:`~lightning_smd.core.state.SMDState` under ``"smd"`` (also while detection has not
+        decided: the resumed loop decides on the same evidence at the same step) and the step counters."""
         return {"smd": self._callback.state_dict(), "global_step": self._loop.global_step,
                 "log_step": self._loop._batches_that_stepped + (1 if self._open and self._stepped else 0)}
 

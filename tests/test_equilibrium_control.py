@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_smd import SMDCallback, theory
+from lightning_smd.core.state import SMDState
 from lightning_smd.equilibrium import EquilibriumTracker
 from lightning_smd.schedule import ScheduleWatcher, default_warm_start_steps
 from tests.helpers import fit, mean_over, read_metrics
@@ -54,16 +55,17 @@ def test_default_warm_start_steps_waits_for_32_samples_of_L():
     assert default_warm_start_steps(3, every=50, unit_grad_every=8) == 3 + 1 + 32 * 50
 
 
-def test_arguments_and_old_checkpoints():
+def test_arguments_and_unknown_checkpoints():
     with pytest.raises(ValueError, match="warm_start"):
         SMDCallback(warm_start="soon")
     with pytest.raises(ValueError, match="warm_start"):
         SMDCallback(warm_start=0)
     assert SMDCallback(rescale="equilibrium").policy.mode == "equilibrium"
-    watcher = ScheduleWatcher(None, EquilibriumTracker(), lambda *a: None, 3, warm_start=True)
-    # a checkpoint from before the warm start existed: not done, no update RMS
-    watcher.load_state_dict({"last_hparams": {"pg0": [0.1, 1e-3]}, "peak_lr": {"pg0": 0.1}, "rescale_events": []})
+    watcher = ScheduleWatcher(None, SMDState(), lambda *a: None, 3, warm_start=True)
     assert watcher.warm_start_done is False and watcher.update_rms("X") is None
+    # checkpoints of versions never released are refused, naming what to do
+    with pytest.raises(ValueError, match="unknown checkpoint state version 0"):
+        SMDCallback().load_state_dict({"version": 0, "last_hparams": {"pg0": [0.1, 1e-3]}})
 
 
 def test_window_mean_accessor():

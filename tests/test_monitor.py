@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +94,43 @@ def test_fabric_loop_names_the_users_parameters():
     assert set(monitor.candidates) == {"0.weight"}
     assert sorted(logged) == [4, 5, 6, 7]
     assert all(0 < m["smd/angular_update/0.weight"] < 0.2 for m in logged.values())
+
+
+def _loop_with_drop(steps, start=0, resume=None):
+    """SGD with momentum, LR ×0.1 after the first step, ``rescale=True``: the drop is seen at step 1,
+    before detection decides (step 3), so its rescale is deferred until then."""
+    model = TinyNet(optimizer="sgdm", steps=STEPS, milestones=(1,))
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+    monitor = SMDMonitor(model, optimizer, rescale=True, **OPTIONS)
+    if resume is not None:
+        monitor.load_state_dict(resume["smd"])
+    x_all, y_all = dataset(STEPS).tensors
+    for i in range(start, steps):
+        batch = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        nn.functional.cross_entropy(model(x_all[batch]), y_all[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        monitor.pop_metrics()
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "smd": monitor.state_dict()}
+    monitor.close()
+    return model, monitor, copy.deepcopy(saved)
+
+
+@pytest.mark.filterwarnings("ignore:SMDCallback")  # the deferred rescale, and the one still owed at step 2
+def test_resume_during_detection_is_bit_equal():
+    straight, straight_monitor, _ = _loop_with_drop(10)
+    assert [e["step"] for e in straight_monitor.rescale_events] == [3]  # deferred to detection's decision
+    _, _, saved = _loop_with_drop(2)  # stopped during detection, the rescale owed
+    assert saved["smd"]["smd"]["tracked"] is None and saved["smd"]["smd"]["deferred_rescales"]
+    resumed, monitor, _ = _loop_with_drop(10, start=2, resume=saved)
+    assert [e["step"] for e in monitor.rescale_events] == [3]
+    assert monitor.candidates == straight_monitor.candidates
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

@@ -15,11 +15,6 @@ from tests.models import NoisyRayleighQuotient
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 22 item 3, not fixed in this round: the detection state (radial-cosine maxima, hook counts, "
-    "structural candidates, the recorded inputs of the finite-difference check) is not checkpointed, so the "
-    "resumed run detects again and applies the deferred rescale at step 5 instead of 3. The fix checkpoints "
-    "DetectionSession's evidence; it touches callback.state_dict/load_state_dict, which issue 21 is rewriting."))
 def test_resume_during_detection_is_bit_equal(tmp_path):
     kw = dict(p=16, sigma=0.5, lr=0.1, weight_decay=0.05, milestones=[1], gamma=0.1, init_norm=2.0)
     with warnings.catch_warnings():
@@ -34,6 +29,10 @@ def test_resume_during_detection_is_bit_equal(tmp_path):
         resumed = NoisyRayleighQuotient(**kw)
         cb2 = SMDCallback(log_every_n_steps=1, rescale=True, verbose=False)
         fit(resumed, tmp_path / "resumed", [cb2], max_steps=30, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)["callbacks"]["SMDCallback"]
+    assert saved["tracked"] is None and saved["deferred_rescales"]  # undecided, the rescale owed
+    assert saved["detection"]["steps"] == {0: 2} and saved["detection"]["radial"][0]["steps"] == 1
     assert [e["step"] for e in cb.rescale_events] == [cb.detect_steps]
+    assert cb2.candidates == cb.candidates  # decided on the same evidence (not "restored from checkpoint")
     assert [e["step"] for e in cb2.rescale_events] == [e["step"] for e in cb.rescale_events]
     torch.testing.assert_close(resumed.X.detach(), straight.X.detach(), rtol=0, atol=0)

@@ -57,13 +57,13 @@ def test_trajectory_rules():
     assert not WarmupTracker(0).classify("g", (0.1, 1.0), (0.2, 1.0), 1)
     with pytest.raises(ValueError, match="warmup_steps"):
         SMDCallback(warmup_steps=-1)
-    # checkpointed: a resume mid-ramp keeps ramping; one from before recognition treats seen groups as past it
+    # checkpointed: a resume mid-ramp keeps ramping, one after its end does not ramp again
     resumed = WarmupTracker()
-    resumed.load_state_dict(WarmupTracker().state_dict(), ["g"])
+    resumed.load_state_dict(WarmupTracker().state_dict())
     assert resumed.classify("g", (0.1, 1.0), (0.2, 1.0), 3)
-    old = WarmupTracker()
-    old.load_state_dict(None, ["g"])
-    assert not old.classify("g", (0.1, 1.0), (0.2, 1.0), 3)
+    ended = WarmupTracker()
+    ended.load_state_dict(tracker.state_dict())
+    assert not ended.classify("g", (0.1, 1.0), (0.2, 1.0), 3)
 
 
 SLOW = pytest.mark.slow

@@ -171,7 +171,7 @@ class EquilibriumTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stages = [Stage(**s) for s in state.get("stages", [])]
-        self._current = {g: self.stages[i] for g, i in state.get("current", {}).items()}
-        self._points = {n: deque((int(s), float(r)) for s, r in p) for n, p in state.get("points", {}).items()}
+        self.stages = [Stage(**s) for s in state["stages"]]
+        self._current = {g: self.stages[i] for g, i in state["current"].items()}
+        self._points = {n: deque((int(s), float(r)) for s, r in p) for n, p in state["points"].items()}
         self._sums = {n: math.fsum(r for _, r in p) for n, p in self._points.items()}

@@ -100,11 +100,9 @@ class RunningMean:
                 "square": dict(self._square), "weight_sq": dict(self._weight_sq), "count": dict(self._count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._mean = dict(state.get("mean", {}))
-        self._weight = dict(state.get("weight", {}))
-        self._last_step = {k: int(v) for k, v in state.get("last_step", {}).items()}
-        # checkpoints from before the second moment: their estimates count as settled (zero spread)
-        self._square = dict(state.get("square") or {
-            k: (m / w) ** 2 * w for k, m in self._mean.items() if (w := self._weight.get(k, 0.0)) > 0})
-        self._weight_sq = dict(state.get("weight_sq") or {k: w * w / 1e6 for k, w in self._weight.items()})
-        self._count = {k: int(v) for k, v in (state.get("count") or {k: MIN_SAMPLES for k in self._mean}).items()}
+        self._mean = dict(state["mean"])
+        self._weight = dict(state["weight"])
+        self._last_step = {k: int(v) for k, v in state["last_step"].items()}
+        self._square = dict(state["square"])
+        self._weight_sq = dict(state["weight_sq"])
+        self._count = {k: int(v) for k, v in state["count"].items()}

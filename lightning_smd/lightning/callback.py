@@ -31,6 +31,7 @@ from lightning_smd.core.rescale import RescalePolicy
 from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad_scaler
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, param_counts, trainable
+from lightning_smd.core.state import SMDState
 from lightning_smd.core.units import Unit, invariance_units
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ TENSORS_FILE = "smd_tensors.txt"
 
 __all__ = ["SMDCallback"]
 
-_STATE_VERSION = 1
 DEFAULT_CHANNEL_EVERY = 1  # per_channel=True: per-unit statistics on every measured step (they come from the same row sums)
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -161,10 +161,13 @@ class SMDCallback(_callback_base()):
             verbose=verbose, per_channel=per_channel, warmup_steps=warmup_steps,
         )
         arguments.validate(given, self._owner)
-        self._given = given  # to start fresh when reused on a new Trainer or model (see setup)
         self._fit_of: tuple[Any, Any] | None = None  # weak references: the Trainer and module of the last fit
         self._continuing = False
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
+        # everything a checkpoint keeps (see docs/architecture.md): the running estimates, stages,
+        # the schedule's memory, the tracked tensors, detection's progress
+        self._state = SMDState(ema_steps, equilibrium_tolerance, equilibrium_window, per_channel is not False,
+                               warmup_steps, self._arguments)
         self.log_every_n_steps = log_every_n_steps
         self.rescale = rescale
         self.policy = (
@@ -180,34 +183,37 @@ class SMDCallback(_callback_base()):
         self.figures_every_n_steps = figures_every_n_steps
         self.verbose = verbose
 
-        # the parts (see docs/architecture.md); unit_grad, equilibrium and the watcher's state are checkpointed
-        self.unit_grad = RunningMean(ema_steps, positive=True)
-        self.equilibrium = EquilibriumTracker(equilibrium_tolerance, equilibrium_window)
-        self.channels = ChannelMetrics(equilibrium_window, ema_steps) if per_channel is not False else None
+        self._figures_dir = figures_dir
         # per_channel=True: units on every measured step, histograms once per 50 steps; N: both every N
-        self.publisher = Publisher(figures_dir, self.channels, 50 if isinstance(per_channel, bool) else per_channel)
-        self.detection = DetectionSession(detect, detect_steps, radial_threshold, include, exclude)
-        self.schedule = ScheduleWatcher(self.policy, self.equilibrium, self.publisher.log, detect_steps,
-                                        unit_grad=self.unit_grad, warm_start=warm_start, warmup_steps=warmup_steps)
+        self._histogram_every = 50 if isinstance(per_channel, bool) else per_channel
+        self._warm_start = warm_start
         self.per_channel = per_channel is not False
         # per-unit statistics on the measured step that ends each block of this many steps
         self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
-        self.units: dict[str, Unit] = {}  # per_channel: each tracked tensor's invariance unit
-        self.metrics = MetricsBuilder(self.unit_grad, self.equilibrium, self.channels)
+        self.rescale_min_drop = rescale_min_drop
+        # torch's step hooks on the Trainer's optimizers (fit only); the Trainer they read
+        self._hooks: StepHooks | None = None
+        self._trainer: pl.Trainer | None = None
+        self._start_fresh()
 
-        self.candidates: dict[str, Candidate] = {}  # the scale-invariant tensors, name → why
+    def _start_fresh(self) -> None:
+        """A new run: the state object reset, and the parts of a fit that read it made anew (the
+        records, the plan and the report of an earlier fit are dropped)."""
+        self._state.reset()
+        # the parts (see docs/architecture.md), on the state they read and update
+        self.publisher = Publisher(self._figures_dir, self._state.channels, self._histogram_every)
+        self.detection = DetectionSession(self._state, self.detect, self.detect_steps, self.radial_threshold,
+                                          self.include, self.exclude)
+        self.schedule = ScheduleWatcher(self.policy, self._state, self.publisher.log, self.detect_steps,
+                                        warm_start=self._warm_start)
+        self.metrics = MetricsBuilder(self._state)
         self.detection_text: str | None = None  # the detection report, once decided
         self.skipped_steps = 0  # measured steps the GradScaler skipped (not logged)
         self._trainable: list[Tracked] = []
         self._tracked: TrackedSet | None = None  # None until detection decided
-        self._saved_names: list[str] | None = None  # tracked names from a checkpoint, until restored
-        self.rescale_min_drop = rescale_min_drop
         self.plan: Plan | None = None  # the LR stages of the fit, predicted at train start (rank 0)
         self._param_counts: tuple[int, ...] = ()  # tensors per param group when detection last decided
         self._added_at = 0
-        # torch's step hooks on the Trainer's optimizers (fit only); the Trainer they read
-        self._hooks: StepHooks | None = None
-        self._trainer: pl.Trainer | None = None
         # optimizer id → log step: a measured step Lightning announced (on_before_optimizer_step)
         # and torch has not run yet; left at the batch end, the GradScaler skipped it
         self._due: dict[int, int] = {}
@@ -220,6 +226,30 @@ class SMDCallback(_callback_base()):
         # By class only: a resume with other arguments must still find (and restore) this state.
         # It also makes Lightning refuse a second instance when the Trainer is built.
         return type(self).__qualname__
+
+    @property
+    def candidates(self) -> dict[str, Candidate]:
+        """The scale-invariant tensors tracked, name → why (empty until detection decided)."""
+        return self._state.candidates
+
+    @property
+    def units(self) -> dict[str, Unit]:
+        """per_channel: each tracked tensor's invariance unit."""
+        return self._state.units
+
+    @property
+    def unit_grad(self) -> RunningMean:
+        """The running estimate of L per tensor."""
+        return self._state.unit_grad
+
+    @property
+    def equilibrium(self) -> EquilibriumTracker:
+        """The LR stages and when each tensor reached equilibrium in them."""
+        return self._state.equilibrium
+
+    @property
+    def channels(self) -> ChannelMetrics | None:
+        return self._state.channels
 
     @property
     def records(self) -> History:
@@ -256,7 +286,7 @@ class SMDCallback(_callback_base()):
         last = self._fit_of
         self._continuing = last is not None and last[0]() is trainer and last[1]() is pl_module
         if last is not None and not self._continuing:
-            self.__init__(**self._given)
+            self._start_fresh()
         self._fit_of = (weakref.ref(trainer), weakref.ref(pl_module))
         namespace.bind(trainer)  # pytorch_lightning or lightning.pytorch: the rank from this Trainer
         others = [cb for cb in trainer.callbacks if isinstance(cb, SMDCallback) and cb is not self]
@@ -279,9 +309,11 @@ class SMDCallback(_callback_base()):
         self._trainable = trainable(trainer, pl_module)
         check_filters([t.name for t in self._trainable], self.include, self.exclude, self._owner)
         self._tracked = None
+        if self._continuing and not self.candidates and self._state.pending is None:
+            self._state.detection.restored = True  # detection was under way: go on with its evidence
         self.detection.reset(self._trainable)
-        if self._continuing and self.candidates and self._saved_names is None:
-            self._saved_names = sorted(self.candidates)  # continue tracking them (the resume path)
+        if self._continuing and self.candidates and self._state.pending is None:
+            self._state.pending = sorted(self.candidates)  # continue tracking them (the resume path)
         if not self._trainable:
             rank_zero_warn("SMDCallback: the optimizers hold no parameters; nothing to measure.")
             self._tracked = TrackedSet(trainer, [], self.unit_grad_every)
@@ -308,14 +340,19 @@ class SMDCallback(_callback_base()):
         wandb_extras.log_plan_table(trainer, self.plan.rows(), trainer.global_step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._tracked is None and self._saved_names is not None:
+        if self._tracked is None and self._state.pending is not None:
             # param groups other callbacks restored in their on_fit_start (e.g. BackboneFinetuning) count too
             self._trainable = trainable(trainer, pl_module)
-            decision, missing = self.detection.restore(self._saved_names)
+            decision, missing = self.detection.restore(self._state.pending)
             if missing:
                 rank_zero_warn(f"SMDCallback: {len(missing)} tensors tracked before the resume are gone: {missing[:5]}")
-            self._saved_names = None
+            self._state.pending = None
             self._start_tracking(trainer, decision, scale_grads=False)  # at batch start: no gradients yet
+            if self._state.detection.restored:  # tensors added later were being decided on: go on
+                under_way = set(self._state.detection.names)
+                self._added_at = log_step_of(trainer)
+                self.detection.reset([t for t in self._trainable if t.name in under_way])
+                self.detection.start_recording(pl_module)
         else:
             if self._tracked is not None and param_counts(trainer) != self._param_counts:
                 self._detect_added_tensors(trainer, pl_module)
@@ -409,9 +446,9 @@ class SMDCallback(_callback_base()):
     def _report_detection(self, trainer: pl.Trainer, decision: Decision) -> None:
         """Rank 0: the full per-tensor table into ``<figures dir>/smd_tensors.txt``; on the console
         the grouped report (``verbose=True``) or the full table (``verbose=2``), then the plan."""
-        self.detection_text = detection_report(trainer, self._trainable, decision, units=self.units)
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero:  # formatted where it is shown
             return
+        self.detection_text = detection_report(trainer, self._trainable, decision, units=self.units)
         where = None
         # nothing under fast_dev_run (its DummyLogger), nor in the working directory of a logger-less run
         if self.publisher.writes_files(trainer) and (self.figures_dir is not None or trainer.loggers):
@@ -435,7 +472,7 @@ class SMDCallback(_callback_base()):
             rank_zero_info(copied)
 
     def _start_tracking(self, trainer: pl.Trainer, decision: Decision, scale_grads: bool) -> None:
-        self.candidates = decision.chosen
+        self._state.candidates = dict(decision.chosen)
         self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in decision.chosen], self.unit_grad_every,
                                    self._unit_counts(trainer), self.channel_every)
         self._param_counts = param_counts(trainer)
@@ -447,7 +484,8 @@ class SMDCallback(_callback_base()):
             return None
         derived = invariance_units(trainer.lightning_module, self.candidates)
         # after a resume the candidates' evidence is gone ("restored from checkpoint"): the checkpointed units
-        self.units = {n: self.units.get(n, u) if self.candidates[n].source == "checkpoint" else u for n, u in derived.items()}
+        self._state.units = {n: self.units.get(n, u) if self.candidates[n].source == "checkpoint" else u
+                             for n, u in derived.items()}
         return {n: u.count for n, u in self.units.items()}
 
     def _detect_added_tensors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -463,14 +501,14 @@ class SMDCallback(_callback_base()):
 
     def _add_tracking(self, trainer: pl.Trainer, decision: Decision) -> None:
         """Track the scale-invariant ones among the added tensors from now on, next to the others."""
-        self.candidates = {**self.candidates, **decision.chosen}
+        self._state.candidates = {**self.candidates, **decision.chosen}
         self._tracked = TrackedSet(trainer, [t for t in self._trainable if t.name in self.candidates], self.unit_grad_every,
                                    self._unit_counts(trainer), self.channel_every)
         step = log_step_of(trainer)
         for group in sorted({g for n, g in zip(self._tracked.names, self._tracked.groups) if n in decision.chosen}):
             if self.equilibrium.current_stage(group) is None:  # a new param group: its first stage starts now
                 self.equilibrium.start_stage(group, step, None, False, self._tracked.names_of(group))
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:  # formatted where it is shown
             added = self.detection.tracked
             rank_zero_info(
                 f"SMD: {len(added)} tensors were added to the optimizers (add_param_group) or unfrozen (requires_grad) "
@@ -481,28 +519,13 @@ class SMDCallback(_callback_base()):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        names = sorted(self.candidates) if self.candidates else self._saved_names
-        return {
-            "version": _STATE_VERSION,
-            "unit_grad": self.unit_grad.state_dict(),
-            "equilibrium": self.equilibrium.state_dict(),
-            **self.schedule.state_dict(),
-            "tracked": names,
-            "arguments": dict(self._arguments),
-            "units": {n: [u.count, u.kind, u.why] for n, u in self.units.items()},
-            "channels": self.channels.state_dict() if self.channels is not None else {},
-        }
+        """The :class:`~lightning_smd.core.state.SMDState`'s: everything a resume needs (also taken
+        while detection has not decided: the resumed run goes on with its evidence)."""
+        return self._state.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"SMDCallback: unknown checkpoint state version {state_dict.get('version')!r}")
-        self.unit_grad.load_state_dict(state_dict["unit_grad"])
-        self.equilibrium.load_state_dict(state_dict["equilibrium"])
-        self.schedule.load_state_dict(state_dict)
-        self._saved_names = state_dict["tracked"]
-        self.units = {n: Unit(int(c), str(k), str(w)) for n, (c, k, w) in (state_dict.get("units") or {}).items()}
-        if self.channels is not None:
-            self.channels.load_state_dict(state_dict.get("channels") or {})
+        self.detection.discard_recording()  # a forward recorded before the load is no evidence of this run
+        self._state.load_state_dict(state_dict)
         self._tracked = None
         if changed := arguments.changes(state_dict.get("arguments") or {}, self._arguments):
             rank_zero_warn(

@@ -14,13 +14,14 @@ from lightning_smd.lightning.namespace import rank_zero_warn
 from lightning_smd.core.detect import (
     Candidate,
     DataflowRecorder,
-    RadialCosineCheck,
     confirm_scale_invariance,
     decide,
     notes_from_recorder,
     precision_floor,
     select,
 )
+from lightning_smd.core.detect.progress import DetectionProgress
+from lightning_smd.core.state import SMDState
 from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
 from lightning_smd.core.steps import radial_floor
 from lightning_smd.report.summary import DetectionRow, first_names, format_detection_report
@@ -52,7 +53,9 @@ class DetectionSession:
     :class:`Decision` on the step it is made (rank 0 decides, every rank gets it), ``None`` before.
     """
 
-    def __init__(self, detect: str, detect_steps: int, radial_threshold: float, include: Any, exclude: Any) -> None:
+    def __init__(self, state: SMDState, detect: str, detect_steps: int, radial_threshold: float, include: Any,
+                 exclude: Any) -> None:
+        self.state = state  # its progress (state.detection) is checkpointed: a resume continues it
         self.detect = detect
         self.detect_steps = detect_steps
         self.radial_threshold = radial_threshold
@@ -60,28 +63,64 @@ class DetectionSession:
         self.exclude = exclude
         self.tracked: list[Tracked] = []
         self._recorder: DataflowRecorder | None = None
-        self._structural: dict[str, Candidate] | None = None
-        self._radial: dict[int, RadialCosineCheck] = {}  # one per optimizer
-        self._hook_calls: dict[int, int] = {}
-        self._notes = None
         self._inputs: tuple[Any, tuple, dict] | None = None  # (module, args, kwargs) of the recorded forward
         self._child_inputs: dict[str, tuple[Any, tuple, dict]] = {}  # the same for each direct submodule called
         self._input_hook: Any = None
+        self._inputs_recorded = False  # the inputs of one forward were recorded in this fit
         self.done = False
 
+    @property
+    def progress(self) -> DetectionProgress:
+        return self.state.detection
+
     def reset(self, tracked: list[Tracked]) -> None:
-        """A new fit: forget all evidence."""
-        self.stop_recording()
+        """A new fit: forget all evidence, unless a checkpoint taken during detection on these same
+        tensors was just loaded (or the same fit goes on): then continue from its evidence."""
+        self.discard_recording()
         self.tracked = tracked
-        self._structural = None if self.detect != "numerical" else {}
-        self._radial, self._hook_calls = {}, {}
+        self._inputs, self._child_inputs, self._inputs_recorded = None, {}, False
+        if not self._take_restored():
+            self.progress.clear()
+            self.progress.names = sorted(t.name for t in tracked)
+            if self.detect == "numerical":
+                self.progress.structural = {}
         self.done = not tracked
 
+    def _take_restored(self) -> bool:
+        """Continue a restored progress if it is about the tensors now under detection (else drop it)."""
+        progress = self.progress
+        if not progress.restored:
+            return False
+        if progress.names == sorted(t.name for t in self.tracked):
+            progress.restored = False
+            self._inputs, self._child_inputs, self._inputs_recorded = None, {}, False  # recorded again
+            return True
+        if self.state.pending is not None:  # about tensors added later: taken up once tracking is restored
+            return True
+        progress.restored = False
+        rank_zero_warn("SMDCallback: the checkpoint was taken while detection was deciding on other tensors than "
+                       "the optimizers now train; detection starts again.")
+        progress.clear()
+        progress.names = sorted(t.name for t in self.tracked)
+        if self.detect == "numerical":
+            progress.structural = {}
+        return True
+
     def start_recording(self, pl_module: pl.LightningModule) -> None:
-        """Record the dataflow of the forward about to run (the first training batch only)."""
-        if not self.done and self._structural is None and self._recorder is None:
+        """Record the dataflow of the forward about to run (the first training batch only), and
+        the inputs of that forward for the finite-difference check (again after a resume)."""
+        self._take_restored()  # a checkpoint loaded after fit start (strategies that restore after setup)
+        if self.done:
+            return
+        progress = self.progress
+        if progress.structural is None and self._recorder is None:
             self._recorder = DataflowRecorder(pl_module)
             self._recorder.start()
+            keep_inputs = True
+        else:  # evidence from a checkpoint: its forward's inputs were not kept, this forward's are
+            keep_inputs = progress.recorded and not self._inputs_recorded
+        if keep_inputs and self._input_hook is None:
+            self._inputs_recorded = True  # one forward's, as in a run without interruption
             # the inputs of the module's own forward, to re-run it for the finite-difference check
             self._inputs, self._child_inputs = None, {}
             self._input_hook = [pl_module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)]
@@ -97,15 +136,26 @@ class DetectionSession:
     def _keep_child_inputs(self, prefix: str, module: Any, args: tuple, kwargs: dict) -> None:
         self._child_inputs.setdefault(prefix, (module, args, kwargs))
 
-    def stop_recording(self) -> None:
+    def _remove_input_hooks(self) -> None:
         if self._input_hook is not None:
             for hook in self._input_hook:
                 hook.remove()
             self._input_hook = None
+
+    def stop_recording(self) -> None:
+        self._remove_input_hooks()
         if self._recorder is not None:
             recorder, self._recorder = self._recorder, None
-            self._structural = recorder.stop()
-            self._notes = notes_from_recorder(recorder)
+            self.progress.structural = recorder.stop()
+            self.progress.notes = notes_from_recorder(recorder)
+            self.progress.recorded = True
+
+    def discard_recording(self) -> None:
+        """Stop a recording without keeping what it saw (a checkpoint is about to be loaded, or a new fit)."""
+        self._remove_input_hooks()
+        if self._recorder is not None:
+            recorder, self._recorder = self._recorder, None
+            recorder.stop()
 
     def step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Decision | None:
         """Advance by one step of ``optimizer`` (gradients final, weights not yet updated).
@@ -114,33 +164,28 @@ class DetectionSession:
         several optimizers, e.g. a GAN's, the others' gradients are stale or absent).
         """
         self.stop_recording()
-        if self.done or self._structural is None:
+        progress = self.progress
+        if self.done or progress.structural is None:
             return None
         if self.detect == "structural":
             return self._decide(trainer, {})
-        key = id(optimizer)
-        calls = self._hook_calls[key] = self._hook_calls.get(key, 0) + 1
+        index = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer)
+        calls = progress.steps[index] = progress.steps.get(index, 0) + 1
         if calls == 1:  # radial cosines are only trustworthy after this optimizer's first update
             return None
-        if key not in self._radial:
-            params = [(t.name, t.param) for t in self.tracked if trainer.optimizers[t.optimizer_index] is optimizer]
-            self._radial[key] = RadialCosineCheck(params, reduce_fn=make_reduce_fn(trainer.strategy, [p for _, p in params]))
-        self._radial[key].update()
-        stepping = {id(trainer.optimizers[t.optimizer_index]) for t in self.tracked}
-        counts = [self._radial[k].steps if k in self._radial else 0 for k in stepping]
+        params = [(t.name, t.param) for t in self.tracked if t.optimizer_index == index]
+        progress.radial_check(index, params, make_reduce_fn(trainer.strategy, [p for _, p in params])).update()
+        counts = [progress.radial_steps(k) for k in {t.optimizer_index for t in self.tracked}]
         # all optimizers checked, or one of them for long (another one may step rarely, or never)
         if min(counts) >= self.detect_steps or max(counts) >= 4 * self.detect_steps:
-            cosines: dict[str, float] = {}
-            for check in self._radial.values():
-                cosines.update(check.result())
-            self._radial = {}
-            return self._decide(trainer, cosines)
+            return self._decide(trainer, progress.cosines())
         return None
 
     def _decide(self, trainer: pl.Trainer, cosines: dict[str, float]) -> Decision:
         tracked_names = {t.name for t in self.tracked}
-        structural = {n: c for n, c in (self._structural or {}).items() if n in tracked_names}
+        structural = {n: c for n, c in (self.progress.structural or {}).items() if n in tracked_names}
         norm_affine = [t.name for t in self.tracked if t.norm_affine]
+        notes = self.progress.notes
         # 16-bit gradients or parameters: structure is confirmed at the precision's floor, discoveries stay strict
         floor = max((precision_floor(t.param.dtype) for t in self.tracked), default=0.0)
         confirm = max(self.radial_threshold, radial_floor(trainer), floor)
@@ -148,15 +193,15 @@ class DetectionSession:
                                   numels={t.name: t.param.numel() for t in self.tracked},
                                   dtypes={t.name: t.param.dtype for t in self.tracked},
                                   confirm=self._finite_difference_check(trainer),
-                                  eps_dominated=self._notes.eps_dominated if self._notes else None,
-                                  eps_defect=self._notes.eps_defect if self._notes else None)
+                                  eps_dominated=notes.eps_dominated if notes else None,
+                                  eps_defect=notes.eps_defect if notes else None)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         filtered_out = sorted(n for n in chosen if n not in keep)
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.done, self._inputs, self._child_inputs = True, None, {}
-        notes = self._notes
+        self.progress.clear()  # decided: the state keeps the chosen tensors from now on
         return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {},
                         filtered_out)
 
@@ -192,9 +237,12 @@ class DetectionSession:
         return confirm
 
     def restore(self, names: list[str]) -> tuple[Decision, list[str]]:
-        """After a resume: exactly the tensors the checkpointed run tracked (and those now missing)."""
-        self.stop_recording()
-        self._structural, self.done = {}, True
+        """After a resume: exactly the tensors the checkpointed run tracked (and those now missing).
+        A restored progress (tensors added later were being decided on) is left for :meth:`reset`."""
+        self.discard_recording()
+        if not self.progress.restored:
+            self.progress.clear()
+        self.done = True
         wanted, known = set(names), {t.name for t in self.tracked}
         chosen = {n: Candidate(n, "restored from checkpoint", "checkpoint") for n in sorted(wanted & known)}
         return Decision(chosen), sorted(wanted - known)

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_smd.core.channels import ChannelMetrics
 from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
+from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import Finished
 from lightning_smd.report.summary import first_names
 from lightning_smd.lightning.tracking import TrackedSet
@@ -32,18 +33,27 @@ class MetricsBuilder:
     """Per measured step: Δ_t, ‖w_t‖, the running L and the theory lines per tensor, the Δ_t/Δ*
     aggregates, and equilibrium tracking (which it advances).
 
-    ``unit_grad`` (the running L) and ``equilibrium`` are the callback's checkpointed state,
-    updated here in place. ``channels``: the per-channel metrics, built from the unit columns of
-    the statistics (``None``: per-tensor metrics only).
+    ``state``'s running L (``unit_grad``), ``equilibrium`` and ``channels`` (the per-channel metrics,
+    built from the unit columns of the statistics; ``None``: per-tensor metrics only) are updated
+    here in place: they are the checkpointed state.
     """
 
-    def __init__(self, unit_grad: RunningMean, equilibrium: EquilibriumTracker,
-                 channels: ChannelMetrics | None = None) -> None:
-        self.unit_grad = unit_grad
-        self.equilibrium = equilibrium
-        self.channels = channels
+    def __init__(self, state: SMDState) -> None:
+        self.state = state
         self._key_cache: dict[str, TensorKeys] = {}
         self._warned_not_finite = False
+
+    @property
+    def unit_grad(self) -> RunningMean:
+        return self.state.unit_grad
+
+    @property
+    def equilibrium(self) -> EquilibriumTracker:
+        return self.state.equilibrium
+
+    @property
+    def channels(self) -> ChannelMetrics | None:
+        return self.state.channels
 
     def keys(self, name: str) -> TensorKeys:
         """The metric keys of one tensor, built once (shared by every record)."""

@@ -41,6 +41,7 @@ from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.measure import local
 from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
+from lightning_smd.core.state import ScheduleMemory, SMDState
 from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.report.summary import first_names
 from lightning_smd.lightning.tracking import Tracked, TrackedSet, group_label
@@ -83,29 +84,50 @@ class ScheduleWatcher:
     docstring); ``warm_start`` (``True`` or a step count) sets every tracked tensor to its predicted
     ‖w*‖ once, at ``warm_start_steps``. Any rescale applied while a tensor's window mean of Δ_t/Δ*
     is outside ±30 % warns, naming the tensors, the ratio and what to do.
-    Its state (last (η, λ), peak η, deferred rescales, rescale events, whether the warm start was
-    done, the running update RMS ū) is checkpointed.
+    What it remembers (last (η, λ), peak η, deferred rescales, rescale events, whether the warm start
+    was done) and the running update RMS ū live in the :class:`~lightning_smd.core.state.SMDState`
+    it is given (checkpointed there).
     """
 
-    def __init__(self, policy: RescalePolicy | None, equilibrium: EquilibriumTracker, publish: Publish,
-                 detect_steps: int, unit_grad: RunningMean | None = None, warm_start: bool | int = False,
-                 warmup_steps: int | None = None) -> None:
+    def __init__(self, policy: RescalePolicy | None, state: SMDState, publish: Publish, detect_steps: int,
+                 warm_start: bool | int = False) -> None:
         self.policy = policy
-        self.warmup = WarmupTracker(warmup_steps)  # LR warm-up: one stage with its plateau, never rescaled
-        self.equilibrium = equilibrium
+        self.state = state  # what it remembers (state.schedule), the running L and ū², stages, warm-up
         self.publish = publish
         self.detect_steps = detect_steps
-        self.unit_grad = unit_grad if unit_grad is not None else RunningMean(200.0)
-        self.update_sq = RunningMean(self.unit_grad.time_constant)  # ū² per tensor (AdamW / Lion)
         self.warm_start = warm_start
         # an int is the step itself; True is resolved by `resolve_warm_start` once the Trainer is known
         self.warm_start_steps: int | None = warm_start if warm_start and not isinstance(warm_start, bool) else None
-        self.warm_start_done = False
-        self.rescale_events: list[dict[str, Any]] = []
-        self.last_hparams: dict[str, HParams] = {}
-        self.peak_lr: dict[str, float] = {}
-        self.deferred: dict[str, dict[str, Any]] = {}
-        self.reference: dict[str, HParams] = {}  # per group: the last (η, λ) with η·λ > 0
+
+    @property
+    def memory(self) -> ScheduleMemory:
+        return self.state.schedule
+
+    @property
+    def equilibrium(self) -> EquilibriumTracker:
+        return self.state.equilibrium
+
+    @property
+    def unit_grad(self) -> RunningMean:
+        return self.state.unit_grad
+
+    @property
+    def update_sq(self) -> RunningMean:
+        """ū² per tensor (AdamW / Lion / Muon)."""
+        return self.state.update_sq
+
+    @property
+    def warmup(self) -> WarmupTracker:
+        """LR warm-up: one stage with its plateau, never rescaled."""
+        return self.state.warmup
+
+    @property
+    def rescale_events(self) -> list[dict[str, Any]]:
+        return self.memory.rescale_events
+
+    @property
+    def warm_start_done(self) -> bool:
+        return self.memory.warm_start_done
 
     def check(self, trainer: pl.Trainer, tracked: TrackedSet | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Look at every group (of ``optimizer`` only, when given: inside its step, gradients exist).
@@ -120,12 +142,12 @@ class ScheduleWatcher:
             for gi, group in enumerate(opt.param_groups):
                 key = group_label(trainer, oi, gi)
                 current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
-                last = self.last_hparams.get(key)
-                self.last_hparams[key] = current
-                self.peak_lr[key] = max(self.peak_lr.get(key, 0.0), current[0])
-                reference = self.reference.get(key)
+                last = self.memory.last_hparams.get(key)
+                self.memory.last_hparams[key] = current
+                self.memory.peak_lr[key] = max(self.memory.peak_lr.get(key, 0.0), current[0])
+                reference = self.memory.reference.get(key)
                 if current[0] * current[1] > 0:
-                    self.reference[key] = current
+                    self.memory.reference[key] = current
                 if last is None or last == current:
                     continue
                 if self.warmup.classify(key, last, current, log_step):  # no stage, no prediction, no rescale
@@ -145,7 +167,7 @@ class ScheduleWatcher:
                     factor = None  # the first non-zero (η, λ) of the run (e.g. a warmup from 0): nothing to compare
                 else:
                     last = reference  # through zero: compare with the last non-zero (η, λ)
-                    factor = (self.policy.factor(*_effective(opt, group, last, current), self.peak_lr[key],
+                    factor = (self.policy.factor(*_effective(opt, group, last, current), self.memory.peak_lr[key],
                                                  drop_exponent(opt, group)) if self.policy else None)
                 if factor is not None and tracked is None:
                     self._defer(key, oi, gi, factor, last, current, log_step)
@@ -169,28 +191,28 @@ class ScheduleWatcher:
         """Apply the rescales deferred until detection decided (``scale_grads``: gradients exist now)."""
         log_step = log_step_of(trainer)
         factors = {}
-        for key, d in sorted(self.deferred.items()):
+        for key, d in sorted(self.memory.deferred.items()):
             oi, gi = d["group"]
             first, current = tuple(d["lr"][0]), tuple(d["lr"][1])
             applied = self._rescale_group(trainer, tracked, oi, gi, d["factor"], log_step, first, current,
                                           scale_grads=scale_grads)
             if applied is not None:
                 factors[key] = applied
-        self.deferred = {}
+        self.memory.deferred = {}
         self._log_rescales(trainer, factors, log_step)
 
     def pending(self, trainer: pl.Trainer, tracked: TrackedSet | None) -> list[str]:
         """The rescales owed but not applied (deferred, or an (η, λ) change after the last step seen)."""
         owed = [f"group {key} (factor {d['factor']:.4f}, lr {d['lr'][0][0]:g} → {d['lr'][1][0]:g}): detection had "
-                "not decided which tensors to rescale" for key, d in sorted(self.deferred.items())]
+                "not decided which tensors to rescale" for key, d in sorted(self.memory.deferred.items())]
         if self.policy is None:
             return owed
         for oi, opt in enumerate(trainer.optimizers):
             for gi, group in enumerate(opt.param_groups):
                 key = group_label(trainer, oi, gi)
                 current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
-                last, reference = self.last_hparams.get(key), self.reference.get(key)
-                if last is None or last == current or reference is None or key in self.deferred:
+                last, reference = self.memory.last_hparams.get(key), self.memory.reference.get(key)
+                if last is None or last == current or reference is None or key in self.memory.deferred:
                     continue
                 if is_warmup_change(last, current, log_step_of(trainer), key not in self.warmup.ended,
                                     self.warmup.warmup_steps):
@@ -198,7 +220,7 @@ class ScheduleWatcher:
                 if tracked is not None and not tracked.members(oi, gi):
                     continue
                 factor = self.policy.factor(*_effective(opt, group, reference, current),
-                                            max(self.peak_lr.get(key, 0.0), current[0]), drop_exponent(opt, group))
+                                            max(self.memory.peak_lr.get(key, 0.0), current[0]), drop_exponent(opt, group))
                 if factor is not None:
                     owed.append(f"group {key} (factor {factor:.4f}, lr {reference[0]:g} → {current[0]:g}): the lr changed "
                                 "after the last step; a run resumed from a checkpoint taken now applies it at its first step")
@@ -206,9 +228,9 @@ class ScheduleWatcher:
 
     def _defer(self, key: str, oi: int, gi: int, factor: float, last: HParams, current: HParams, log_step: int) -> None:
         """An LR change before detection finished: accumulate its factor, apply it once detection is done."""
-        deferred = self.deferred.get(key)
+        deferred = self.memory.deferred.get(key)
         first = deferred["lr"][0] if deferred else last
-        self.deferred[key] = {"group": [oi, gi], "factor": factor * (deferred["factor"] if deferred else 1.0),
+        self.memory.deferred[key] = {"group": [oi, gi], "factor": factor * (deferred["factor"] if deferred else 1.0),
                               "lr": [list(first), list(current)]}
         if not deferred:
             rank_zero_warn(
@@ -256,7 +278,7 @@ class ScheduleWatcher:
                  "tensors": len(members), "averaged_models": averaged}
         if per_tensor:
             event.update(kind="equilibrium", factors={t.name: f for t, f in zip(members, factors)})
-        self.rescale_events.append(event)
+        self.memory.rescale_events.append(event)
         how = (f"moved to their predicted equilibrium norms (factors {min(factors):.4f} to {max(factors):.4f})"
                if per_tensor else f"multiplied by {factor:.4f}")
         rank_zero_info(
@@ -308,7 +330,7 @@ class ScheduleWatcher:
         if (not self.warm_start or self.warm_start_done or self.warm_start_steps is None or tracked is None
                 or log_step < self.warm_start_steps):
             return
-        self.warm_start_done = True
+        self.memory.warm_start_done = True
         logged: dict[str, float] = {}
         for (oi, gi), members in tracked.by_group.items():
             opt = trainer.optimizers[oi]
@@ -328,7 +350,7 @@ class ScheduleWatcher:
                 rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the warm start.")
             applied = logged[label] = _geometric_mean([f for _, f in chosen])
             hp = opt.param_groups[gi]
-            self.rescale_events.append({
+            self.memory.rescale_events.append({
                 "step": log_step, "group": label, "factor": applied, "kind": "warm_start",
                 "lr": [float(hp["lr"])] * 2, "weight_decay": [float(hp.get("weight_decay", 0.0))] * 2,
                 "tensors": len(chosen), "averaged_models": averaged, "factors": {t.name: f for t, f in chosen},
@@ -416,32 +438,6 @@ class ScheduleWatcher:
         self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
         if predicted is not None and (names or tracked is None) and trainer.is_global_zero:  # no tracked tensor: nothing to predict
             self.publish(trainer, {f"smd/steps_to_equilibrium/predicted/{key}": float(predicted)}, log_step)
-
-    # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_hparams": {k: list(v) for k, v in self.last_hparams.items()},
-            "peak_lr": dict(self.peak_lr),
-            "rescale_events": list(self.rescale_events),
-            "deferred_rescales": dict(self.deferred),
-            "reference_hparams": {k: list(v) for k, v in self.reference.items()},
-            "warm_start_done": self.warm_start_done,
-            "update_rms_sq": self.update_sq.state_dict(),
-            "warmup": self.warmup.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_hparams = {k: (float(v[0]), float(v[1])) for k, v in state["last_hparams"].items()}
-        self.peak_lr = dict(state["peak_lr"])
-        self.rescale_events = list(state["rescale_events"])
-        self.deferred = dict(state.get("deferred_rescales", {}))
-        self.warm_start_done = bool(state.get("warm_start_done", False))  # older checkpoints: not done
-        self.update_sq.load_state_dict(state.get("update_rms_sq", {}))
-        self.warmup.load_state_dict(state.get("warmup"), list(self.last_hparams))
-        # checkpoints from before 0.2 have no reference: the last non-zero (η, λ) seen is the best guess
-        self.reference = {k: (float(v[0]), float(v[1])) for k, v in
-                          state.get("reference_hparams", {k: v for k, v in state["last_hparams"].items()
-                                                          if v[0] * v[1] > 0}).items()}
 
 
 def _effective(optimizer: torch.optim.Optimizer, group: dict[str, Any], old: HParams, new: HParams) -> tuple[HParams, HParams]:

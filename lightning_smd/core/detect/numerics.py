@@ -43,6 +43,7 @@ class RadialCosineCheck:
         self._max: dict[torch.device, Tensor] = {}
         self._index: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._steps = 0
+        self._carried: dict[str, float] = {}  # maxima of the updates before a checkpoint (load_state_dict)
 
     @property
     def steps(self) -> int:
@@ -93,12 +94,24 @@ class RadialCosineCheck:
 
     def result(self) -> dict[str, float]:
         """Maximum radial cosine per name (NaN if never measured); one host transfer."""
-        values = [math.nan] * len(self._names)
+        values = [self._carried.get(name, math.nan) for name in self._names]
         for running in self._max.values():
             for i, value in enumerate(running.cpu().tolist()):
                 if not math.isnan(value):
                     values[i] = value if math.isnan(values[i]) else max(values[i], value)
         return dict(zip(self._names, values))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The updates counted and the maxima so far (host floats: one transfer), so a run resumed
+        from a checkpoint taken during detection decides on the same evidence at the same step."""
+        return {"steps": self._steps, "max": self.result()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the maximum over all updates, before and after it, is
+        the same as without the interruption (a maximum is exact in any order)."""
+        self._steps = int(state["steps"])
+        self._carried = {str(n): float(v) for n, v in state["max"].items() if not math.isnan(float(v))}
+        self._max = {}
 
 
 def _squared_norms(tensors: list[Tensor], acc: torch.dtype) -> Tensor:

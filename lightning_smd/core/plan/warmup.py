@@ -68,11 +68,6 @@ class WarmupTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"ended": sorted(self.ended), "last_rise": dict(self.last_rise)}
 
-    def load_state_dict(self, state: dict[str, Any] | None, seen: list[str]) -> None:
-        """``state`` ``None`` (a checkpoint from before warm-up recognition): the groups already seen
-        (``seen``) count as past their warm-up, as they were treated then."""
-        if state is None:
-            self.ended, self.last_rise = set(seen), {}
-            return
-        self.ended = set(state.get("ended", []))
-        self.last_rise = {k: int(v) for k, v in state.get("last_rise", {}).items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ended = set(state["ended"])
+        self.last_rise = {k: int(v) for k, v in state["last_rise"].items()}
