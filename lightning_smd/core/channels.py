@@ -204,13 +204,15 @@ class ChannelMetrics:
             stalled = {name: f for name, f, known in zip(names, fractions, theory_known) if known}
             self.stalled.update(stalled)
             metrics.update({key: f for key, f, known in zip(stalled_keys, fractions, theory_known) if known})
-        bounds = np.cumsum(counts_arr)[:-1]
-        ratio32 = ratio.astype(np.float32)
-        self.latest.update(zip(names, np.split(ratio, bounds)))
-        self.latest_norm.update(zip(names, np.split(np.where(finite, w_norm, np.nan), bounds)))
+        ends = np.cumsum(counts_arr).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        ratio32, norm = ratio.astype(np.float32), np.where(finite, w_norm, np.nan)
+        self.latest.update({name: ratio[a:b] for name, (a, b) in zip(names, spans)})
+        self.latest_norm.update({name: norm[a:b] for name, (a, b) in zip(names, spans)})
         self.has_theory.update(zip(names, theory_known))
         history, capacity = self.history, self.history_capacity
-        for name, view in zip(names, np.split(ratio32, bounds)):
+        for name, (a, b) in zip(names, spans):
+            view = ratio32[a:b]
             unit_history = history.get(name)
             if unit_history is None:
                 unit_history = history[name] = UnitHistory(capacity)
