@@ -29,14 +29,19 @@ the tracked tensors is held between steps.
 
 **One fused pass.** All sums are taken per row of a tensor viewed in memory order as
 ``[rows, numel/rows]``: one row per invariance unit when its per-unit statistics are taken this step
-(a row-wise ``vector_norm`` for squared norms, ``linalg.vecdot`` for dots), else one row (a BLAS
-``dot``, the cheapest read on CPU). The per-tensor sums and the per-unit sums are sums of the row
-sums (one ``index_add_`` each): per-channel statistics need no second read. Small tensors (under
-:data:`SMALL_NUMEL` elements) of the same trailing shape, dtype, strides and device are
-concatenated along dim 0 and reduced together per output channel, so a model of thousands of small
-tensors costs a handful of kernel launches, not thousands; large tensors are reduced where they lie
-(one launch streams ≥ 256 KiB; the loop over them does not show). The layout of that pass is
-planned once per set of shapes and cached. All rows go to the host in the step's one transfer.
+(a row-wise ``vector_norm`` for squared norms, ``linalg.vecdot`` for dots), else contiguous runs of
+elements (a BLAS ``dot``, the cheapest read on CPU). The per-tensor sums and the per-unit sums are
+sums of the row sums (one ``index_add_`` each): per-channel statistics need no second read. The pass
+runs in *pieces* of at most :data:`PIECE_NUMEL` elements (1 MiB of fp32 on CPU: cache-resident):
+small tensors (under :data:`SMALL_NUMEL` elements) of one param group with the same trailing
+shape, dtype, strides and device are concatenated (one ``torch.cat`` into a scratch buffer) and
+reduced per output channel, so a model of thousands of small tensors costs a few calls per piece,
+not per tensor; large tensors are cut into pieces of whole rows, read where they lie. A source that
+must be formed (Adam's ``m/(√v + ε)``, Lion's sign, Nesterov's sum) is formed piece by piece into the
+same scratch buffers, so it costs one read of the optimizer state and no tensor-sized temporary.
+The layout of the pass is planned once per set of shapes and cached; the optimizer state and
+Adam's step counts are looked up once per step (one value per group when the counts agree).
+All rows go to the host in the step's one transfer.
 
 Δ_t uses the stable form ``atan2(‖u_⊥‖, ‖w_t‖ + ⟨ŵ_t, u⟩)``, never ``acos`` of a cosine.
 """
@@ -50,7 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GroupSlice", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
+__all__ = ["GroupSlice", "PIECE_NUMEL", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -641,7 +646,7 @@ class StepMeasurer:
         weights: list[Tensor] = []
         for s in self._active:
             # torch's optimizers skip a tensor without gradient: no decay, no momentum, no move
-            missing.extend(p.grad is None for p in s.params)
+            missing.extend([p.grad is None for p in s.params])
             group = s.group
             s.lr = float(group["lr"])
             s.weight_decay = float(group.get("weight_decay", 0.0))
