@@ -1,4 +1,4 @@
-"""Tensor work of one measured step, this checkout against an earlier revision of ``lightning_smd/measure.py``.
+"""Tensor work of one measured step, this checkout against an earlier revision of ``lightning_smd/core/measure.py``.
 
     python benchmarks/measure_versions.py --rev 0831045 --threads 1 --clock cpu
     python benchmarks/measure_versions.py --rev 0831045 --model resnet50
@@ -59,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     pin_malloc()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    old_source = subprocess.run(["git", "show", f"{args.rev}:lightning_smd/measure.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
+    old_source = None
+    for where in ("lightning_smd/core/measure.py", "lightning_smd/measure.py"):  # the module moved into core/
+        shown = subprocess.run(["git", "show", f"{args.rev}:{where}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            old_source = shown.stdout
+            break
+    if old_source is None:
+        raise SystemExit(f"no lightning_smd/core/measure.py or lightning_smd/measure.py at revision {args.rev}")
     with tempfile.TemporaryDirectory() as tmp:
         old_path = Path(tmp) / "measure_old.py"
         old_path.write_text(old_source)
-        versions = {args.rev: load(old_path, "measure_old"), "this checkout": load(ROOT / "lightning_smd" / "measure.py", "measure_new")}
+        versions = {args.rev: load(old_path, "measure_old"), "this checkout": load(ROOT / "lightning_smd" / "core" / "measure.py", "measure_new")}
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(num_classes=10)
     tracked = [q for q in model.parameters() if q.dim() == 4]

@@ -18,7 +18,8 @@ Two figures per ``T`` and optimizer, after 3 untimed repetitions:
   what a user pays, including building and logging the metric dict (a few keys per tensor: that part
   necessarily grows with the tensor count).
 
-Writes ``benchmarks/results_tensor_count.md``/``.json`` and ``benchmarks/tensor_count.png``.
+Writes ``benchmarks/results_tensor_count.md``/``.json`` and ``benchmarks/tensor_count.png`` (``--out
+DIR/results_X.md``: ``DIR/X.png``).
 """
 
 from __future__ import annotations
@@ -228,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1, default=str))
-        plot(rows, out.with_name("tensor_count.png"))
-        print(f"wrote {out}, {out.with_suffix('.json')} and {out.with_name('tensor_count.png')}")
+        figure = out.with_name(out.stem.replace("results_", "") + ".png")  # results_tensor_count.md → tensor_count.png
+        plot(rows, figure)
+        print(f"wrote {out}, {out.with_suffix('.json')} and {figure}")
     return 0
 
 

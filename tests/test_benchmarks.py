@@ -65,4 +65,4 @@ def test_tensor_count_benchmark_runs(tmp_path, bench_path, capsys):
                               "--warmup", "4", "--threads", "1", "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["count"] for r in rows] == [10, 40] and all(r["measure_ms"] > 0 and r["self_ms"] > 0 for r in rows)
-    assert (tmp_path / "tensor_count.png").stat().st_size > 1000
+    assert (tmp_path / "tc.png").stat().st_size > 1000  # named after --out

@@ -263,3 +263,35 @@ def test_small_tensors_reduced_together_match_float64_truth(opt_name):
         model(torch.randn(16, 5, generator=gen)).pow(2).mean().backward()
 
     _check_step(measurer, opt, tracked, step_fn, opt_name, steps=4)
+
+
+@pytest.mark.parametrize("piece_numel", [8, 80])
+@pytest.mark.parametrize("opt_name", ["sgdm", "nesterov", "adamw", "lion"])
+def test_pass_cut_into_pieces_matches_float64_truth(opt_name, piece_numel, monkeypatch):
+    """The fused pass runs in cache-sized pieces: a tensor cut into several flat pieces, small
+    tensors concatenated several to a piece or one per piece, sources formed piece by piece in the
+    scratch buffers. The angles still match the float64 truth."""
+    from lightning_smd.core import measure
+
+    monkeypatch.setitem(measure.PIECE_NUMEL, "cpu", piece_numel)
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(6, 6, bias=False), torch.nn.BatchNorm1d(6), torch.nn.ReLU())
+              for _ in range(4)]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), *blocks, torch.nn.Linear(6, 3))
+    tracked = [model[0].weight] + [b[0].weight for b in blocks]
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    s = GroupSlice(opt, 0, tracked, 0, measurement_mode(opt, opt.param_groups[0]))
+    plan = measure.RowPlan.build(tracked, [1] * len(tracked))
+    kinds = [p.kind for p in plan.pieces]
+    if piece_numel == 8:  # 30 elements in 4 flat pieces, then one 6×6 tensor per piece
+        assert kinds == ["flat"] * 4 + ["cat"] * 4
+    else:  # 30 elements in one piece; three 6×6 tensors (108 ≥ 80 elements), then the fourth
+        assert kinds == ["flat", "cat", "cat"] and [len(p.tensors) for p in plan.pieces] == [1, 3, 1]
+    measurer = StepMeasurer([s])
+    gen = torch.Generator().manual_seed(1)
+
+    def step_fn():
+        opt.zero_grad()
+        model(torch.randn(16, 5, generator=gen)).pow(2).mean().backward()
+
+    _check_step(measurer, opt, tracked, step_fn, opt_name, steps=4)

@@ -146,8 +146,14 @@ def _brute_force(w_old: torch.Tensor, w_new: torch.Tensor, units: int) -> tuple[
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_per_unit_matches_float64_brute_force(opt_name, channels_last):
+@pytest.mark.parametrize("channels_last,piece_numel", [(False, None), (True, None), (True, 40)])
+def test_per_unit_matches_float64_brute_force(opt_name, channels_last, piece_numel, monkeypatch):
+    """Per-unit Δ_t and ‖w_t‖ against a float64 brute force; ``piece_numel``: the fused pass cut
+    into tiny pieces (rows of a tensor split across pieces, sources formed piece by piece)."""
+    if piece_numel is not None:
+        from lightning_smd.core import measure
+
+        monkeypatch.setitem(measure.PIECE_NUMEL, "cpu", piece_numel)
     torch.manual_seed(0)
     model = gn_cnn()
     x_shape = (4, 3, 12, 12)

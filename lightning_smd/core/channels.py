@@ -50,7 +50,7 @@ class UnitHistory:
         if (self._seen - 1) % self._stride:
             return
         self.steps.append(int(step))
-        self.columns.append(values.astype(np.float32))
+        self.columns.append(np.asarray(values, dtype=np.float32))
         if len(self.columns) > self.capacity:
             self.steps, self.columns = self.steps[::2], self.columns[::2]
             self._stride *= 2
@@ -99,6 +99,16 @@ class ChannelMetrics:
         self._restored = {name: {q: np.asarray(v, dtype=np.float64) for q, v in arrays.items()}
                           for name, arrays in state.items()}
         self._layout_key, self._arrays = None, {}
+
+    def _flat_keys(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """The percentile keys of ``names`` in one list ([tensor][kind][percentile]) and their
+        stalled-fraction keys; cached for the last list of names."""
+        key = tuple(names)
+        cached = getattr(self, "_flat_cache", None)
+        if cached is None or cached[0] != key:
+            flat = [k for name in names for kind in self.keys(name) for k in kind]
+            cached = self._flat_cache = (key, flat, [f"smd/channel/stalled_fraction/{name}" for name in names])
+        return cached[1], cached[2]
 
     def keys(self, name: str) -> tuple[tuple[str, ...], ...]:
         keys = self._keys.get(name)
@@ -182,24 +192,31 @@ class ChannelMetrics:
         stalled_unit = below & (log_step - state["since"] >= self.window)
         quantiles = segment_percentiles(np.stack([np.where(finite, delta, np.nan), np.where(finite, w_norm, np.nan),
                                                   predicted]), counts_arr, PERCENTILES)
-        stalled_sum = np.add.reduceat(stalled_unit.astype(np.float64), _starts(counts_arr)) if m else np.zeros(0)
-        at = 0
-        for i, (name, k) in enumerate(zip(names, counts)):
-            delta_keys, norm_keys, theory_keys = self.keys(name)
-            for kind_keys, row in ((delta_keys, 0), (norm_keys, 1), (theory_keys, 2)):
-                values = quantiles[row, i]
-                if not math.isnan(values[0]):
-                    for key, v in zip(kind_keys, values.tolist()):
-                        metrics[key] = v
-            view = ratio[at:at + k]
-            if has_star[at] if k else False:
-                self.stalled[name] = metrics[f"smd/channel/stalled_fraction/{name}"] = (
-                    float(stalled_sum[i]) / k if k else math.nan)
-            self.latest[name] = view
-            self.latest_norm[name] = np.where(finite[at:at + k], w_norm[at:at + k], np.nan)
-            self.has_theory[name] = bool(k and has_star[at])
-            self.history.setdefault(name, UnitHistory(self.history_capacity)).append(log_step, view)
-            at += k
+        # what remains per tensor is dict work, no numpy call: the keys in one list per layout
+        flat_keys, stalled_keys = self._flat_keys(names)
+        values = quantiles.transpose(1, 0, 2).reshape(-1).tolist()  # [tensor][kind][percentile]
+        metrics.update({k: v for k, v in zip(flat_keys, values) if v == v})
+        theory_known = (np.isfinite(star_t) & (counts_arr > 0)).tolist()
+        if any(theory_known):
+            stalled_sum = np.bincount(np.repeat(np.arange(len(names)), counts_arr), weights=stalled_unit,
+                                      minlength=len(names))
+            fractions = (stalled_sum / np.maximum(counts_arr, 1)).tolist()
+            stalled = {name: f for name, f, known in zip(names, fractions, theory_known) if known}
+            self.stalled.update(stalled)
+            metrics.update({key: f for key, f, known in zip(stalled_keys, fractions, theory_known) if known})
+        ends = np.cumsum(counts_arr).tolist()
+        spans = list(zip([0] + ends[:-1], ends))
+        ratio32, norm = ratio.astype(np.float32), np.where(finite, w_norm, np.nan)
+        self.latest.update({name: ratio[a:b] for name, (a, b) in zip(names, spans)})
+        self.latest_norm.update({name: norm[a:b] for name, (a, b) in zip(names, spans)})
+        self.has_theory.update(zip(names, theory_known))
+        history, capacity = self.history, self.history_capacity
+        for name, (a, b) in zip(names, spans):
+            view = ratio32[a:b]
+            unit_history = history.get(name)
+            if unit_history is None:
+                unit_history = history[name] = UnitHistory(capacity)
+            unit_history.append(log_step, view)
         self.fresh = True
         pooled = ratio[has_star & finite]
         if pooled.size:
@@ -210,6 +227,20 @@ class ChannelMetrics:
 
 def _starts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _interpolate(ordered: np.ndarray, n_finite: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """numpy's ``linear`` percentiles ``q`` of rows sorted along the last axis, finite values first
+    (``n_finite`` of them); NaN where there is none."""
+    last = np.maximum(n_finite - 1, 0)[..., None]
+    pos = last * q
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, last)
+    frac = pos - lo
+    a, b = np.take_along_axis(ordered, lo, axis=-1), np.take_along_axis(ordered, hi, axis=-1)
+    with np.errstate(invalid="ignore"):
+        result = np.where(frac >= 0.5, b - (b - a) * (1.0 - frac), a + (b - a) * frac)
+    return np.where((n_finite > 0)[..., None], result, np.nan)
 
 
 def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> np.ndarray:
@@ -225,6 +256,17 @@ def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> 
     q = np.asarray(percentiles, dtype=np.float64) / 100.0
     out = np.full((n_rows, n_seg, len(q)), np.nan)
     if m == 0 or n_seg == 0:
+        return out
+    sizes = np.unique(counts)
+    if len(sizes) <= 32:  # models repeat a few widths: each width's segments sorted as one [K, n, c] block
+        keyed = np.where(np.isfinite(values), values, np.inf)
+        starts = _starts(counts)
+        for c in sizes.tolist():
+            if c == 0:
+                continue
+            segments = np.flatnonzero(counts == c)
+            block = np.sort(keyed[:, starts[segments, None] + np.arange(c)], axis=-1)  # [K, n, c]
+            out[:, segments] = _interpolate(block, np.isfinite(block).sum(axis=-1), q)
         return out
     segment = np.repeat(np.arange(n_seg), counts)
     finite = np.isfinite(values)

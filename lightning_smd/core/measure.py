@@ -29,14 +29,19 @@ the tracked tensors is held between steps.
 
 **One fused pass.** All sums are taken per row of a tensor viewed in memory order as
 ``[rows, numel/rows]``: one row per invariance unit when its per-unit statistics are taken this step
-(a row-wise ``vector_norm`` for squared norms, ``linalg.vecdot`` for dots), else one row (a BLAS
-``dot``, the cheapest read on CPU). The per-tensor sums and the per-unit sums are sums of the row
-sums (one ``index_add_`` each): per-channel statistics need no second read. Small tensors (under
-:data:`SMALL_NUMEL` elements) of the same trailing shape, dtype, strides and device are
-concatenated along dim 0 and reduced together per output channel, so a model of thousands of small
-tensors costs a handful of kernel launches, not thousands; large tensors are reduced where they lie
-(one launch streams ≥ 256 KiB; the loop over them does not show). The layout of that pass is
-planned once per set of shapes and cached. All rows go to the host in the step's one transfer.
+(a row-wise ``vector_norm`` for squared norms, ``linalg.vecdot`` for dots), else contiguous runs of
+elements (a BLAS ``dot``, the cheapest read on CPU). The per-tensor sums and the per-unit sums are
+sums of the row sums (one ``index_add_`` each): per-channel statistics need no second read. The pass
+runs in *pieces* of at most :data:`PIECE_NUMEL` elements (1 MiB of fp32 on CPU: cache-resident):
+small tensors (under :data:`SMALL_NUMEL` elements) of one param group with the same trailing
+shape, dtype, strides and device are concatenated (one ``torch.cat`` into a scratch buffer) and
+reduced per output channel, so a model of thousands of small tensors costs a few calls per piece,
+not per tensor; large tensors are cut into pieces of whole rows, read where they lie. A source that
+must be formed (Adam's ``m/(√v + ε)``, Lion's sign, Nesterov's sum) is formed piece by piece into the
+same scratch buffers, so it costs one read of the optimizer state and no tensor-sized temporary.
+The layout of the pass is planned once per set of shapes and cached; the optimizer state and
+Adam's step counts are looked up once per step (one value per group when the counts agree).
+All rows go to the host in the step's one transfer.
 
 Δ_t uses the stable form ``atan2(‖u_⊥‖, ‖w_t‖ + ⟨ŵ_t, u⟩)``, never ``acos`` of a cosine.
 """
@@ -45,14 +50,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_smd.core.theory import effective_weight_decay
 
-__all__ = ["GroupSlice", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
+__all__ = ["GroupSlice", "PIECE_NUMEL", "SMALL_NUMEL", "Sources", "StepMeasurer", "angular_update", "local", "measurement_mode", "row_sums"]
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -137,6 +142,9 @@ class GroupSlice:
     #: of dim 0 of its local part (``None``: a plain tensor, whose rows are the whole tensor's)
     unit_rows: list[list[int] | None] | None = None
     _zeros: dict[int, Tensor] = field(default_factory=dict)
+    # within after_step only: the state dicts and (Adam) step counts read once for the step
+    _dicts: list | None = field(default=None, repr=False)
+    _step_values: float | list[float] | None = field(default=None, repr=False)
     _not_sampled: Tensor | None = None  # the NaN rows of a step that does not sample L (never mutated)
 
     @property
@@ -182,132 +190,179 @@ class GroupSlice:
         return [local(p.grad) if p.grad is not None else None for p in self.params]
 
     def state_tensors(self, key: str) -> list[Tensor | None]:
-        state = self.optimizer.state
-        out = [st.get(key) if (st := state.get(p)) else None for p in self.params]
+        dicts = self._dicts if self._dicts is not None else self.state_dicts()
+        out = [st.get(key) if st else None for st in dicts]
         return [local(t) if t is not None else None for t in out] if self._distributed else out
+
+    def state_dicts(self) -> list[dict | None]:
+        """Each tensor's optimizer state (``None`` before its first step)."""
+        state = self.optimizer.state
+        return [state.get(p) for p in self.params]
 
     def buffers(self) -> list[Tensor | None]:
         return self.state_tensors("momentum_buffer")
 
     # ------------------------------------------------------------------ the update's source
-    def coefficients(self) -> tuple[list[float], list[float]]:
-        """Per tensor ``(ρ − 1, κ)`` of ``w_{t+1} = ρ·w_t − κ·s`` for this step (hyper-parameters as
-        read before it; Adam's bias corrections from each tensor's step count after it)."""
-        n, lr, wd = len(self.params), self.lr, self.weight_decay
+    def read_steps(self) -> None:
+        """After the step: each tensor's optimizer state, looked up once for the step, and (Adam)
+        its step count, for :meth:`coefficients` and :meth:`source`: one number when they agree
+        (the usual case), else one per tensor. :meth:`forget_step` drops them."""
+        self._dicts = self.state_dicts()
+        if self.mode != "adam":
+            self._step_values = None
+            return
+        values = [0.0 if t is None else (t.item() if isinstance(t, Tensor) else float(t))
+                  for t in self.state_tensors("step")]
+        first = values[0] if values else 0.0
+        self._step_values = first if all(v == first for v in values) else values
+
+    def forget_step(self) -> None:
+        self._dicts = self._step_values = None
+
+    def _steps(self) -> float | list[float]:
+        if self._step_values is None:
+            self.read_steps()
+        return self._step_values
+
+    def coefficients(self) -> tuple[float, float | list[float]]:
+        """``(ρ − 1, κ)`` of ``w_{t+1} = ρ·w_t − κ·s`` for this step (hyper-parameters as read before
+        it; Adam's bias corrections from the step counts after it): ρ − 1 is the group's, κ one
+        number or, for Adam tensors at different step counts, one per tensor."""
+        lr, wd = self.lr, self.weight_decay
         if self.mode == "buffer":
-            return [0.0] * n, [lr] * n
+            return 0.0, lr
         if self.mode == "snapshot":
-            return [0.0] * n, [1.0] * n
+            return 0.0, 1.0
         if self.mode == "adam":
             decay = -lr * wd if self.group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)) else 0.0
             beta1, beta2 = (float(b) for b in self.group["betas"])
-            kappas = []
-            for t in self._steps():
-                bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
-                kappas.append(lr * math.sqrt(bc2) / bc1 if t > 0 else 0.0)
-            return [decay] * n, kappas
+
+            def kappa(t: float) -> float:
+                return lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t) if t > 0 else 0.0
+
+            steps = self._steps()
+            return decay, [kappa(t) for t in steps] if isinstance(steps, list) else kappa(steps)
         if self.mode == "lion":
             wd_eff = effective_weight_decay(self.optimizer, self.group, lr, wd)  # decays tied to η (timm, lion-pytorch)
-            return [-lr * wd_eff] * n, [lr] * n
-        return [-lr * wd] * n, [lr] * n  # grad, nesterov
-
-    def _steps(self) -> list[float]:
-        steps = self.state_tensors("step")
-        present = [s for s in steps if s is not None]
-        values = torch.stack([s.reshape(()).float() for s in present]).tolist() if present else []
-        it = iter(values)
-        return [next(it) if s is not None else 0.0 for s in steps]
+            return -lr * wd_eff, lr
+        return -lr * wd, lr  # grad, nesterov
 
     def source(self) -> "Sources":
-        """After the step: the source ``s`` of every tensor, formed lazily per reduction (a whole
-        bucket of small tensors at once, see :class:`Sources`)."""
-        n = len(self.params)
+        """After the step: the source ``s`` of every tensor, formed piece by piece when the row
+        pass reduces it (see :class:`Sources`)."""
         if self.mode in ("buffer", "grad", "snapshot"):
             direct = {"buffer": self.buffers, "grad": self.grads, "snapshot": lambda: self.snapshot}[self.mode]()
-            return Sources([direct], _first, [None] * n)
+            return Sources([direct])
         if self.mode == "nesterov":
-            momentum = self.momentum
-            return Sources([self.grads_or_none(), self.buffers()], lambda g, b, _: torch.add(g, b, alpha=momentum),
-                           [None] * n)
+            return Sources([self.grads_or_none(), self.buffers()], _nesterov, self.momentum)
         if self.mode == "lion":
             beta1, beta2 = (float(b) for b in self.group["betas"])
             # c = β1·m_t + (1−β1)·g with m_t = (m_{t+1} − (1−β2)·g)/β2
             alpha, beta = beta1 / beta2, (1.0 - beta1) - beta1 * (1.0 - beta2) / beta2
-            return Sources([self.state_tensors("exp_avg"), self.grads_or_none()],
-                           lambda m, g, _: torch.mul(m, alpha).add_(g, alpha=beta).sign_(), [None] * n)
+            return Sources([self.state_tensors("exp_avg"), self.grads_or_none()], _lion, (alpha, beta))
         # adam: m / (√v + ε·√b₂)
         beta2 = float(self.group["betas"][1])
         eps = float(self.group["eps"])
         second = self.state_tensors("max_exp_avg_sq" if self.group.get("amsgrad", False) else "exp_avg_sq")
-        eps_t = [eps * math.sqrt(max(1.0 - beta2 ** t, 0.0)) for t in self._steps()]
-        return Sources([self.state_tensors("exp_avg"), second], lambda m, v, e: m / v.sqrt().add_(e), eps_t)
+        steps = self._steps()
+
+        def eps_t(t: float) -> float:
+            return eps * math.sqrt(max(1.0 - beta2 ** t, 0.0))
+
+        return Sources([self.state_tensors("exp_avg"), second], _adam,
+                       [eps_t(t) for t in steps] if isinstance(steps, list) else eps_t(steps))
 
 
-def _first(x: Tensor, *_) -> Tensor:
-    return x
+# The sources formed from two inputs, written into ``out`` (``tmp``: a second scratch buffer). In
+# the fused pass the first input may already lie in ``out`` and the second in ``tmp``.
+def _nesterov(out: Tensor | None, tmp: Tensor | None, g: Tensor, b: Tensor, momentum: float) -> Tensor:
+    return torch.add(g, b, alpha=momentum, out=out)
+
+
+def _lion(out: Tensor | None, tmp: Tensor | None, m: Tensor, g: Tensor, ab: tuple[float, float]) -> Tensor:
+    return torch.mul(m, ab[0], out=out).add_(g, alpha=ab[1]).sign_()
+
+
+def _adam(out: Tensor | None, tmp: Tensor | None, m: Tensor, v: Tensor, eps: float) -> Tensor:
+    denominator = torch.sqrt(v, out=tmp).add_(eps)
+    return torch.div(m, denominator, out=out)
 
 
 class Sources:
-    """The update's source of a list of tensors, formed only when a reduction needs it.
+    """The update's source of a list of tensors, formed only when a piece of the row pass needs it.
 
     ``inputs[k][i]``: the k-th input of tensor ``i`` (``None``: no state; for the first input, the
-    tensor did not move); ``fn(*inputs, scalar)`` forms the source elementwise, ``scalars[i]`` a
-    per-tensor constant. A bucket of small tensors is formed from the concatenated inputs in one
-    call (one kernel per input instead of one per tensor), a large tensor on its own, so the
-    transient never exceeds one bucket's or one tensor's size."""
+    tensor did not move); no ``recipe``: the source is the first input itself (read where it lies);
+    else ``recipe(out, tmp, *inputs, scalar)`` forms it elementwise into a scratch buffer, with
+    ``scalar`` one constant or one per tensor. No inputs at all: no source (its sums are zero).
+    """
 
-    def __init__(self, inputs: list[list[Tensor | None]], fn: Callable, scalars: list) -> None:
-        self.inputs, self.fn, self.scalars = inputs, fn, scalars
+    def __init__(self, inputs: list[list[Tensor | None]], recipe: Callable | None = None, scalar: Any = None) -> None:
+        self.inputs, self.recipe, self.scalar = inputs, recipe, scalar
+
+    @property
+    def absent(self) -> bool:
+        return not self.inputs
+
+    def scalar_of(self, i: int) -> Any:
+        return self.scalar[i] if isinstance(self.scalar, list) else self.scalar
+
+    def uniform(self, idx: Sequence[int]) -> bool:
+        """Whether tensors ``idx`` can be formed together: every input present, one scalar."""
+        if isinstance(self.scalar, list) and len({self.scalar[i] for i in idx}) > 1:
+            return False
+        return all(inp[i] is not None for inp in self.inputs for i in idx)
+
+    def one(self, i: int) -> Tensor | None:
+        """Tensor ``i``'s whole source (a fallback: allocates its size), ``None`` if it did not move."""
+        if self.absent or self.inputs[0][i] is None:
+            return None
+        args = [inp[i] for inp in self.inputs]
+        if self.recipe is None:
+            return args[0]
+        args = [a if a is not None else torch.zeros_like(args[0]) for a in args]
+        return self.recipe(None, None, *args, self.scalar_of(i))
 
     @staticmethod
     def concat(parts: list["Sources"]) -> "Sources":
         return parts[0] if len(parts) == 1 else _Joined(parts)
 
-    def one(self, i: int) -> Tensor | None:
-        args = [inp[i] for inp in self.inputs]
-        if args[0] is None:
-            return None
-        if self.fn is _first:
-            return args[0]
-        args = [a if a is not None else torch.zeros_like(args[0]) for a in args]
-        return self.fn(*args, self.scalars[i])
-
-    def many(self, idx: list[int], like: Sequence[Tensor]) -> Tensor | None:
-        """The sources of tensors ``idx`` concatenated along dim 0 (``like``: their weights)."""
-        if all(self.inputs[0][i] is None for i in idx):
-            return None
-        scalars = {self.scalars[i] for i in idx}
-        if len(scalars) > 1:  # e.g. Adam tensors at different step counts: form each, then concatenate
-            return torch.cat([y if (y := self.one(i)) is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
-        cat = [torch.cat([inp[i] if inp[i] is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
-               for inp in self.inputs]
-        return self.fn(*cat, scalars.pop())
+    def locate(self, i: int) -> tuple["Sources", int]:
+        """The :class:`Sources` holding tensor ``i`` and its index there."""
+        return self, i
 
 
 class _Joined(Sources):
-    """Several slices' sources, indexed as one list."""
+    """Several slices' sources, indexed as one list (a piece of the row pass never spans two)."""
 
     def __init__(self, parts: list[Sources]) -> None:
         self.parts = parts
-        self.where = [(p, i) for p in parts for i in range(len(p.inputs[0]))]
+        self.where: list[tuple[Sources, int]] = []
+        for p in parts:
+            n = len(p.inputs[0]) if p.inputs else getattr(p, "size", 0)
+            self.where.extend((p, j) for j in range(n))
+
+    def locate(self, i: int) -> tuple[Sources, int]:
+        return self.where[i]
 
     def one(self, i: int) -> Tensor | None:
         part, j = self.where[i]
         return part.one(j)
 
-    def many(self, idx: list[int], like: Sequence[Tensor]) -> Tensor | None:
-        if len({id(self.where[i][0]) for i in idx}) == 1:
-            return self.where[idx[0]][0].many([self.where[i][1] for i in idx], like)
-        return torch.cat([y if (y := self.one(i)) is not None else torch.zeros_like(w) for i, w in zip(idx, like)])
+
+def no_source(n: int) -> Sources:
+    """``n`` tensors without a partner (the ``d`` and ``y`` sums are zero)."""
+    s = Sources([])
+    s.size = n
+    return s
 
 
 # ---------------------------------------------------------------------------- the fused row pass
-def _rows_of(x: Tensor, units: int, shared: bool) -> int:
-    """Rows a tensor is reduced in: its ``units`` (1: the whole tensor, one ``dot``), or one per
-    output channel (dim 0) when it is reduced together with others of its trailing shape."""
-    if shared:
-        return x.shape[0]
-    return units
+#: elements of one piece of the fused pass (fp32: 1 MiB on CPU, within the L2/L3 cache; 16 MiB on
+#: CUDA): small tensors are concatenated into pieces of at most this size, large ones are cut into
+#: pieces of whole rows (per-tensor sums: of contiguous elements), and each piece's update source is
+#: formed in a scratch buffer of this size, so Adam's ``m/(√v + ε)`` costs one read of m and v
+PIECE_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 22}
 
 
 def _row_blocks(unit_rows: list[int]) -> int:
@@ -324,46 +379,97 @@ def _row_blocks(unit_rows: list[int]) -> int:
     return len(unit_rows) // math.gcd(block, run)
 
 
-def _rows_pair(x: Tensor, y: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` as ``[rows, numel/rows]``, row ``j`` holding ``x[j·C/rows:(j+1)·C/rows]``
-    (``C = x.shape[0]``), with the same element order in both; views for contiguous and
-    ``channels_last`` tensors (dim 0 outermost in memory), a copy otherwise."""
-    if x.is_contiguous() and y.is_contiguous():
-        return x.view(rows, -1), y.view(rows, -1)
-    if x.shape == y.shape and x.stride() == y.stride():
-        order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), -x.shape[i]))
-        xp, yp = x.permute(order), y.permute(order)
-        if order[0] == 0 and xp.is_contiguous() and yp.is_contiguous():
-            return xp.view(rows, -1), yp.view(rows, -1)
-    return x.reshape(rows, -1), y.reshape(rows, -1)
+@dataclass
+class _Piece:
+    """One reduction of the fused pass: ``kind`` ``"cat"`` (small tensors ``tensors``, concatenated
+    along dim 0 and reduced per output channel), ``"rows"`` (rows ``lo:hi`` of one tensor viewed as
+    ``[rows, numel/rows]``) or ``"flat"`` (elements ``lo:hi`` of one tensor, one row); its rows go to
+    ``row:row + n_rows`` of the output."""
+
+    kind: str
+    tensors: tuple[int, ...]
+    lo: int
+    hi: int
+    row: int
+    n_rows: int
+    numel: int
+    shape: tuple[int, ...]  # the piece's scratch shape
 
 
 @dataclass
 class RowPlan:
     """How one list of tensors is reduced per row: which tensors go together (``buckets``, in the
-    order their rows come out) and each tensor's row count."""
+    order their rows come out), each tensor's row count, and the ``pieces`` the pass runs."""
 
     rows: list[int]
     buckets: list[list[int]]
+    pieces: list[_Piece] = field(default_factory=list)
+    #: per tensor: the rows of its ``[rows, numel/rows]`` view (``None``: cut into flat pieces)
+    view_rows: list[int | None] = field(default_factory=list)
+    scratch_numel: int = 0
+    #: the accumulation dtype: fp32, float64 if any tensor is
+    acc: torch.dtype = torch.float32
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
 
     @classmethod
-    def build(cls, xs: Sequence[Tensor], units: Sequence[int]) -> "RowPlan":
+    def build(cls, xs: Sequence[Tensor], units: Sequence[int], groups: Sequence[int] | None = None,
+              piece_numel: int | None = None) -> "RowPlan":
         """``units[i]``: the rows tensor ``i`` needs at least (its invariance units this step, 1 for
-        per-tensor sums only); small tensors sharing a bucket are reduced per output channel."""
+        per-tensor sums only); small tensors sharing a bucket (same ``groups[i]``, trailing shape,
+        dtype, strides and device) are reduced per output channel."""
         buckets: list[list[int]] = []
         shared: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
             if x.numel() >= SMALL_NUMEL or x.dim() < 2 or x.shape[0] == 0:
                 buckets.append([i])
                 continue
-            key = (x.device, x.dtype, tuple(x.shape[1:]), x.stride())
+            key = (groups[i] if groups is not None else 0, x.device, x.dtype, tuple(x.shape[1:]), x.stride())
             if key not in shared:
                 shared[key] = []
                 buckets.append(shared[key])
             shared[key].append(i)
-        in_shared = {i for b in buckets if len(b) > 1 for i in b}
-        rows = [_rows_of(x, k, i in in_shared) for i, (x, k) in enumerate(zip(xs, units))]
-        return cls(rows, buckets)
+        rows = [0] * len(xs)
+        view_rows: list[int | None] = [None] * len(xs)
+        pieces: list[_Piece] = []
+        at, scratch = 0, 0
+        for bucket in buckets:
+            limit = piece_numel or PIECE_NUMEL.get(xs[bucket[0]].device.type, PIECE_NUMEL["cuda"])
+            if len(bucket) > 1:
+                trailing = tuple(xs[bucket[0]].shape[1:])
+                chunk: list[int] = []
+                for j, i in enumerate(bucket):
+                    chunk.append(i)
+                    rows[i] = xs[i].shape[0]
+                    size = sum(xs[k].numel() for k in chunk)
+                    if size >= limit or j == len(bucket) - 1:
+                        n_rows = sum(rows[k] for k in chunk)
+                        pieces.append(_Piece("cat", tuple(chunk), 0, n_rows, at, n_rows, size, (n_rows, *trailing)))
+                        at, scratch, chunk = at + n_rows, max(scratch, size), []
+                continue
+            i = bucket[0]
+            x, k = xs[i], units[i]
+            numel = x.numel()
+            if k > 1:  # one row per unit, whole rows per piece
+                width = numel // k
+                step = max(1, limit // max(width, 1))
+                rows[i], view_rows[i] = k, k
+                for lo in range(0, k, step):
+                    hi = min(k, lo + step)
+                    pieces.append(_Piece("rows", (i,), lo, hi, at + lo, hi - lo, (hi - lo) * width, (hi - lo, width)))
+                    scratch = max(scratch, (hi - lo) * width)
+            else:  # per-tensor sums: near-equal pieces of contiguous elements, one partial row each
+                count = max(1, -(-numel // limit))
+                rows[i] = count
+                for j in range(count):
+                    lo, hi = j * numel // count, (j + 1) * numel // count
+                    pieces.append(_Piece("flat", (i,), lo, hi, at + j, 1, hi - lo, (hi - lo,)))
+                    scratch = max(scratch, hi - lo)
+            at += rows[i]
+        acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+        return cls(rows, buckets, pieces, view_rows, scratch, acc)
 
     def row_tensor(self) -> list[int]:
         """The tensor each output row belongs to (in output order)."""
@@ -373,41 +479,132 @@ class RowPlan:
         return [r for b in self.buckets for i in b for r in range(self.rows[i])]
 
 
+def _memory_order(x: Tensor) -> list[int] | None:
+    """The permutation of ``x``'s dims in memory order when it is dense with dim 0 outermost but not
+    contiguous (``channels_last``); ``None`` otherwise (logical order: a view if contiguous)."""
+    if x.is_contiguous() or x.dim() < 2:
+        return None
+    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), -x.shape[i]))
+    if order[0] == 0 and x.permute(order).is_contiguous():
+        return order
+    return None
+
+
+def _as_rows(t: Tensor, rows: int, order: list[int] | None) -> Tensor:
+    """``t`` as ``[rows, numel/rows]`` in the element order ``order`` gives (the same for every
+    input of a tensor): a view where the memory allows, a copy otherwise."""
+    if order is not None:
+        t = t.permute(order)
+    return t.view(rows, -1) if t.is_contiguous() else t.reshape(rows, -1)
+
+
+class _Scratch:
+    """The two scratch buffers of one row pass, per dtype and device (transient: freed with it)."""
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self.buffers: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def get(self, like: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        key = (like.dtype, like.device)
+        pair = self.buffers.get(key)
+        if pair is None:
+            pair = self.buffers[key] = (torch.empty(self.numel, dtype=like.dtype, device=like.device),
+                                        torch.empty(self.numel, dtype=like.dtype, device=like.device))
+        n = math.prod(shape)
+        return pair[0][:n].view(shape), pair[1][:n].view(shape)
+
+
 def row_sums(xs: Sequence[Tensor], ys: "Sequence[Tensor | None] | Sources", want: str, plan: RowPlan) -> Tensor:
     """``[len(want), rows]`` per-row sums, rows in ``plan``'s order: ``"x"`` ‖x‖², ``"y"`` ‖y‖²,
     ``"d"`` ⟨x, y⟩ (a missing ``y`` counts as zero). Accumulated in fp32 (float64 if any input is).
-    ``ys`` may be a :class:`Sources`: each bucket's partners are then formed when it is reduced."""
+    ``ys`` may be a :class:`Sources`: each piece's partner is then formed when it is reduced."""
     if not isinstance(ys, Sources):
-        ys = Sources([list(ys)], _first, [None] * len(xs))
-    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-    out = []
+        ys = Sources([list(ys)])
+    acc = plan.acc
     device = xs[0].device if xs else torch.device("cpu")
-    for bucket in plan.buckets:
-        if len(bucket) == 1:
-            i = bucket[0]
-            x, y, rows = xs[i], ys.one(i), plan.rows[i]
-        else:
-            x = torch.cat([xs[i] for i in bucket])
-            y = ys.many(bucket, [xs[i] for i in bucket])
-            rows = sum(plan.rows[i] for i in bucket)
-        rx, ry = _rows_pair(x, y if y is not None else x, rows)
-        parts = []
-        for kind in want:
+    out = torch.zeros(len(want), plan.total_rows, dtype=acc, device=device)
+    scratch = _Scratch(plan.scratch_numel)
+    views: dict[int, tuple] = {}  # tensor → (its x view, its inputs' views) while its pieces run
+    for piece in plan.pieces:
+        x, y = _operands(piece, xs, ys, plan, scratch, views)
+        a, b = piece.row, piece.row + piece.n_rows
+        block = out[:, a:b] if x.device == device else torch.zeros(len(want), piece.n_rows, dtype=acc, device=x.device)
+        for k, kind in enumerate(want):
             if kind == "x":
-                parts.append(torch.linalg.vector_norm(rx, dim=1, dtype=acc).square())
+                _norm(x, acc, block[k])
             elif y is None:
-                parts.append(torch.zeros(rows, dtype=acc, device=x.device))
+                continue
             elif kind == "y":
-                parts.append(torch.linalg.vector_norm(ry, dim=1, dtype=acc).square())
-            elif rows == 1:  # one BLAS dot streams at the memory bandwidth; a row vecdot takes ~1.7x as long
-                parts.append(torch.dot(rx[0].to(acc), ry[0].to(acc)).reshape(1))
+                _norm(y, acc, block[k])
+            elif x.dim() == 1:  # one BLAS dot streams at the memory bandwidth; a row vecdot is ~2x slower
+                torch.dot(x.to(acc), y.to(acc), out=block[k, 0])
             else:
-                parts.append(torch.linalg.vecdot(rx.to(acc), ry.to(acc)))
-        block = torch.stack(parts)
-        out.append(block if block.device == device else block.to(device))
-    if not out:
-        return torch.zeros(len(want), 0, dtype=acc, device=device)
-    return torch.cat(out, dim=1)
+                torch.linalg.vecdot(x.to(acc), y.to(acc), out=block[k])
+        if x.device != device:
+            out[:, a:b] = block.to(device)
+    for k, kind in enumerate(want):
+        if kind in "xy":
+            out[k].square_()
+    return out
+
+
+def _norm(x: Tensor, acc: torch.dtype, dst: Tensor) -> None:
+    if x.dim() == 1:
+        torch.linalg.vector_norm(x, dtype=acc, out=dst[0])
+    else:
+        torch.linalg.vector_norm(x, dim=1, dtype=acc, out=dst)
+
+
+def _operands(piece: _Piece, xs: Sequence[Tensor], ys: Sources, plan: RowPlan, scratch: _Scratch,
+              views: dict[int, tuple]) -> tuple[Tensor, Tensor | None]:
+    """The piece's ``x`` and its partner ``y`` (``None``: no partner), as ``[rows, width]`` (or one
+    flat row), ``y`` formed in the scratch buffers when it is not read where it lies."""
+    src, j0 = ys.locate(piece.tensors[0])
+    if piece.kind == "cat":
+        out, tmp = scratch.get(xs[piece.tensors[0]], piece.shape)
+        idx = [ys.locate(i)[1] for i in piece.tensors]
+        y = None
+        if not src.absent:
+            if src.uniform(idx):
+                args = [torch.cat([inp[i] for i in idx], out=buf) for inp, buf in zip(src.inputs, (out, tmp))]
+                y = args[0] if src.recipe is None else src.recipe(out, tmp, *args, src.scalar_of(idx[0]))
+            else:  # a tensor without state, or Adam tensors at different step counts: each on its own
+                parts = [src.one(i) for i in idx]
+                if any(p is not None for p in parts):
+                    y = torch.cat([p if p is not None else torch.zeros_like(xs[i]) for p, i in zip(parts, piece.tensors)],
+                                  out=out)
+        # the weights go where the second input was (consumed by now)
+        x = torch.cat([xs[i] for i in piece.tensors], out=tmp if y is not None else out)
+        width = piece.numel // piece.n_rows if piece.n_rows else 0
+        return x.view(piece.n_rows, width), (y.view(piece.n_rows, width) if y is not None else None)
+    i = piece.tensors[0]
+    known = views.get(i)
+    if known is None:
+        views.clear()  # the pieces of one tensor are consecutive
+        x_full = xs[i]
+        order = _memory_order(x_full)
+        rows = plan.view_rows[i] or 1
+        inputs = None
+        if not src.absent and src.inputs[0][j0] is not None:
+            args = [inp[j0] for inp in src.inputs]
+            args = [a if a is not None else torch.zeros_like(args[0]) for a in args]
+            inputs = [_as_rows(a, rows, order) for a in args]
+        known = views[i] = (_as_rows(x_full, rows, order), inputs)
+    x_rows, inputs = known
+    if piece.kind == "flat":
+        x = x_rows[0, piece.lo:piece.hi]
+        args = [a[0, piece.lo:piece.hi] for a in inputs] if inputs is not None else None
+    else:
+        x = x_rows[piece.lo:piece.hi]
+        args = [a[piece.lo:piece.hi] for a in inputs] if inputs is not None else None
+    if args is None:
+        return x, None
+    if src.recipe is None:
+        return x, args[0]
+    out, tmp = scratch.get(x, piece.shape)
+    return x, src.recipe(out, tmp, *args, src.scalar_of(j0))
+
 
 
 @dataclass
@@ -419,6 +616,8 @@ class _Layout:
     m: int  # unit columns
     tensor_index: Tensor  # [rows] → tensor column
     unit_index: Tensor | None  # [rows] → n + unit column (n + m: a dropped column), None without units
+    column_slice: Tensor  # [n + m] → the active slice of each column
+    column_tensor: Tensor  # [n + m] → the tensor of each column
 
 
 class StepMeasurer:
@@ -443,6 +642,7 @@ class StepMeasurer:
         self._nan: dict[tuple, Tensor] = {}
         self._per_unit = True
         self._active: list[GroupSlice] = []
+        self._current: _Layout | None = None
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
@@ -465,7 +665,7 @@ class StepMeasurer:
         weights: list[Tensor] = []
         for s in self._active:
             # torch's optimizers skip a tensor without gradient: no decay, no momentum, no move
-            missing.extend(p.grad is None for p in s.params)
+            missing.extend([p.grad is None for p in s.params])
             group = s.group
             s.lr = float(group["lr"])
             s.weight_decay = float(group.get("weight_decay", 0.0))
@@ -476,7 +676,7 @@ class StepMeasurer:
                 s.snapshot = torch._foreach_mul(w, 1.0)  # transient: freed in after_step
             weights.extend(w)
         self._missing = tuple(missing) if any(missing) else None
-        layout = self._layout(weights)
+        layout = self._current = self._layout(weights)  # the step changes no shape: after_step reuses it
         if not unit_grad:
             device = weights[0].device if weights else torch.device("cpu")
             key = (sum(layout.plan.rows), device)
@@ -488,8 +688,8 @@ class StepMeasurer:
         grads, partners = [], []
         for s in self._active:
             grads.extend(s.grads())
-            partners.extend(s.buffers() if s.mode == "buffer" else [None] * len(s.params))
-        pre = row_sums(grads, partners, "xd", layout.plan)
+            partners.append(Sources([s.buffers()]) if s.mode == "buffer" else no_source(len(s.params)))
+        pre = row_sums(grads, Sources.concat(partners), "xd", layout.plan)
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=pre.dtype, device=pre.device)
             pre = pre / torch.stack([scale * scale, scale]).reshape(2, 1)
@@ -514,8 +714,9 @@ class StepMeasurer:
             if s.mode == "snapshot":
                 torch._foreach_sub_(s.snapshot, w)  # w_t − w_{t+1} = −u
             weights.extend(w)
+            s.read_steps()
             parts.append(s.source())
-        layout = self._layout(weights)
+        layout = self._current = self._current if self._current is not None else self._layout(weights)
         sources = Sources.concat(parts)
         rows = row_sums(weights, sources, "xyd", layout.plan)
         del sources
@@ -532,6 +733,9 @@ class StepMeasurer:
             stacked = self.reduce_fn(stacked)
         stats = self._combine(stacked)
         self._pre = None
+        self._current = None
+        for s in self._active:
+            s.forget_step()  # read afresh after the next step
         return stats, self._active
 
     def _units(self, s: GroupSlice) -> list[int] | None:
@@ -545,10 +749,12 @@ class StepMeasurer:
             return layout
         units: list[int] = []
         unit_rows: list[list[int] | None] = []  # sharded: the global unit of each local row
-        for s in self._active:
+        groups: list[int] = []
+        for g, s in enumerate(self._active):
             units.extend(self._units(s) or [1] * len(s.params))
             unit_rows.extend(s.unit_rows if s.unit_rows is not None and self._units(s) is not None else [None] * len(s.params))
-        plan = RowPlan.build(weights, [k if r is None else _row_blocks(r) for k, r in zip(units, unit_rows)])
+            groups.extend([g] * len(s.params))
+        plan = RowPlan.build(weights, [k if r is None else _row_blocks(r) for k, r in zip(units, unit_rows)], groups)
         n = len(weights)
         unit_start, m = [], 0
         for s in self._active:
@@ -566,8 +772,11 @@ class StepMeasurer:
             else:
                 unit_cols.append(n + start + r // (plan.rows[i] // units[i]))
         device = weights[0].device if weights else torch.device("cpu")
+        column_tensor = list(range(n)) + [i for i, k in enumerate(units) if unit_start[i] is not None for _ in range(k)]
         layout = _Layout(plan, n, m, torch.tensor(row_tensor, dtype=torch.long).to(device),
-                         torch.tensor(unit_cols, dtype=torch.long).to(device) if m else None)
+                         torch.tensor(unit_cols, dtype=torch.long).to(device) if m else None,
+                         torch.tensor([groups[i] for i in column_tensor], dtype=torch.long).to(device),
+                         torch.tensor(column_tensor, dtype=torch.long).to(device))
         if len(self._layouts) > 16:
             self._layouts.clear()
         self._layouts[key] = layout
@@ -580,29 +789,32 @@ class StepMeasurer:
         return cols
 
     def _coefficients(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``[3, n + m]`` per column (ρ − 1, κ, the momentum factor of h); cached while they repeat,
-        so a constant-LR stretch builds (and copies to the device) one tensor, not one per step."""
+        """``[3, n + m]`` per column (ρ − 1, κ, the momentum factor of h), expanded on the device
+        from one value per slice (per tensor only for Adam tensors at different step counts);
+        cached while they repeat, so a constant-LR stretch builds one tensor, not one per step."""
+        layout = self._current
         per_slice = []
         for s in self._active:
             decay, kappa = s.coefficients()
             h = 2.0 * s.momentum / (1.0 - s.dampening) if s.mode == "buffer" and s.dampening != 1.0 else 0.0
-            per_slice.append((tuple(decay), tuple(kappa), h, tuple(self._units(s) or ())))
-        key = (dtype, device, tuple(per_slice))
+            per_slice.append((decay, tuple(kappa) if isinstance(kappa, list) else kappa, h))
+        key = (dtype, device, id(layout), tuple(per_slice))
         cached = getattr(self, "_coef_cache", None)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and cached[2] is layout:
             return cached[1]
-        decay_col, kappa_col, h_col = [], [], []
-        for decay, kappa, h, _ in per_slice:
-            decay_col.extend(decay)
-            kappa_col.extend(kappa)
-            h_col.extend([h] * len(decay))
-        for decay, kappa, h, units in per_slice:
-            for d, k, u in zip(decay, kappa, units):
-                decay_col.extend([d] * u)
-                kappa_col.extend([k] * u)
-                h_col.extend([h] * u)
-        coefficients = torch.tensor([decay_col, kappa_col, h_col], dtype=torch.float64).to(dtype).to(device, non_blocking=True)
-        self._coef_cache = (key, coefficients)
+        if all(not isinstance(k, tuple) for _, k, _ in per_slice):
+            values = torch.tensor(list(zip(*per_slice)), dtype=torch.float64).to(dtype).to(device, non_blocking=True)
+            coefficients = values.index_select(1, layout.column_slice)
+        else:
+            columns: list[list[float]] = [[], [], []]
+            for s, (decay, kappa, h) in zip(self._active, per_slice):
+                n = len(s.params)
+                columns[0].extend([decay] * n)
+                columns[1].extend(kappa if isinstance(kappa, tuple) else [kappa] * n)
+                columns[2].extend([h] * n)
+            values = torch.tensor(columns, dtype=torch.float64).to(dtype).to(device, non_blocking=True)
+            coefficients = values.index_select(1, layout.column_tensor)
+        self._coef_cache = (key, coefficients, layout)
         return coefficients
 
     def _combine(self, sums: Tensor) -> Tensor:

@@ -296,7 +296,8 @@ class ScheduleWatcher:
         """
         if not any(t.decoupled for t in finished.theories):
             return
-        delta, w_norm = stats[0].double().tolist(), stats[1].double().tolist()
+        n = sum(len(s.params) for s in finished.slices)  # the tensor columns (the unit columns follow)
+        delta, w_norm = stats[:2, :n].double().tolist()
         names, samples, col = [], [], 0
         for s, group_theory in zip(finished.slices, finished.theories):
             for i in range(s.start, s.stop):
