@@ -26,6 +26,7 @@ Tensors whose relative change falls in ``[TOL, AMBIGUOUS)`` are listed in
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,30 @@ def _scaling_test(run, params, names, base, generator, result) -> set[str]:
     )
 
 
+def _dead_test(run, params, names, noises, base) -> set[str]:
+    """Names whose perturbation (``noises``) leaves the outputs unchanged: all perturbed at once
+    (unchanged outputs then mean each is dead, except on a measure-zero set of perturbations),
+    split in halves otherwise."""
+    if not names:
+        return set()
+    saved = [params[n].detach().clone() for n in names]
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(noises[n])
+    try:
+        rel = _relative_change(run(), base)
+    finally:
+        with torch.no_grad():
+            for n, old in zip(names, saved):
+                params[n].copy_(old)
+    if rel < TOL:
+        return set(names)
+    if len(names) == 1:
+        return set()
+    half = len(names) // 2
+    return _dead_test(run, params, names[:half], noises, base) | _dead_test(run, params, names[half:], noises, base)
+
+
 AMBIGUOUS = 1e-7  # relative changes in [TOL, AMBIGUOUS) are reported as too close to call
 SCREEN = 1e-6  # exact radial cosine over which a tensor is proven non-invariant (d/dc L(c·w) ≠ 0)
 
@@ -202,7 +227,8 @@ def oracle(
     Cost: one backward of a random projection of the outputs proves most tensors non-invariant
     (an invariant ``w`` has ``d/dc L(c·w) = ⟨∇L, w⟩ = 0``; a radial cosine over ``SCREEN`` in
     float64 cannot be rounding) and non-dead (a gradient); every other tensor gets the brute-force
-    check: one forward with ``w`` perturbed (dead?) or doubled (invariant?).
+    check: forwards with ``w`` perturbed (dead?) or doubled (invariant?), many tensors at once
+    (group testing: one forward for a group that changes nothing, halves when it changes).
     """
     result = OracleResult()
     params = dict(model.named_parameters())
@@ -217,23 +243,33 @@ def oracle(
     run = _Runner(generic, forward, seed)
     base = run()
     generator = torch.Generator().manual_seed(seed + 1)
-    candidates = []
+    # (nearly) no gradient: dead, or merely small? Perturbed together, split on a change.
+    noises = {}
     for name in wanted:
-        p = gen_params[name]
-        if size[name] <= 1e-9 * largest:  # (nearly) no gradient: dead, or merely small?
+        if size[name] <= 1e-9 * largest:
+            p = gen_params[name]
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p)
             scale = 0.3 * float(p.detach().norm()) / max(float(noise.norm()), 1e-30)
-            noise = noise * (scale if scale > 0 else 0.3)
-            if run.change(p, p.detach() + noise, base) < TOL:
-                result.dead.add(name)
-                continue
-        if cos[name] == cos[name] and cos[name] > SCREEN and size[name] > 1e-6 * largest:
-            result.other.add(name)
+            noises[name] = noise * (scale if scale > 0 else 0.3)
+    result.dead = _dead_test(run, gen_params, list(noises), noises, base)
+    candidates, suspects = [], []
+    for name in wanted:
+        if name in result.dead:
+            continue
+        if cos[name] == cos[name] and cos[name] > SCREEN:
+            if size[name] > 1e-6 * largest:
+                result.other.add(name)
+            else:  # a clear radial cosine on a tiny gradient: most likely not invariant, doubled alone
+                suspects.append(name)
         else:
             candidates.append(name)
-    invariant = _scaling_test(run, gen_params, candidates, base, generator, result) if candidates else set()
+    invariant = set()
+    for name in suspects:  # alone: one forward each instead of splitting the group around each
+        invariant |= _scaling_test(run, gen_params, [name], base, generator, result)
+    if candidates:
+        invariant |= _scaling_test(run, gen_params, candidates, base, generator, result)
     result.invariant = invariant
-    result.other |= set(candidates) - invariant
+    result.other |= (set(candidates) | set(suspects)) - invariant
 
     # Eps-dominated: with the real eps (weights as built, constant-filled tensors generic), the
     # invariant's exact radial cosine is large: its normalization's input variance is near eps.
@@ -323,3 +359,18 @@ def format_table(scores: list[Score]) -> str:
         f" {(tp + found_eps) / (inv + eps) if inv + eps else 1.0:7.3f} {sum(s.seconds for s in scores):5.1f}"
     )
     return "\n".join(lines)
+
+
+_TRUTHS: dict[str, tuple[OracleResult, float]] = {}
+
+
+def zoo_truth(entry: Any) -> tuple[OracleResult, float]:
+    """The oracle's verdict on a zoo entry (``entry.build()`` under seed 0) and the seconds it
+    took, computed once per test session: the whole-zoo, heldout and in-fit tests read the same
+    verdict. The model is not kept: callers build their own (same seed, same weights)."""
+    if entry.name not in _TRUTHS:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        truth = oracle(entry.build(), entry.forward)
+        _TRUTHS[entry.name] = (truth, time.perf_counter() - start)
+    return _TRUTHS[entry.name]

@@ -26,7 +26,7 @@ from lightning_smd.detect import (
     normalization_parameters,
     structural_candidates,
 )
-from tests.oracle import Score, format_table, oracle, score
+from tests.oracle import Score, format_table, score, zoo_truth
 from tests.zoo import ZooModel, zoo
 
 pytest.importorskip("torchvision")
@@ -64,22 +64,55 @@ class Discoveries:
                 f"+ finite-difference confirmation (the rule): {rate(len(self.final))}; true discoveries: {self.true}")
 
 
+def _find_with_evidence(model: nn.Module, args: tuple, kwargs: dict):
+    """``find_scale_invariant``'s names, and the structural candidates and radial cosines it
+    computed on the way (read off its own calls to ``recorded_forward`` and ``radial_cosines``
+    rather than computed twice)."""
+    from lightning_smd.core.detect import api
+
+    seen: dict[str, object] = {}
+    originals = {name: getattr(api, name) for name in ("recorded_forward", "radial_cosines")}
+
+    def spy(name):
+        def call(module, a, k):
+            out = originals[name](module, a, k)
+            if module is model:
+                seen[name] = out
+            return out
+        return call
+
+    for name, original in originals.items():
+        setattr(api, name, spy(name))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = [c.name for c in find_scale_invariant(model, *args, **kwargs)]
+    finally:
+        for name, original in originals.items():
+            setattr(api, name, original)
+
+    def evidence():
+        structural = (seen["recorded_forward"].candidates or {}) if "recorded_forward" in seen else structural_candidates(
+            model, *args, **kwargs)
+        cosines = seen["radial_cosines"] if "radial_cosines" in seen else radial_cosines(model, args, kwargs)
+        return structural, cosines
+
+    return found, evidence
+
+
 def _score_model(entry: ZooModel, discoveries: Discoveries | None = None) -> Score:
+    truth, oracle_seconds = zoo_truth(entry)  # once per session, shared with the in-fit tests
     start = time.perf_counter()
     torch.manual_seed(0)
     model = entry.build()
-    truth = oracle(model, entry.forward)
     args, kwargs = entry.batch(torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        found = [c.name for c in find_scale_invariant(model, *args, **kwargs)]
+    found, evidence = _find_with_evidence(model, args, kwargs)
     result = score(entry.name, truth, found, _trainable(model))
-    result.seconds = time.perf_counter() - start
+    result.seconds = oracle_seconds + time.perf_counter() - start
     if truth.ambiguous:
         print(f"{entry.name}: too close to call (scored as not invariant): {truth.ambiguous}")
     if discoveries is not None:
-        structural = structural_candidates(model, *args, **kwargs)
-        cosines = radial_cosines(model, args, kwargs)
+        structural, cosines = evidence()
         numels = {n: p.numel() for n, p in model.named_parameters()}
         skip = set(structural) | normalization_parameters(model)
         unexplained = {n: c for n, c in cosines.items() if n not in skip}
@@ -138,7 +171,7 @@ def test_whole_zoo_against_oracle():
 # --------------------------------------------------------------------------------------------
 
 
-def _fit_candidates(entry: ZooModel, steps: int = 6) -> tuple[set[str], nn.Module]:
+def _fit_candidates(entry: ZooModel, root, steps: int = 6) -> tuple[set[str], nn.Module]:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -163,8 +196,8 @@ def _fit_candidates(entry: ZooModel, steps: int = 6) -> tuple[set[str], nn.Modul
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
     data = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1)), batch_size=x.shape[0])
-    cb = SMDCallback(verbose=False, log_every_n_steps=1)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+    cb = SMDCallback(verbose=False)  # the decision does not depend on the logging cadence
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=root, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(Module(), data)
     prefix = "net."
@@ -173,11 +206,10 @@ def _fit_candidates(entry: ZooModel, steps: int = 6) -> tuple[set[str], nn.Modul
 
 @pytest.mark.parametrize("name", ["tv/mobilenet_v2(0.35)", "timm/ghostnet_050"])
 @pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
-def test_callback_decision_in_fit_against_oracle(name):
+def test_callback_decision_in_fit_against_oracle(name, tmp_path):
     entry = next(z for z in zoo() if z.name == name)
-    torch.manual_seed(0)
-    truth = oracle(entry.build(), entry.forward)
-    found, net = _fit_candidates(entry)
+    truth, _ = zoo_truth(entry)
+    found, net = _fit_candidates(entry, tmp_path)
     result = score(f"SMDCallback fit: {name}", truth, found, _trainable(net))
     _check([result])
     assert not math.isnan(result.recall)
