@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 # Files whose tests start several processes (DDP/FSDP2/TP on gloo, torchrun-style workers): under
 # pytest-xdist they share one group, so that no two of them compete for the cores at once.
 MULTIPROCESS_FILES = {"test_sharded_layouts.py", "test_training_setups.py", "test_strategies.py",
-                      "test_examples_strategies.py", "test_qknorm.py", "test_fault.py"}
+                      "test_examples_strategies.py", "test_qknorm.py", "test_fault.py", "test_namespaces.py"}
 
 
 # The longest groups of the slow tier (minutes each on 2 cores): under pytest-xdist they start
