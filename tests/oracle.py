@@ -107,15 +107,18 @@ class _Runner:
                 b.copy_(saved)
         return out
 
-    def change(self, p: Tensor, new: Tensor, base: list[Tensor]) -> float:
-        old = p.detach().clone()
+    def change(self, tensors: list[Tensor], edit: Callable[[], None], base: list[Tensor]) -> float:
+        """The outputs' relative change from ``base`` while ``edit()`` (run under ``no_grad``) has
+        changed ``tensors`` in place; they are restored afterwards."""
+        saved = [t.detach().clone() for t in tensors]
         with torch.no_grad():
-            p.copy_(new)
+            edit()
         try:
             return _relative_change(self(), base)
         finally:
             with torch.no_grad():
-                p.copy_(old)
+                for t, old in zip(tensors, saved):
+                    t.copy_(old)
 
 
 def _projection(outputs: list[Tensor], seed: int) -> Tensor:
@@ -159,22 +162,18 @@ def _scaling_test(run, params, names, base, generator, result) -> set[str]:
     if len(names) == 1:
         name = names[0]
         p = params[name]
-        rel = run.change(p, 2.0 * p.detach(), base)
+        rel = run.change([p], lambda: p.mul_(2.0), base)
         result.change[name] = rel
         if TOL <= rel < AMBIGUOUS:
             result.ambiguous[name] = rel
         return {name} if rel < TOL else set()
     factors = 1.5 + torch.rand(len(names), generator=generator, dtype=torch.float64)
-    saved = [params[n].detach().clone() for n in names]
-    with torch.no_grad():
+
+    def scale() -> None:
         for n, f in zip(names, factors.tolist()):
             params[n].mul_(f)
-    try:
-        rel = _relative_change(run(), base)
-    finally:
-        with torch.no_grad():
-            for n, old in zip(names, saved):
-                params[n].copy_(old)
+
+    rel = run.change([params[n] for n in names], scale, base)
     if rel < TOL:
         result.change.update(dict.fromkeys(names, rel))
         return set(names)
@@ -190,16 +189,12 @@ def _dead_test(run, params, names, noises, base) -> set[str]:
     split in halves otherwise."""
     if not names:
         return set()
-    saved = [params[n].detach().clone() for n in names]
-    with torch.no_grad():
+
+    def perturb() -> None:
         for n in names:
             params[n].add_(noises[n])
-    try:
-        rel = _relative_change(run(), base)
-    finally:
-        with torch.no_grad():
-            for n, old in zip(names, saved):
-                params[n].copy_(old)
+
+    rel = run.change([params[n] for n in names], perturb, base)
     if rel < TOL:
         return set(names)
     if len(names) == 1:
