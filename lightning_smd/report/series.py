@@ -466,7 +466,7 @@ def read_wandb_records(path: str | Path) -> Iterator[Any]:
     W&B's own reader is preferred where it exists, but 0.31 ships none: the Python
     ``wandb.sdk.internal.datastore`` of older releases is gone (the log is read by the Go
     ``wandb-core`` service, which has no Python API). So this is a small one, checked against
-    real offline runs in tests/test_wandb.py. Needs ``wandb`` installed (for the protobuf classes).
+    real offline runs in tests/report/test_wandb.py. Needs ``wandb`` installed (for the protobuf classes).
     """
     from wandb.proto import wandb_internal_pb2 as pb
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from examples_fixtures import make_cifar10, make_coco, make_image_folder
+from tests.examples_fixtures import make_cifar10, make_coco, make_image_folder
 
 from examples.data import (
     CIFAR10DataModule,

@@ -10,7 +10,7 @@ CPU), each equal to a single-process run on the same global batches, a rescale a
   ``tensor_parallel``, ``fully_shard`` over ``data_parallel``, a third hidden layer FSDP only: two
   layout groups (all 4 ranks; the 2 data-parallel ranks), one all-reduce each per measured step
   and none on the others (counted around torch.distributed's collectives);
-* the QK-norm transformer example (``tests.test_qknorm.QKNormNet``, AdamW) under FSDP × TP, heads
+* the QK-norm transformer example (``tests.lightning.test_qknorm.QKNormNet``, AdamW) under FSDP × TP, heads
   split across the tensor-parallel ranks: exactly the q and k projections are tracked.
 
 Every ``smd/*`` series is compared, the per-unit ``smd/channel/*`` ones included (each rank adds
@@ -27,13 +27,13 @@ import json
 import pytest
 
 from tests.setups_common import launch, metrics_of, run_setup, smd_series
-from tests.test_training_setups import assert_same_series
+from tests.lightning.test_training_setups import assert_same_series
 
 STEPS = 12
 DROP = 8  # MultiStepLR ×0.1 at this step, rescaled by (1/10)^(1/4) (SGDM; AdamW: (1/10)^(1/2))
 REL = 1e-4  # the bar; the runs agree to ~1e-6
 RESCALE = {"milestones": [DROP]}
-QKNORM = "tests.test_qknorm:QKNormNet"
+QKNORM = "tests.lightning.test_qknorm:QKNormNet"
 
 
 def _setup(name, layout, devices, hidden=2, every=1, count=False):

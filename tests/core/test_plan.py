@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples_fixtures import CONF_DIR, composed
+from tests.examples_fixtures import CONF_DIR, composed
 
 from examples.modules.optim import ConfiguredOptimizerModule, cosine_with_warmup, warmup_multistep
 from hydra.utils import instantiate

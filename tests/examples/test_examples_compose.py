@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from examples_fixtures import CONF_DIR, TINY, TRAIN_PY, composed, make_cifar10, make_image_folder, subprocess_env
+from tests.examples_fixtures import CONF_DIR, TINY, TRAIN_PY, composed, make_cifar10, make_image_folder, subprocess_env
 
 from examples.modules.nets import build_adapted
 from examples.train import build_module, train

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples_fixtures import TINY, TRAIN_PY, composed, metrics_columns, subprocess_env
+from tests.examples_fixtures import TINY, TRAIN_PY, composed, metrics_columns, subprocess_env
 
 from examples.train import train
 from examples.validate import ConfigError

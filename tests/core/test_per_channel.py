@@ -290,7 +290,7 @@ def test_channel_metrics_percentiles_and_stalled_units():
 def test_callback_logs_per_channel_metrics_with_one_transfer(tmp_path):
     from tests.helpers import fit, read_metrics
     from tests.models import DigitsCNN
-    from tests.test_hot_path import HostSyncRecorder, _StepEnd, _StepStart
+    from tests.core.test_hot_path import HostSyncRecorder, _StepEnd, _StepStart
 
     torch.manual_seed(0)
     recorder = HostSyncRecorder()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from examples_fixtures import TRAIN_PY, subprocess_env
+from tests.examples_fixtures import TRAIN_PY, subprocess_env
 
 from examples.console import LineProgressBar, TqdmHandler, progress_bar_for, route_lightning_logs
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd import report, wandb_extras
 from lightning_smd.series import RunSeries, read_wandb_records
-from test_report import (KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, simulate_records,
+from tests.report.test_report import (KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, simulate_records,
                          tiny_loader)
 
 wandb = pytest.importorskip("wandb")

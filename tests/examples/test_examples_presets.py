@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from examples_fixtures import ROOT, TINY, TRAIN_PY, composed, make_cifar10, make_coco, make_image_folder, subprocess_env
+from tests.examples_fixtures import ROOT, TINY, TRAIN_PY, composed, make_cifar10, make_coco, make_image_folder, subprocess_env
 
 from examples.train import train
 from examples.validate import ConfigError, validate_config

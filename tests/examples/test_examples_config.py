@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from examples_fixtures import CONF_DIR, TRAIN_PY, composed, subprocess_env
+from tests.examples_fixtures import CONF_DIR, TRAIN_PY, composed, subprocess_env
 
 from examples.resolvers import linear_lr, linear_steps, slurm_devices, wandb_offline_default
 from examples.train import build_module, train

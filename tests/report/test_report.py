@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_smd.report import figures as report
 from lightning_smd.series import RunSeries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KINDS = ("angular_update", "angular_update_theory", "weight_norm", "weight_norm_theory", "unit_grad_sq")
 
 

@@ -470,10 +470,7 @@ def test_smd_measures_the_direction_of_ewn_and_swn_per_unit(tmp_path):
 
 def _preset(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, dict]:
     """Run ``experiment=name`` through examples/train.py's train(); returns (result, callbacks by prefix)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from examples_fixtures import composed
+    from tests.examples_fixtures import composed
 
     from examples import train as train_module
     from lightning_smd.homogeneous.callback import HomogeneousCallback

@@ -193,7 +193,9 @@ def test_digits_bn_cnn_warm_start_removes_the_transient(tmp_path):
         # a conv not at equilibrium by the end: its first full window starts after 700 - 50 (a lower bound)
         steps[warm] = max(reached.get(name, 700 - 50 + 1) for name in CONVS)
         final[warm] = mean_over(read_metrics(trainer)["train_loss"], 600)
-    assert steps[150] <= steps[False] / 3, steps  # measured 152 vs 630 with the window-mean verdict
+    # the transient left after the warm start (from step 150) against the cold run's (from step 0): measured
+    # 49 vs 651 (1 thread, this machine), 89 vs 651 (CI's machine; the numerics move with the CPU's kernels)
+    assert steps[150] - 150 <= steps[False] / 4, steps
     print(f"digits CNN steps to ±10 % equilibrium (slowest conv): {steps}; train loss, last 100 steps: {final}")
 
 

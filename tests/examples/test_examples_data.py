@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from examples_fixtures import make_cifar10, make_coco, make_image_folder
+from tests.examples_fixtures import make_cifar10, make_coco, make_image_folder
 
 from examples.data import (
     CIFAR10DataModule,

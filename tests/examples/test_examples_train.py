@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from examples_fixtures import TINY, composed, make_cifar10, make_coco, make_image_folder, metrics_columns
+from tests.examples_fixtures import TINY, composed, make_cifar10, make_coco, make_image_folder, metrics_columns
 
 from examples.train import train
 

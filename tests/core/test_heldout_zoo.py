@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.heldout_zoo import heldout_zoo
-from tests.test_zoo import _check, _score_model
+from tests.core.test_zoo import _check, _score_model
 
 
 def test_heldout_patterns_against_oracle():
@@ -20,7 +20,7 @@ FIT_DEFAULT = {"held/pool_upsample"}  # the one the callback missed before
 @pytest.mark.parametrize("name", [pytest.param(z.name, marks=() if z.name in FIT_DEFAULT else pytest.mark.slow)
                                   for z in heldout_zoo()])
 def test_heldout_fit_decision_equals_find_scale_invariant(name, tmp_path):
-    from tests.test_zoo_fit import fit_decision
+    from tests.lightning.test_zoo_fit import fit_decision
 
     entry = next(z for z in heldout_zoo() if z.name == name)
     callback, function, _ = fit_decision(entry, tmp_path)
