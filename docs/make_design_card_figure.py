@@ -12,9 +12,11 @@ the scale-invariant tensors before the drop and at the first logged points after
 ``design_card_angular_update.png`` and ``resnet50_channel_bands.png``.
 
 ``--run-dir`` reads an existing run of the same command instead of training (no timing then).
-``--check`` exits 1 unless the run keeps the design card's promise (issue 26): val/acc ≥ 0.9 at the
-end, an LR drop, after the plan's first-stage equilibrium step, a rescale at it, and the mean Δ_t/Δ* of
-the tensors within 1 ± 0.3 over the 10 steps after it.
+``--check`` exits 1 unless the run keeps the design card's promise (issue 26): under 4 minutes of wall
+clock (when it ran the command), val/acc ≥ 0.9 at the end, an LR drop, after the plan's first-stage
+equilibrium step, a rescale at it, and the mean Δ_t/Δ* of the tensors within 1 ± 0.3 (the band of
+the callback's far-from-equilibrium warning) both over the second half of the first stage, where the
+plan says it is at equilibrium, and over the 10 steps after the drop.
 """
 
 from __future__ import annotations
@@ -104,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         before = (series.steps >= drop // 2) & (series.steps < drop)
         after = (series.steps >= drop) & (series.steps < drop + 10)
         right_after = float(np.nanmean(ratio[after]))
+        settled_ratio = float(np.nanmean(ratio[before]))
         print(f"mean Δ_t/Δ* over the tensors: steps {drop // 2}–{drop - 1} (second half of stage 0): "
-              f"{np.nanmean(ratio[before]):.3f}; steps {drop}–{drop + 9} (right after the drop): {right_after:.3f}")
+              f"{settled_ratio:.3f}; steps {drop}–{drop + 9} (right after the drop): {right_after:.3f}")
+        if not 0.7 <= settled_ratio <= 1.3:
+            failures.append(f"Δ_t is not on Δ* before the drop, where the plan says stage 0 is at equilibrium "
+                            f"(mean Δ_t/Δ* {settled_ratio:.3f}, not 1 ± 0.3)")
         if not 0.7 <= right_after <= 1.3:
             failures.append(f"Δ_t is not on the new Δ* right after the drop (mean Δ_t/Δ* {right_after:.3f}, not 1 ± 0.3)")
+    if timing and timing[0] >= 240:
+        failures.append(f"the run took {timing[0]:.0f} s, not under 4 minutes")
     accuracy = last_value(metrics, "val/acc")
     if accuracy is None or accuracy < 0.9:
         failures.append(f"final val/acc {accuracy} < 0.9")

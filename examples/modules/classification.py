@@ -35,7 +35,7 @@ class ImageClassifier(ConfiguredOptimizerModule):
             weights, and in a deep network the lag compounds layer by layer until eval-mode outputs
             are constant; this measures the network as it is (the "precise BN" of Wu & Johnson,
             2021). The training itself is unchanged: the running statistics are not used by it.
-        optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay:
+        optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay, head_weight_decay:
             see :class:`~examples.modules.optim.ConfiguredOptimizerModule`.
     """
 
@@ -48,6 +48,7 @@ class ImageClassifier(ConfiguredOptimizerModule):
         scheduler_interval: str = "epoch",
         norm_weight_decay: float | None = None,
         bias_weight_decay: float | None = None,
+        head_weight_decay: float | None = None,
         label_smoothing: float = 0.0,
         zero_init_residual: bool = False,
         fully_shard: bool = False,
@@ -55,7 +56,8 @@ class ImageClassifier(ConfiguredOptimizerModule):
         image_size: int | None = None,
         bn_recalibration_batches: int = 0,
     ) -> None:
-        super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay)
+        super().__init__(optimizer, scheduler, scheduler_interval, norm_weight_decay, bias_weight_decay,
+                         head_weight_decay)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model, notes, min_size = build_adapted(arch, num_classes, zero_init_residual, in_channels, image_size)
         self.upsample_to = min_size if image_size is not None and image_size < min_size else None

@@ -28,6 +28,7 @@ def param_groups(
     module: nn.Module,
     norm_weight_decay: float | None = None,
     bias_weight_decay: float | None = None,
+    head_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``module`` into named param groups.
 
@@ -35,16 +36,25 @@ def param_groups(
     and the optimizer's ``weight_decay`` applies everywhere. ``norm_weight_decay`` (like
     torchvision's ``--norm-weight-decay``) puts the γ/β of normalization layers in a group
     ``"norm"`` with that decay; ``bias_weight_decay`` does the same for the other biases
-    (group ``"bias"``). Parameter order inside each group follows ``named_parameters``.
+    (group ``"bias"``); ``head_weight_decay`` does it for the weight of the output head, the last
+    ``nn.Linear`` registered (group ``"head"``; its bias follows ``bias_weight_decay`` when that is
+    set). Parameter order inside each group follows ``named_parameters``.
     """
-    if norm_weight_decay is None and bias_weight_decay is None:
+    if norm_weight_decay is None and bias_weight_decay is None and head_weight_decay is None:
         return [{"name": "all", "params": [p for p in module.parameters() if p.requires_grad]}]
+    head_ids: set[int] = set()
+    if head_weight_decay is not None:
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"model.head_weight_decay={head_weight_decay} is set but {type(module).__name__} has no "
+                             "nn.Linear output head; remove the override")
+        head_ids.update(id(p) for p in linears[-1].parameters(recurse=False))
     norm_ids: set[int] = set()
     if norm_weight_decay is not None:
         for m in module.modules():
             if isinstance(m, NORM_LAYERS):
                 norm_ids.update(id(p) for p in m.parameters(recurse=False))
-    groups: dict[str, list[nn.Parameter]] = {"all": [], "norm": [], "bias": []}
+    groups: dict[str, list[nn.Parameter]] = {"all": [], "norm": [], "bias": [], "head": []}
     seen: set[int] = set()
     for name, p in module.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -54,6 +64,8 @@ def param_groups(
             groups["norm"].append(p)
         elif bias_weight_decay is not None and name.endswith("bias"):
             groups["bias"].append(p)
+        elif id(p) in head_ids:
+            groups["head"].append(p)
         else:
             groups["all"].append(p)
     out: list[dict[str, Any]] = [{"name": "all", "params": groups["all"]}]
@@ -61,6 +73,8 @@ def param_groups(
         out.append({"name": "norm", "params": groups["norm"], "weight_decay": norm_weight_decay})
     if groups["bias"]:
         out.append({"name": "bias", "params": groups["bias"], "weight_decay": bias_weight_decay})
+    if groups["head"]:
+        out.append({"name": "head", "params": groups["head"], "weight_decay": head_weight_decay})
     return [g for g in out if g["params"]]
 
 
@@ -194,6 +208,8 @@ class ConfiguredOptimizerModule(pl.LightningModule):
         scheduler_interval: ``"epoch"`` or ``"step"``: when Lightning steps the scheduler.
         norm_weight_decay: weight decay of normalization γ/β; ``None`` = optimizer's value.
         bias_weight_decay: weight decay of the other biases; ``None`` = optimizer's value.
+        head_weight_decay: weight decay of the output head's weight (the last ``nn.Linear``);
+            ``None`` = optimizer's value.
     """
 
     def __init__(
@@ -203,6 +219,7 @@ class ConfiguredOptimizerModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         norm_weight_decay: float | None = None,
         bias_weight_decay: float | None = None,
+        head_weight_decay: float | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
@@ -212,6 +229,7 @@ class ConfiguredOptimizerModule(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.norm_weight_decay = norm_weight_decay
         self.bias_weight_decay = bias_weight_decay
+        self.head_weight_decay = head_weight_decay
 
     def optimized_module(self) -> nn.Module:
         """The module whose parameters are optimized (override to restrict)."""
@@ -220,7 +238,8 @@ class ConfiguredOptimizerModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer given: set the `optimizer` config group (e.g. optimizer=sgd)")
-        groups = param_groups(self.optimized_module(), self.norm_weight_decay, self.bias_weight_decay)
+        groups = param_groups(self.optimized_module(), self.norm_weight_decay, self.bias_weight_decay,
+                              getattr(self, "head_weight_decay", None))
         if getattr(getattr(self.optimizer_factory, "func", self.optimizer_factory), "splits_hidden_matrices", False):
             groups = hidden_matrix_groups(self.optimized_module(), groups)
         optimizer = self.optimizer_factory(groups)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lightning_smd.core.channels import STALL_RATIO, ChannelMetrics
+from lightning_smd.report.figures import save_png
 from lightning_smd.report.loggers import loggers_of_kind
 
 __all__ = ["CHANNEL_FIGURE_FILES", "HIST_PREFIX", "channel_bands", "default_heatmap_layer", "log_histograms",
@@ -173,7 +174,8 @@ def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path:
         ax.set_title(_short(name) + ("" if share is None else f" (stalled {share:.0%})"), fontsize=7, y=1.0)
         ax.set_yscale("log")
         ax.set_ylim(*limits)
-        ax.yaxis.set_major_locator(FixedLocator([10.0 ** k for k in range(-4, 4)]))
+        # only the decades in view: a locator's every value becomes a Tick object, drawn or not
+        ax.yaxis.set_major_locator(FixedLocator([10.0 ** k for k in range(-4, 5) if limits[0] <= 10.0 ** k <= limits[1]]))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))
@@ -193,9 +195,7 @@ def plot_bands(bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], path:
     fig.supylabel(r"$\Delta_t\,/\,\Delta^*$ per unit (log)", fontsize=8)
     fig.subplots_adjust(left=0.07 if cols > 2 else 0.12, right=0.98, bottom=0.55 / fig.get_figheight(),
                         top=top - 0.25 / fig.get_figheight(), hspace=0.45, wspace=0.08)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save_png(fig, path)
 
 
 def _band_limits(quantiles: list[dict[int, np.ndarray]]) -> tuple[float, float]:
@@ -285,11 +285,9 @@ def plot_unit_heatmap(steps: Any, matrix: np.ndarray, layer: str, path: str | Pa
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"unit ({matrix.shape[0]})")
     title = f"{_short(layer, 60)}: per-unit angular update" + (f" (stalled {stalled:.0%})" if stalled else "")
-    ax.set_title(title + (f"\n{why}" if why else ""), fontsize=9)
+    ax.set_title(title + (f"\n{why}" if why else ""), fontsize=9, y=1.0)
     fig.subplots_adjust(left=0.09, right=0.93, bottom=0.13, top=0.85)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save_png(fig, path)
 
 
 #: the units × steps record of the heatmap's layer, written with the figures so that the report

@@ -114,8 +114,19 @@ def _new_figure(size: tuple[float, float] = _WIDE, left: float = 1.0, right: flo
     return fig
 
 
+#: zlib level of the PNGs: 1 encodes in half the time of Pillow's default 6 for files ~5 % larger
+#: (lossless either way)
+PNG_COMPRESS_LEVEL = 1
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at the figures' dpi (fast zlib level, see :data:`PNG_COMPRESS_LEVEL`)."""
+    fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    return Path(path)
+
+
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=_DPI)
+    save_png(fig, path)
     fig.clear()
     return path
 
@@ -272,7 +283,7 @@ def _colorbar(ax: Any, count: int) -> None:
 
 
 def _finish_axes(ax: Any, title: str, ylabel: str, log: bool = True) -> None:
-    ax.set_title(title)
+    ax.set_title(title, y=1.0)  # a fixed position: matplotlib's automatic one measures every tick label
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     if log:
@@ -370,7 +381,7 @@ def plot_ratio_heatmap(series: RunSeries, path: Path) -> Path | None:
     ax.set_ylim(len(rows), 0)
     for step, _ in series.rescale_events:
         ax.axvline(step, color="black", lw=1.0, ls=":")
-    ax.set_title(r"$\Delta_t / \Delta^*$ per tensor (blue: slower than theory, red: faster)")
+    ax.set_title(r"$\Delta_t / \Delta^*$ per tensor (blue: slower than theory, red: faster)", y=1.0)
     ax.set_xlabel("optimizer step")
     return _save(fig, path)
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.examples_fixtures import CONF_DIR, TRAIN_PY, composed, subprocess_env
 
@@ -144,6 +145,18 @@ def test_norm_weight_decay_param_groups(tmp_path):
     assert names == ["all", "norm"]
     assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) == 6
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(5e-3)
+
+
+def test_head_weight_decay_param_group(tmp_path):
+    """``model.head_weight_decay`` gives the output head's weight (the last nn.Linear) its own group."""
+    with composed(["experiment=quickstart", "model.head_weight_decay=0.0"], tmp_path) as cfg:
+        module = build_module(cfg)
+        opt = module.configure_optimizers()["optimizer"]
+    head = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["all", "head"] and groups["head"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["head"]["params"]} == {id(head.weight), id(head.bias)}
+    assert not {id(p) for p in groups["all"]["params"]} & {id(head.weight), id(head.bias)}
 
 
 @pytest.mark.slow  # over 7 s on 2 cores
