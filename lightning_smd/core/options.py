@@ -1,10 +1,11 @@
 """The engine's advanced options, as small frozen dataclasses, each validated once, here.
 
-``SMDCallback`` and ``SMDMonitor`` take these knobs as flat arguments (``detect_steps=``,
-``ema_steps=``, ...) and build these objects from them; a bad value raises :class:`OptionError`
-here, which the adapters translate to an error naming their own argument
-(``SMDCallback(detect_steps=...) must be an int >= 1, got 0``). The rescale knobs are
-:class:`~lightning_smd.core.rescale.RescalePolicy`'s, validated the same way.
+``SMDCallback`` and ``SMDMonitor`` take them grouped (``detection=DetectionOptions(steps=5)``,
+``estimates=EstimateOptions(...)``, ``equilibrium=EquilibriumOptions(window=50)``); a bad field
+raises :class:`OptionError` when the object is built, naming the class and the field
+(``EquilibriumOptions(window=...) must be an int >= 1, got 0``). The rescale knobs are
+:class:`~lightning_smd.core.rescale.RescalePolicy`'s (``rescale=RescalePolicy(min_drop=4.0)``),
+validated the same way.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from tests.examples_fixtures import CONF_DIR, composed
 
 from examples.modules.optim import ConfiguredOptimizerModule, cosine_with_warmup, warmup_multistep
 from hydra.utils import instantiate
-from lightning_smd import theory
+from lightning_smd import RescalePolicy, theory
+from lightning_smd.lightning.arguments import rescale_policy
 from lightning_smd.plan import (
     GroupSchedule,
     Plan,
@@ -137,7 +138,10 @@ def _plan_preset(name: str, tmp_path: Path, overrides: tuple[str, ...]) -> tuple
                                 norm_weight_decay=cfg.model.get("norm_weight_decay"),
                                 bias_weight_decay=cfg.model.get("bias_weight_decay"))
         lr = float(cfg.optimizer.lr)
-        callback = PlanAtTrainStart(rescale=cfg.smd.rescale, min_drop=cfg.smd.rescale_min_drop)
+        # the smd preset's rescale: a RescalePolicy node (smd=rescale) or a mode (rescale: true)
+        rescale = instantiate(cfg.smd.rescale) if OmegaConf.is_dict(cfg.smd.rescale) else cfg.smd.rescale
+        callback = PlanAtTrainStart(rescale=rescale.mode if isinstance(rescale, RescalePolicy) else rescale,
+                                    min_drop=(rescale_policy(rescale) or RescalePolicy()).min_drop)
         trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
                              accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, callbacks=[callback],
                              **QUIET)
@@ -508,7 +512,7 @@ def test_plan_table_in_offline_wandb_run(tmp_path: Path, monkeypatch: pytest.Mon
     from pytorch_lightning.loggers import WandbLogger
 
     from lightning_smd import wandb_extras
-    from test_wandb import history_rows, run_file
+    from tests.report.test_wandb import history_rows, run_file
 
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                        "WANDB_DIR": str(tmp_path), "WANDB_DISABLE_GIT": "true"}.items():
