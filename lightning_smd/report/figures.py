@@ -528,7 +528,7 @@ def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3, tolera
                      f"{inside} of {len(ratios)} ({100 * inside / len(ratios):.0f} %).")
     fraction = series.extra.get("smd/equilibrium/fraction")
     if fraction is not None and np.isfinite(fraction).any():
-        lines.append(f"- Equilibrium verdicts of the callback in the current LR stage (a full `equilibrium_window` of "
+        lines.append(f"- Equilibrium verdicts of the callback in the current LR stage (a full `EquilibriumOptions.window` of "
                      f"measured points within the tolerance, logged as smd/equilibrium/fraction): "
                      f"{100 * fraction[np.isfinite(fraction)][-1]:.0f} %; a stage shorter than that window has none yet.")
     changes = lr_changes(series)

@@ -286,7 +286,7 @@ def plan_from_trainer(
 
     Args:
         rescale: the callback's ``rescale`` setting (for the recommendations).
-        min_drop: stage threshold on the equilibrium ratio; pass the callback's ``rescale_min_drop``.
+        min_drop: stage threshold on the equilibrium ratio; pass the ``RescalePolicy.min_drop`` in use.
         min_stage_fraction, first_stage_time_constants: see :func:`build_plan`.
         batches_per_epoch: override ``trainer.num_training_batches`` (e.g. a known dataset size).
         warmup_steps: the callback's ``warmup_steps`` (:func:`split_stages`).
