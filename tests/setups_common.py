@@ -290,7 +290,7 @@ class WeightRecorder(pl.Callback):
         self.weights: list[tuple[int, dict[str, torch.Tensor]]] = []  # (log step, {name: w})
 
     def _keep(self, trainer, pl_module):
-        from lightning_smd.detect import clean_name
+        from lightning_smd.core.detect import clean_name
 
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self.weights.append((step, {clean_name(n): p.detach().float().clone() for n, p in pl_module.named_parameters()}))

@@ -63,7 +63,7 @@ class EquilibriumTracker:
 
     def restart(self, group: str, step: int, names: Sequence[str]) -> None:
         """An LR warm-up step: the group stays in its stage, measured afresh from ``step`` (the ramp
-        and the plateau it climbs to are one stage, see :mod:`lightning_smd.plan.warmup`)."""
+        and the plateau it climbs to are one stage, see :mod:`lightning_smd.core.plan.warmup`)."""
         stage = self._current.get(group)
         if stage is None:
             stage = self._current[group] = Stage(group, 0, None)

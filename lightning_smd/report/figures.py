@@ -564,7 +564,7 @@ _SOURCE_NAMES = {"csv": "CSV (Lightning CSVLogger)", "tensorboard": "TensorBoard
 
 def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: Path, root: Path | None = None,
                 kind: str | None = None) -> int:
-    from lightning_smd.channel_figures import report_channel_figures
+    from lightning_smd.report.channel_figures import report_channel_figures
 
     if kind is not None:
         print(f"read: {_SOURCE_NAMES.get(kind, kind)}, {where}")
@@ -625,8 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _single_source(path: Path) -> Any:
-    """The :class:`~lightning_smd.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
-    from lightning_smd.series import MultipleRunsError, RunSource, kind_of_file, find_runs
+    """The :class:`~lightning_smd.report.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
+    from lightning_smd.report.series import MultipleRunsError, RunSource, kind_of_file, find_runs
 
     if path.is_file():
         return RunSource(path.parent, kind_of_file(path), path)

@@ -60,9 +60,9 @@ def format_detection_report(
     """The scale-invariant tensors (why, group, lr/wd/momentum, Δ*) and the warnings.
 
     ``dead`` (name → why) and ``eps_dominated`` (name → why), e.g. from
-    :func:`lightning_smd.detect.notes_from_recorder`, add two short sections: tensors no gradient
+    :func:`lightning_smd.core.detect.notes_from_recorder`, add two short sections: tensors no gradient
     ever reaches, and normalizations whose input variance is close to their eps. ``units`` (name →
-    :class:`~lightning_smd.units.Unit`) adds the per-channel invariance units.
+    :class:`~lightning_smd.core.units.Unit`) adds the per-channel invariance units.
 
     ``full=True``: one row per tensor (every name in every section). ``full=False``: the grouped
     form, at most about 20 lines however large the model: one row per stage of the network and

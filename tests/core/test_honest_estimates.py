@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd import EstimateOptions, SMDCallback
-from lightning_smd.estimates import RunningMean
+from lightning_smd.core.estimates import RunningMean
 from tests.helpers import fit, read_metrics
 
 

@@ -1,4 +1,4 @@
-"""lightning_smd.plan: the LR stages of a fit predicted at fit start, checked against real fits,
+"""lightning_smd.core.plan: the LR stages of a fit predicted at fit start, checked against real fits,
 the project's Hydra presets and lightning_smd.theory."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from examples.modules.optim import ConfiguredOptimizerModule, cosine_with_warmup
 from hydra.utils import instantiate
 from lightning_smd import RescalePolicy, theory
 from lightning_smd.lightning.arguments import rescale_policy
-from lightning_smd.plan import (
+from lightning_smd.core.plan import (
     GroupSchedule,
     Plan,
     build_plan,
@@ -511,7 +511,7 @@ wandb = pytest.importorskip("wandb")
 def test_plan_table_in_offline_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    from lightning_smd import wandb_extras
+    from lightning_smd.report import wandb_extras
     from tests.report.test_wandb import history_rows, run_file
 
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",

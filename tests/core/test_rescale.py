@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_smd import EquilibriumOptions, SMDCallback, theory
-from lightning_smd.rescale import RescalePolicy, rescale_
+from lightning_smd.core.rescale import RescalePolicy, rescale_
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 

@@ -152,7 +152,7 @@ def test_design_card_command_runs(tmp_path):
     epochs of 2 batches (6 steps) with the pairing's own schedule: the LR drop ÷10 lands at 2/3 of the
     run (epoch 2 = step 4), the rescale with it, both in the logs. The full command's accuracy
     (val/acc ≥ 0.9) is checked by `python docs/make_design_card_figure.py --check` (minutes, not CI)."""
-    from lightning_smd.series import RunSeries
+    from lightning_smd.report.series import RunSeries
 
     with composed(["model=resnet50", "smd.rescale=true"], tmp_path / "composed") as cfg:
         assert cfg.trainer.max_epochs == 3 and list(cfg.scheduler.milestones) == [2]

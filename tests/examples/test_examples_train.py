@@ -116,7 +116,7 @@ def test_nrq_angular_update_matches_theory(tmp_path):
 def _report_reads(out: Path, kind: str) -> None:
     """``python -m lightning_smd.report`` on the run dir picks ``kind`` and writes smd_report/."""
     from lightning_smd import report
-    from lightning_smd.series import find_runs
+    from lightning_smd.report.series import find_runs
 
     assert [r.kind for r in find_runs(out)] == [kind]
     assert report.main([str(out)]) == 0

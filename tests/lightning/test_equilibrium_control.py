@@ -15,8 +15,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_smd import EquilibriumOptions, EstimateOptions, SMDCallback, theory
 from lightning_smd.core.state import SMDState
-from lightning_smd.equilibrium import EquilibriumTracker
-from lightning_smd.schedule import ScheduleWatcher, default_warm_start_steps
+from lightning_smd.core.equilibrium import EquilibriumTracker
+from lightning_smd.lightning.schedule import ScheduleWatcher, default_warm_start_steps
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd import DetectionOptions, EstimateOptions, SMDCallback, theory
-from lightning_smd.measure import GroupSlice, StepMeasurer, angular_update
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, angular_update
 from tests.helpers import fit, read_metrics
 from tests.models import NoisyRayleighQuotient
 
@@ -235,8 +235,8 @@ class PlainMLP(pl.LightningModule):
 
 
 def test_nothing_scale_invariant_decides_once_then_costs_nothing(tmp_path, monkeypatch):
-    import lightning_smd.callback as callback
-    from lightning_smd import detect
+    import lightning_smd.lightning.callback as callback
+    from lightning_smd.core import detect
 
     reports, updates = [], []
     monkeypatch.setattr(callback, "rank_zero_info", lambda msg, *a, **k: reports.append(msg))

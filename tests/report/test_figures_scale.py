@@ -13,9 +13,9 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_smd import SMDCallback
 from lightning_smd.report import figures as report
-from lightning_smd.channel_figures import CHANNEL_FIGURE_FILES, HEATMAP_RECORD, plot_bands, select_layers
-from lightning_smd.series import RunSeries
-from lightning_smd.summary import MAX_WIDTH
+from lightning_smd.report.channel_figures import CHANNEL_FIGURE_FILES, HEATMAP_RECORD, plot_bands, select_layers
+from lightning_smd.report.series import RunSeries
+from lightning_smd.report.summary import MAX_WIDTH
 from tests.models import DigitsCNN
 
 
@@ -146,9 +146,9 @@ def _report_lines(arch: str) -> list[str]:
     import torchvision
 
     from lightning_smd import theory
-    from lightning_smd.detect import find_scale_invariant
-    from lightning_smd.summary import DetectionRow, format_detection_report
-    from lightning_smd.units import invariance_units
+    from lightning_smd.core.detect import find_scale_invariant
+    from lightning_smd.report.summary import DetectionRow, format_detection_report
+    from lightning_smd.core.units import invariance_units
 
     model = getattr(torchvision.models, arch)(num_classes=10)
     candidates = find_scale_invariant(model, torch.randn(2, 3, 32, 32), detect="structural")

@@ -16,8 +16,9 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_smd import report, wandb_extras
-from lightning_smd.series import RunSeries, read_wandb_records
+from lightning_smd import report
+from lightning_smd.report import wandb_extras
+from lightning_smd.report.series import RunSeries, read_wandb_records
 from tests.report.test_report import (KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, simulate_records,
                          tiny_loader)
 
