@@ -156,7 +156,8 @@ def test_resnet_all_convs_and_nothing_else(ctor):
     assert set(found) == _weights_of(model, (nn.Conv2d,))
     assert "layer2.0.downsample.0.weight" in found
     assert found["layer1.0.conv1.weight"] == Candidate(
-        "layer1.0.conv1.weight", "Conv2d → BatchNorm2d (layer1.0.bn1)", "structural", norms=("layer1.0.bn1",)
+        "layer1.0.conv1.weight", "Conv2d → BatchNorm2d (layer1.0.bn1)", "structural", norms=("layer1.0.bn1",),
+        kind="Conv2d → BatchNorm2d",  # the evidence without this tensor's names: the grouped report's key
     )
 
 

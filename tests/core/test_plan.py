@@ -221,7 +221,7 @@ def test_every_preset_plans_and_prints(tmp_path: Path, name: str) -> None:
             assert not plan.recommendations and any("is on" in n for n in plan.notes)
         else:
             assert plan.recommended_rescale is True and plan.recommendations[0].startswith(
-                "Recommend SMDCallback(rescale=True)")
+                "Recommend rescale=True (Hydra: smd.rescale=true)")
             assert " ".join(plan.recommendations[0].split()) in " ".join(text.replace("\n    ", " ").split())
 
 
@@ -461,7 +461,7 @@ def test_build_plan_numbers_and_advice() -> None:
     assert "param group 'all'" in warning and "first stage" in warning and "~7500" in warning
     assert "rescale does not help" in warning
     (rec,) = plan.recommendations
-    assert "Recommend SMDCallback(rescale=True)" in rec and "stage 1 (steps 1000–1300, η 0.01)" in rec
+    assert "Recommend rescale=True" in rec and "stage 1 (steps 1000–1300, η 0.01)" in rec
     # a group without a formula (λ = 0) is listed with the reason
     group = dict(_group(), weight_decay=0.0)
     plan = build_plan([GroupSchedule.from_sequence("norm", opt, group, [0.1] * 10, 0.0, 0.9)], 10)

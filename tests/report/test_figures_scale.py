@@ -155,7 +155,7 @@ def _report_lines(arch: str) -> list[str]:
     params = dict(model.named_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     group = theory.from_param_group(optimizer, optimizer.param_groups[0])
-    rows = [DetectionRow(c.name, tuple(params[c.name].shape), c.reason, "all", group) for c in candidates]
+    rows = [DetectionRow(c.name, tuple(params[c.name].shape), c.reason, "all", group, c.kind) for c in candidates]
     units = invariance_units(model, {c.name: c for c in candidates})
     kwargs = dict(total=len(params), decayed_not_invariant=len(params) - len(rows), units=units)
     grouped = format_detection_report(rows, full=False, full_table_at="SMDCallback(verbose=2), and run/smd/x.txt",

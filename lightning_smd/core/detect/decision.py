@@ -144,7 +144,7 @@ def decide(
             bar = discovery_threshold(1.0 if confirm is not None else threshold, numels[name], dtype)
         if cos < bar:  # NaN (never measured) compares False
             why = f"numerical: radial cosine {cos:.1e} < {bar:.1e}"
-            discovered[name] = Candidate(name, why, "numerical")
+            discovered[name] = Candidate(name, why, "numerical", kind="numerical: radial cosine under the bar")
     if confirm is not None and discovered:
         verdicts = confirm(list(discovered))
         for name in list(discovered):
