@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-__all__ = ["DetectMode", "DetectionOptions", "EquilibriumOptions", "EstimateOptions", "OptionError", "RescaleMode",
-           "check"]
+__all__ = ["DETECT_MODES", "RESCALE_MODES", "DetectMode", "DetectionOptions", "EquilibriumOptions", "EstimateOptions",
+           "OptionError", "RescaleMode", "check"]
 
 DetectMode = Literal["auto", "structural", "numerical"]
 RescaleMode = Literal["drop", "continuous", "equilibrium"]
+#: the values of the ``Literal`` types, for validation (one source: the types)
+DETECT_MODES: tuple[str, ...] = get_args(DetectMode)
+RESCALE_MODES: tuple[str, ...] = get_args(RescaleMode)
 
 
 class OptionError(ValueError):
@@ -60,8 +63,8 @@ class DetectionOptions:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check(name, "mode", self.mode in ("auto", "structural", "numerical"),
-              "must be 'auto', 'structural' or 'numerical'", self.mode)
+        check(name, "mode", isinstance(self.mode, str) and self.mode in DETECT_MODES,
+              f"must be one of {DETECT_MODES}", self.mode)
         check(name, "steps", _int(self.steps, 1), "must be an int >= 1", self.steps)
         check(name, "radial_threshold", _number(self.radial_threshold) and self.radial_threshold > 0,
               "must be a number > 0", self.radial_threshold)

@@ -13,12 +13,13 @@ import os
 from typing import Any
 
 from lightning_smd.core.detect import select
-from lightning_smd.core.options import DetectionOptions, EquilibriumOptions, EstimateOptions
+from lightning_smd.core.options import RESCALE_MODES, DetectionOptions, EquilibriumOptions, EstimateOptions
 from lightning_smd.core.rescale import RescalePolicy
 
-__all__ = ["GROUPS", "RESCALE_MODES", "changes", "record", "rescale_policy", "validate"]
+__all__ = ["GROUPS", "RESCALE_SETTINGS", "changes", "record", "rescale_policy", "validate"]
 
-RESCALE_MODES = (False, True, "drop", "continuous", "equilibrium")
+#: the plain values ``rescale=`` takes (or a RescalePolicy): off, the default policy, a mode
+RESCALE_SETTINGS = (False, True, *RESCALE_MODES)
 
 #: the grouped arguments and the options dataclass each must be
 GROUPS: dict[str, type] = {"detection": DetectionOptions, "estimates": EstimateOptions,
@@ -45,7 +46,7 @@ def validate(a: dict[str, Any], owner: str = "SMDCallback") -> None:
         raise ValueError(f"{owner}(figures_dir=...) must be a path (str or os.PathLike) or None, got {a['figures_dir']!r}")
     rescale = a["rescale"]
     if not (isinstance(rescale, RescalePolicy)
-            or any(rescale is m if isinstance(m, bool) else rescale == m for m in RESCALE_MODES)):
+            or any(rescale is m if isinstance(m, bool) else rescale == m for m in RESCALE_SETTINGS)):
         raise ValueError(
             f"{owner}(rescale=...) must be False, True, 'drop', 'continuous', 'equilibrium' or a "
             f"RescalePolicy({_fields(RescalePolicy)}), got {rescale!r}")
