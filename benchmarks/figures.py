@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_smd import theory  # noqa: E402
-from lightning_smd.channel_figures import save_channel_figures  # noqa: E402
-from lightning_smd.channels import ChannelMetrics  # noqa: E402
+from lightning_smd.report.channel_figures import save_channel_figures  # noqa: E402
+from lightning_smd.core.channels import ChannelMetrics  # noqa: E402
 from lightning_smd.report import save_figures  # noqa: E402
-from lightning_smd.series import RunSeries  # noqa: E402
+from lightning_smd.report.series import RunSeries  # noqa: E402
 
 
 def conv_shapes(arch: str) -> dict[str, tuple[int, ...]]:

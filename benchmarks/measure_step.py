@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode  # noqa: E402
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, measurement_mode  # noqa: E402
 
 OPTIMIZERS = {
     "sgdm": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),

@@ -341,7 +341,7 @@ def host_object_bytes(obj: Any) -> int:
             stack.extend(o.values())
         elif isinstance(o, (list, tuple, set)):
             stack.extend(o)
-        elif hasattr(o, "__dict__") and not isinstance(o, type):  # e.g. lightning_smd.history.History
+        elif hasattr(o, "__dict__") and not isinstance(o, type):  # e.g. lightning_smd.report.history.History
             stack.append(vars(o))
     return total
 

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode  # noqa: E402
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, measurement_mode  # noqa: E402
 from overhead import CLOCK, BenchSMDCallback, MemoryLogger, StepClock, _ClockEnd, _ClockStart, _time_hooks, machine_info, pin_malloc  # noqa: E402
 
 TOTAL = 3_072_000

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_smd import report  # noqa: E402
-from lightning_smd.series import RunSeries  # noqa: E402
+from lightning_smd.report.series import RunSeries  # noqa: E402
 
 COMMAND = ["examples/train.py", "model=resnet50", "smd.rescale=true"]
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd import SMDCallback, report
-from lightning_smd.series import RunSeries
+from lightning_smd.report.series import RunSeries
 
 STEPS, DROP_AT = 900, 150
 LR, WEIGHT_DECAY, MOMENTUM, INPUT_NOISE = 0.1, 1e-3, 0.9, 0.5

@@ -98,6 +98,21 @@ def smd_keys() -> list[str]:
     return ["_target_", "enabled", *params]
 
 
+def smd_groups() -> dict[str, type]:
+    """The ``smd`` keys that are option groups (``smd.detection.steps``), and the dataclass of each;
+    ``smd.rescale`` is one too when it is a ``RescalePolicy`` node (``smd=rescale``)."""
+    from lightning_smd import RescalePolicy
+    from lightning_smd.lightning.arguments import GROUPS
+
+    return {**GROUPS, "rescale": RescalePolicy}
+
+
+def _fields(cls: type) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def unknown_smd_key_error(keys: list[str]) -> ConfigError:
     """The error for ``smd.<key>`` settings SMDCallback does not take, listing the valid ones."""
     valid = [k for k in smd_keys() if k != "_target_"]
@@ -106,15 +121,29 @@ def unknown_smd_key_error(keys: list[str]) -> ConfigError:
                        f"{'them' if len(keys) > 1 else 'it'}); valid smd keys: {', '.join(valid)}")
 
 
+def unknown_field_error(group: str, keys: list[str]) -> ConfigError:
+    """The error for ``smd.<group>.<key>`` settings the group's dataclass does not have."""
+    cls = smd_groups()[group]
+    names = ", ".join(f"smd.{group}.{k}" for k in keys)
+    return ConfigError(f"unknown key{'s' if len(keys) > 1 else ''} {names} ({cls.__name__} has no such field); "
+                       f"valid: {', '.join(f'smd.{group}.{k}' for k in _fields(cls))}")
+
+
 def check_cli_overrides(argv: list[str]) -> None:
-    """Refuse ``smd.<key>=`` / ``+smd.<key>=`` command-line overrides of unknown keys before Hydra
-    composes (Hydra's own message does not say which keys exist)."""
+    """Refuse ``smd.<key>=`` / ``+smd.<key>=`` (and ``smd.<group>.<field>=``) command-line
+    overrides of unknown keys before Hydra composes (Hydra's own message does not say which keys exist)."""
     bad = []
     valid = set(smd_keys())
+    groups = smd_groups()
     for arg in argv:
         name = arg.split("=", 1)[0].lstrip("+~")
-        if "=" in arg and name.startswith("smd.") and name.split(".")[1] not in valid:
-            bad.append(name.split(".")[1])
+        if "=" not in arg or not name.startswith("smd."):
+            continue
+        parts = name.split(".")
+        if parts[1] not in valid:
+            bad.append(parts[1])
+        elif len(parts) > 2 and parts[1] in groups and parts[2] not in ("_target_", *_fields(groups[parts[1]])):
+            raise unknown_field_error(parts[1], [parts[2]])
     if bad:
         raise unknown_smd_key_error(bad)
 
@@ -127,14 +156,24 @@ def check_smd(cfg: DictConfig) -> None:
         unknown = [k for k in smd.keys() if k not in smd_keys()]
         if unknown:
             raise unknown_smd_key_error(unknown)
+        for group, cls in smd_groups().items():
+            node = smd.get(group)
+            if not isinstance(node, (Mapping, DictConfig)):
+                continue
+            if _target(node) not in (f"lightning_smd.{cls.__name__}", f"{cls.__module__}.{cls.__name__}"):
+                raise ConfigError(f"smd.{group}._target_ must be lightning_smd.{cls.__name__}, got {_target(node)!r}")
+            if unknown := [k for k in node.keys() if k not in ("_target_", *_fields(cls))]:
+                raise unknown_field_error(group, unknown)
     rescale = smd.get("rescale", False)
-    if rescale not in (False, True, "drop", "continuous", "equilibrium"):
-        raise ConfigError(f"smd.rescale must be false, true, 'drop', 'continuous' or 'equilibrium', got {rescale!r}")
+    if not isinstance(rescale, (Mapping, DictConfig)) and rescale not in (False, True, "drop", "continuous", "equilibrium"):
+        raise ConfigError(f"smd.rescale must be false, true, 'drop', 'continuous', 'equilibrium' or a RescalePolicy "
+                          f"node (smd=rescale), got {rescale!r}")
     n = smd.get("log_every_n_steps")
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ConfigError(f"smd.log_every_n_steps must be null or an integer ≥ 1, got {n!r}")
-    if smd.get("detect", "auto") not in ("auto", "structural", "numerical"):
-        raise ConfigError(f"smd.detect must be auto, structural or numerical, got {smd.detect!r}")
+    mode = (smd.get("detection") or {}).get("mode", "auto")
+    if mode not in ("auto", "structural", "numerical"):
+        raise ConfigError(f"smd.detection.mode must be auto, structural or numerical, got {mode!r}")
 
 
 def check_strategy(cfg: DictConfig) -> None:

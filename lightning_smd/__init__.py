@@ -10,9 +10,6 @@ equilibrium, rescale, plan), ``lightning_smd.lightning`` (the Lightning adapter)
 ``lightning_smd.report`` (series, figures, tables, ``python -m lightning_smd.report``).
 """
 
-import importlib
-import importlib.abc
-import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -30,47 +27,9 @@ __all__ = ["DetectionOptions", "EquilibriumOptions", "EstimateOptions", "Homogen
            "SMDCallback", "SMDMonitor", "find_scale_invariant", "theory"]
 __version__ = "0.1.0"
 
-# Modules that moved into core/, lightning/ and report/: the old names stay importable (the same
-# module objects), so `import lightning_smd.theory` and code written against the flat layout work.
-_MOVED = {
-    **{name: f"core.{name}" for name in (
-        "detect", "plan", "measure", "steps", "units", "theory", "estimates", "equilibrium", "rescale", "channels")},
-    **{name: f"lightning.{name}" for name in (
-        "callback", "arguments", "detection_session", "distributed", "metrics", "publish", "schedule",
-        "tracking")},
-    **{name: f"report.{name}" for name in ("series", "channel_figures", "history", "summary", "wandb_extras")},
-}
-
-
-def _new_name(fullname: str) -> str | None:
-    head, _, rest = fullname.partition(".")
-    if head != __name__ or not rest:
-        return None
-    first, _, tail = rest.partition(".")
-    moved = _MOVED.get(first)
-    if moved is None:
-        return None
-    return f"{__name__}.{moved}" + (f".{tail}" if tail else "")
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Resolves an old module name to the module at its new place (no second copy is made)."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        new = _new_name(fullname)
-        return None if new is None else importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec: Any) -> Any:
-        module = importlib.import_module(_new_name(spec.name))  # type: ignore[arg-type]
-        self._spec = module.__spec__
-        return module
-
-    def exec_module(self, module: Any) -> None:
-        module.__spec__ = self._spec  # the import machinery set the alias spec; keep the real one
-
-
-if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
+# `lightning_smd.theory` is public (the formulas as pure functions, documented in the README): the
+# core module itself, also under this name, so `import lightning_smd.theory` works (as os.path does).
+sys.modules[f"{__name__}.theory"] = theory
 
 
 def __getattr__(name: str) -> Any:

@@ -192,7 +192,7 @@ def run_setup(root: Path, name: str, *, strategy: Any = "auto", devices: int = 1
     """One fit of :class:`TinyNet` with an :class:`SMDCallback`; returns ``(trainer, callback)``."""
     from pytorch_lightning.loggers import CSVLogger
 
-    from lightning_smd import SMDCallback
+    from lightning_smd import EstimateOptions, SMDCallback
 
     if strategy == "fsdp2":
         from pytorch_lightning.strategies import ModelParallelStrategy
@@ -211,7 +211,8 @@ def run_setup(root: Path, name: str, *, strategy: Any = "auto", devices: int = 1
         mod, _, cls = module_cls.partition(":")
         module_cls = getattr(importlib.import_module(mod), cls)
     # every step's unit gradient: the matrix compares every sample across setups
-    cb = SMDCallback(**{"log_every_n_steps": 1, "unit_grad_every": 1, "verbose": False, **(callback_kwargs or {})})
+    cb = SMDCallback(**{"log_every_n_steps": 1, "estimates": EstimateOptions(unit_grad_every=1), "verbose": False,
+                        **(callback_kwargs or {})})
     module = (module_cls or TinyNet)(steps=steps, accumulate=accumulate, **(model_kwargs or {}))
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
@@ -289,7 +290,7 @@ class WeightRecorder(pl.Callback):
         self.weights: list[tuple[int, dict[str, torch.Tensor]]] = []  # (log step, {name: w})
 
     def _keep(self, trainer, pl_module):
-        from lightning_smd.detect import clean_name
+        from lightning_smd.core.detect import clean_name
 
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self.weights.append((step, {clean_name(n): p.detach().float().clone() for n, p in pl_module.named_parameters()}))

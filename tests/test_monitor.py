@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_smd import SMDMonitor
+from lightning_smd import EstimateOptions, SMDMonitor
 from tests.setups_common import GLOBAL_BATCH, TinyNet, dataset, metrics_of, run_setup
 
 STEPS = 12
-OPTIONS = {"log_every_n_steps": 1, "unit_grad_every": 1, "verbose": False}
+OPTIONS = {"log_every_n_steps": 1, "estimates": EstimateOptions(unit_grad_every=1), "verbose": False}
 
 
 def _plain_loop(monitor_state=None, start=0, stop=STEPS, model=None, optimizer=None):

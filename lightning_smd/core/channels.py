@@ -1,6 +1,6 @@
 """Per-channel metrics: turns the per-unit columns of a measured step's host statistics into distributions, stalled fractions and histograms.
 
-Every tracked tensor with per-unit statistics (see :mod:`lightning_smd.units`) contributes, per
+Every tracked tensor with per-unit statistics (see :mod:`lightning_smd.core.units`) contributes, per
 measured step, one Δ_t, ‖w_t‖ and unit-gradient sample per invariance unit. From them, on the host
 (the values came with the per-tensor statistics in the step's one transfer):
 
@@ -64,7 +64,7 @@ class ChannelMetrics:
     """Per measured step, the per-channel metrics of the tensors with per-unit statistics.
 
     ``window``: the equilibrium window in optimizer steps; ``ema_steps``: the time constant of the
-    per-unit running L (like :class:`~lightning_smd.estimates.RunningMean`, bias-corrected).
+    per-unit running L (like :class:`~lightning_smd.core.estimates.RunningMean`, bias-corrected).
     The running L and the stall windows are checkpointed (:meth:`state_dict`), so a resumed run
     logs what an uninterrupted one would.
     """

@@ -37,15 +37,15 @@ class EquilibriumTracker:
 
     Single measured Δ_t are noisy (a few percent on large tensors, tens of percent on small ones):
     a tensor whose noise exceeds the tolerance is never declared at equilibrium (widen
-    ``equilibrium_tolerance`` for it) rather than declared so by an average over a transient.
+    ``EquilibriumOptions.tolerance`` for it) rather than declared so by an average over a transient.
     """
 
     def __init__(self, tolerance: float = 0.1, window: int = 200) -> None:
         if not 0 < tolerance < 1:
-            raise ValueError(f"EquilibriumTracker(tolerance=...) (option equilibrium_tolerance) must be in (0, 1), "
+            raise ValueError(f"EquilibriumTracker(tolerance=...) (EquilibriumOptions.tolerance) must be in (0, 1), "
                              f"got {tolerance!r}")
         if window < 1:
-            raise ValueError(f"EquilibriumTracker(window=...) (option equilibrium_window) must be >= 1, got {window!r}")
+            raise ValueError(f"EquilibriumTracker(window=...) (EquilibriumOptions.window) must be >= 1, got {window!r}")
         self.tolerance = tolerance
         self.window = window
         self.stages: list[Stage] = []
@@ -63,7 +63,7 @@ class EquilibriumTracker:
 
     def restart(self, group: str, step: int, names: Sequence[str]) -> None:
         """An LR warm-up step: the group stays in its stage, measured afresh from ``step`` (the ramp
-        and the plateau it climbs to are one stage, see :mod:`lightning_smd.plan.warmup`)."""
+        and the plateau it climbs to are one stage, see :mod:`lightning_smd.core.plan.warmup`)."""
         stage = self._current.get(group)
         if stage is None:
             stage = self._current[group] = Stage(group, 0, None)

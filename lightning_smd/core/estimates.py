@@ -38,7 +38,7 @@ class RunningMean:
 
     def __init__(self, time_constant: float, positive: bool = False) -> None:
         if not time_constant > 0:
-            raise ValueError(f"RunningMean(time_constant=...) (option ema_steps) must be > 0 optimizer steps, "
+            raise ValueError(f"RunningMean(time_constant=...) (EstimateOptions.ema_steps) must be > 0 optimizer steps, "
                              f"got {time_constant!r}")
         self.time_constant = float(time_constant)
         self.positive = positive

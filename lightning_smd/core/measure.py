@@ -655,7 +655,7 @@ class StepMeasurer:
         ``grad_scale``: the factor the gradients are still multiplied by (a fused optimizer under
         a GradScaler unscales inside its step); gradient statistics are divided by it.
         ``unit_grad=False`` skips the gradient statistics (their row of the result is NaN, which
-        :class:`~lightning_smd.estimates.RunningMean` skips): then nothing is read before the step
+        :class:`~lightning_smd.core.estimates.RunningMean` skips): then nothing is read before the step
         but the snapshot copy of snapshot-mode groups.
         ``per_unit=False``: this step, no unit columns even for slices with ``units``.
         """

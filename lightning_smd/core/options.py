@@ -1,23 +1,27 @@
 """The engine's advanced options, as small frozen dataclasses, each validated once, here.
 
-``SMDCallback`` and ``SMDMonitor`` take these knobs as flat arguments (``detect_steps=``,
-``ema_steps=``, ...) and build these objects from them; a bad value raises :class:`OptionError`
-here, which the adapters translate to an error naming their own argument
-(``SMDCallback(detect_steps=...) must be an int >= 1, got 0``). The rescale knobs are
-:class:`~lightning_smd.core.rescale.RescalePolicy`'s, validated the same way.
+``SMDCallback`` and ``SMDMonitor`` take them grouped (``detection=DetectionOptions(steps=5)``,
+``estimates=EstimateOptions(...)``, ``equilibrium=EquilibriumOptions(window=50)``); a bad field
+raises :class:`OptionError` when the object is built, naming the class and the field
+(``EquilibriumOptions(window=...) must be an int >= 1, got 0``). The rescale knobs are
+:class:`~lightning_smd.core.rescale.RescalePolicy`'s (``rescale=RescalePolicy(min_drop=4.0)``),
+validated the same way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-__all__ = ["DetectMode", "DetectionOptions", "EquilibriumOptions", "EstimateOptions", "OptionError", "RescaleMode",
-           "check"]
+__all__ = ["DETECT_MODES", "RESCALE_MODES", "DetectMode", "DetectionOptions", "EquilibriumOptions", "EstimateOptions",
+           "OptionError", "RescaleMode", "check"]
 
 DetectMode = Literal["auto", "structural", "numerical"]
 RescaleMode = Literal["drop", "continuous", "equilibrium"]
+#: the values of the ``Literal`` types, for validation (one source: the types)
+DETECT_MODES: tuple[str, ...] = get_args(DetectMode)
+RESCALE_MODES: tuple[str, ...] = get_args(RescaleMode)
 
 
 class OptionError(ValueError):
@@ -59,8 +63,8 @@ class DetectionOptions:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check(name, "mode", self.mode in ("auto", "structural", "numerical"),
-              "must be 'auto', 'structural' or 'numerical'", self.mode)
+        check(name, "mode", isinstance(self.mode, str) and self.mode in DETECT_MODES,
+              f"must be one of {DETECT_MODES}", self.mode)
         check(name, "steps", _int(self.steps, 1), "must be an int >= 1", self.steps)
         check(name, "radial_threshold", _number(self.radial_threshold) and self.radial_threshold > 0,
               "must be a number > 0", self.radial_threshold)

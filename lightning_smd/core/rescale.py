@@ -16,7 +16,7 @@ then off by f² for about 1/(1 − α) steps; it is radial and does not change t
 The fixed factor k^(-e) is exact only when the weights are at equilibrium before the change
 (SMD paper §5.2, Noisy Rayleigh Quotient §3.2): it keeps the ratio Δ_t/Δ* (Δ ∝ 1/‖w‖² for SGD, 1/‖w‖ for AdamW)
 so weights at 0.2 Δ* stay at 0.2 of the new Δ*. ``rescale="equilibrium"`` (mode ``"equilibrium"``
-here, factors per tensor in :class:`lightning_smd.schedule.ScheduleWatcher`) moves each tensor to
+here, factors per tensor in :class:`lightning_smd.lightning.schedule.ScheduleWatcher`) moves each tensor to
 its predicted new equilibrium norm instead.
 """
 
@@ -31,13 +31,13 @@ from torch import Tensor
 
 from lightning_smd.core.detect import clean_name
 from lightning_smd.core.measure import local
-from lightning_smd.core.options import RescaleMode, check
+from lightning_smd.core.options import RESCALE_MODES, RescaleMode, check
 
 __all__ = ["FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "RescalePolicy", "rescale_", "rescale_averaged_models"]
 
 FIRST_MOMENT_KEYS = frozenset({"momentum_buffer", "exp_avg"})
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
-MODES = ("drop", "continuous", "equilibrium")
+MODES = RESCALE_MODES
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class RescalePolicy:
 
     def __post_init__(self) -> None:
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        check("RescalePolicy", "mode", self.mode in MODES, f"must be one of {MODES}", self.mode)
+        check("RescalePolicy", "mode", isinstance(self.mode, str) and self.mode in MODES, f"must be one of {MODES}", self.mode)
         check("RescalePolicy", "min_drop", number(self.min_drop) and self.min_drop > 1,
               "must be a number > 1 (the factor by which η·λ must drop to rescale; 2 = halved)", self.min_drop)
         check("RescalePolicy", "min_lr_ratio", number(self.min_lr_ratio) and 0 < self.min_lr_ratio <= 1,

@@ -67,7 +67,7 @@ def radial_floor(trainer: Any) -> float:
 
 
 def choose_mode(trainer: Any, optimizer: torch.optim.Optimizer, group_index: int, params: list[Tensor]) -> str:
-    """:func:`~lightning_smd.measure.measurement_mode`, made safe for the precision in use."""
+    """:func:`~lightning_smd.core.measure.measurement_mode`, made safe for the precision in use."""
     mode = measurement_mode(optimizer, optimizer.param_groups[group_index])
     if mode == "snapshot":
         return mode

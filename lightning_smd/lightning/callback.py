@@ -6,6 +6,7 @@ The data flow of one step, and what each part does, is in ``docs/architecture.md
 from __future__ import annotations
 
 import importlib
+import os
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -26,7 +27,7 @@ from lightning_smd.report.history import History
 from lightning_smd.lightning.metrics import MetricsBuilder
 from lightning_smd.core.plan import Plan, plan_from_trainer
 from lightning_smd.lightning.publish import Publisher, check_writable
-from lightning_smd.core.options import DetectMode, RescaleMode
+from lightning_smd.core.options import DetectionOptions, EquilibriumOptions, EstimateOptions, RescaleMode
 from lightning_smd.core.rescale import RescalePolicy
 from lightning_smd.lightning.schedule import ScheduleWatcher, log_step_of
 from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of, grad_scaler
@@ -80,41 +81,30 @@ class SMDCallback(_callback_base()):
         log_every_n_steps: measure and log every this many optimizer steps (1 = every step);
             ``None`` uses the Trainer's ``log_every_n_steps``. Unmeasured steps cost nothing.
         rescale: ``False`` (monitor only); ``True`` or ``"drop"``: when a param group's (η, λ)
-            drops by at least ``rescale_min_drop``, multiply its scale-invariant tensors by
+            drops by at least ``RescalePolicy.min_drop`` (2), multiply its scale-invariant tensors by
             ((η'λ)/(ηλ'))^e before the next step (e = 1/4 for SGD/SGDM/Nesterov, 1/2 for
             AdamW/Lion/Muon: the factor that keeps Δ_t/Δ*); ``"continuous"``: on every change (cosine-like
-            schedules), with η floored at ``rescale_min_lr_ratio`` × its peak; ``"equilibrium"``: at the
+            schedules), with η floored at ``RescalePolicy.min_lr_ratio`` × its peak; ``"equilibrium"``: at the
             same changes as ``"drop"``, move each tensor to its own predicted new equilibrium norm
             ‖w*'‖ (from the running L; AdamW/Lion/Muon: from the measured update RMS), which puts Δ_t at
             the new Δ* also when the weights were not at equilibrium before (k^(-e) keeps the
             ratio Δ_t/Δ*). Any rescale while the window mean of Δ_t/Δ* is outside ±30 % warns.
+            A :class:`~lightning_smd.RescalePolicy` sets the mode and its thresholds:
+            ``rescale=RescalePolicy("drop", min_drop=4.0)``, ``RescalePolicy(on_increase=True)``
+            (the mode names above are its default policies).
         warm_start: ``True``: once, after enough steps for a stable L estimate (detection, then 32
-            samples of L: ``detect_steps + 1 + 32·max(log_every_n_steps, unit_grad_every)``, printed
-            at train start), set every tracked tensor's norm to its predicted equilibrium ‖w*‖
+            samples of L: ``detection.steps + 1 + 32·max(log_every_n_steps, estimates.unit_grad_every)``,
+            printed at train start), set every tracked tensor's norm to its predicted equilibrium ‖w*‖
             (weights and optimizer state, like a rescale; exactly once across resume). An int: that
             step. Initialization acts only through the transient towards equilibrium (NRQ paper,
             Cor. 3), so this removes the transient.
-        rescale_min_drop, rescale_min_lr_ratio, rescale_on_increase: see
-            :class:`lightning_smd.rescale.RescalePolicy`.
+        warmup_steps: ``None``: an LR that only rises from the start of training is a warm-up
+            (recognized from the LR each step, see :mod:`lightning_smd.core.plan.warmup`); an int N: the
+            LR changes at optimizer steps ≤ N are the warm-up; ``0``: no warm-up. A warm-up is one
+            stage with the plateau it climbs to: no stage, no predicted steps to equilibrium and
+            no rescale during it; equilibrium is judged from its end.
         include, exclude: regex, list of regexes or ``callable(name) -> bool`` over parameter names,
             applied after detection.
-        detect: ``"auto"`` (structural candidates confirmed numerically, plus tensors found
-            numerically), ``"structural"`` or ``"numerical"``.
-        detect_steps: optimizer steps, after the first update, over which the radial cosine
-            |⟨g, w⟩|/(‖g‖‖w‖) is checked.
-        radial_threshold: a tensor is numerically scale-invariant when its radial cosine stays below this.
-        ema_steps: time constant, in optimizer steps, of the running estimate of L.
-        unit_grad_every: sample L at most every this many steps (the first measured step of each
-            block of this many); measuring every step then skips the gradient reads in between.
-        equilibrium_tolerance, equilibrium_window: equilibrium is reached when the mean of
-            Δ_t/Δ* over ``equilibrium_window`` steps is within ``equilibrium_tolerance`` of 1.
-        figures_every_n_steps: also render the figures periodically (rank 0); they are always
-            rendered at the end of fit.
-        figures_dir: where figures go; default ``<trainer.log_dir or default_root_dir>/smd``.
-        verbose: print the detection report (and the equilibrium summary at the end) on rank 0:
-            ``True`` (or 1) grouped by stage of the network, with counts (a screen, whatever the
-            model); ``2`` one row per tensor, and the plan's column legend; ``False`` nothing. The
-            per-tensor table is also written to ``<figures dir>/smd_tensors.txt``.
         per_channel: also measure every tensor per invariance unit (output channel under
             BatchNorm, channel group under GroupNorm, head under a per-head norm; see
             ``docs/per_channel.md``), from the same reads: ``smd/channel/...`` percentiles, stalled
@@ -122,43 +112,52 @@ class SMDCallback(_callback_base()):
             ``True``: on every measured step (the per-tensor sums are sums of the per-unit ones,
             so the units cost no extra read); an int ``N``: on the measured step ending each block
             of ``N`` optimizer steps.
-        warmup_steps: ``None``: an LR that only rises from the start of training is a warm-up
-            (recognized from the LR each step, see :mod:`lightning_smd.core.plan.warmup`); an int N: the
-            LR changes at optimizer steps ≤ N are the warm-up; ``0``: no warm-up. A warm-up is one
-            stage with the plateau it climbs to: no stage, no predicted steps to equilibrium and
-            no rescale during it; equilibrium is judged from its end.
+        figures_dir: where figures go; default ``<trainer.log_dir or default_root_dir>/smd``.
+        figures_every_n_steps: also render the figures periodically (rank 0); they are always
+            rendered at the end of fit.
+        verbose: print the detection report (and the equilibrium summary at the end) on rank 0:
+            ``True`` (or 1) grouped by stage of the network, with counts (a screen, whatever the
+            model); ``2`` one row per tensor, and the plan's column legend; ``False`` nothing. The
+            per-tensor table is also written to ``<figures dir>/smd_tensors.txt``.
+        detection: :class:`~lightning_smd.DetectionOptions`, how the scale-invariant tensors are
+            found: ``mode`` (``"auto"``: structural candidates confirmed numerically, plus tensors
+            found numerically; ``"structural"``; ``"numerical"``), ``steps`` (3: optimizer steps,
+            after the first update, over which the radial cosine |⟨g, w⟩|/(‖g‖‖w‖) is checked) and
+            ``radial_threshold`` (1e-4: the cosine under which a tensor is numerically invariant).
+        estimates: :class:`~lightning_smd.EstimateOptions`, the running estimate of L:
+            ``ema_steps`` (200: its time constant in optimizer steps) and ``unit_grad_every``
+            (8: sample L at most every this many steps, the first measured step of each block;
+            measuring every step then skips the gradient reads in between).
+        equilibrium: :class:`~lightning_smd.EquilibriumOptions`: equilibrium is reached when the
+            mean of Δ_t/Δ* over ``window`` (200) steps is within ``tolerance`` (0.1) of 1.
+
+    The grouped options are frozen dataclasses, each validating its fields when built
+    (``EquilibriumOptions(window=0)`` raises, naming ``EquilibriumOptions(window=...)``); every
+    other bad value is refused here, naming the argument (``SMDCallback(rescale=...)``).
     """
 
     def __init__(
         self,
         log_every_n_steps: int | None = None,
-        rescale: bool | RescaleMode = False,
+        rescale: bool | RescaleMode | RescalePolicy = False,
+        warm_start: bool | int = False,
+        warmup_steps: int | None = None,
         include: NameFilter = None,
         exclude: NameFilter = None,
-        detect: DetectMode = "auto",
-        detect_steps: int = 3,
-        radial_threshold: float = 1e-4,
-        ema_steps: float = 200.0,
-        unit_grad_every: int = 8,
-        rescale_min_drop: float = 2.0,
-        rescale_min_lr_ratio: float = 1e-3,
-        rescale_on_increase: bool = False,
-        warm_start: bool | int = False,
-        equilibrium_tolerance: float = 0.1,
-        equilibrium_window: int = 200,
-        figures_every_n_steps: int | None = None,
-        figures_dir: str | None = None,
-        verbose: bool | int = True,
         per_channel: bool | int = True,
-        warmup_steps: int | None = None,
+        figures_dir: str | os.PathLike[str] | None = None,
+        figures_every_n_steps: int | None = None,
+        verbose: bool | int = True,
+        *,
+        detection: DetectionOptions = DetectionOptions(),
+        estimates: EstimateOptions = EstimateOptions(),
+        equilibrium: EquilibriumOptions = EquilibriumOptions(),
     ) -> None:
         given = dict(
-            log_every_n_steps=log_every_n_steps, rescale=rescale, include=include, exclude=exclude, detect=detect,
-            detect_steps=detect_steps, radial_threshold=radial_threshold, ema_steps=ema_steps,
-            unit_grad_every=unit_grad_every, rescale_min_drop=rescale_min_drop, rescale_min_lr_ratio=rescale_min_lr_ratio,
-            rescale_on_increase=rescale_on_increase, warm_start=warm_start, equilibrium_tolerance=equilibrium_tolerance,
-            equilibrium_window=equilibrium_window, figures_every_n_steps=figures_every_n_steps, figures_dir=figures_dir,
-            verbose=verbose, per_channel=per_channel, warmup_steps=warmup_steps,
+            log_every_n_steps=log_every_n_steps, rescale=rescale, warm_start=warm_start, warmup_steps=warmup_steps,
+            include=include, exclude=exclude, per_channel=per_channel, figures_dir=figures_dir,
+            figures_every_n_steps=figures_every_n_steps, verbose=verbose,
+            detection=detection, estimates=estimates, equilibrium=equilibrium,
         )
         arguments.validate(given, self._owner)
         self._fit_of: tuple[Any, Any] | None = None  # weak references: the Trainer and module of the last fit
@@ -166,20 +165,15 @@ class SMDCallback(_callback_base()):
         self._arguments = arguments.record(given)  # what a resume compares with the checkpointed run's
         # everything a checkpoint keeps (see docs/architecture.md): the running estimates, stages,
         # the schedule's memory, the tracked tensors, detection's progress
-        self._state = SMDState(ema_steps, equilibrium_tolerance, equilibrium_window, per_channel is not False,
+        self._state = SMDState(estimates.ema_steps, equilibrium.tolerance, equilibrium.window, per_channel is not False,
                                warmup_steps, self._arguments)
         self.log_every_n_steps = log_every_n_steps
-        self.rescale = rescale
-        self.policy = (
-            RescalePolicy(rescale if rescale in ("continuous", "equilibrium") else "drop", rescale_min_drop, rescale_min_lr_ratio,
-                          rescale_on_increase)
-            if rescale
-            else None
-        )
-        self.include, self.exclude, self.detect = include, exclude, detect
-        self.unit_grad_every = unit_grad_every
-        self.detect_steps = detect_steps
-        self.radial_threshold = radial_threshold
+        self.rescale = rescale.mode if isinstance(rescale, RescalePolicy) else rescale  # the plan's setting
+        self.policy = arguments.rescale_policy(rescale)
+        self.include, self.exclude, self.detect = include, exclude, detection.mode
+        self.unit_grad_every = estimates.unit_grad_every
+        self.detect_steps = detection.steps
+        self.radial_threshold = detection.radial_threshold
         self.figures_every_n_steps = figures_every_n_steps
         self.verbose = verbose
 
@@ -190,7 +184,7 @@ class SMDCallback(_callback_base()):
         self.per_channel = per_channel is not False
         # per-unit statistics on the measured step that ends each block of this many steps
         self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
-        self.rescale_min_drop = rescale_min_drop
+        self.rescale_min_drop = self.policy.min_drop if self.policy is not None else RescalePolicy.min_drop
         # torch's step hooks on the Trainer's optimizers (fit only); the Trainer they read
         self._hooks: StepHooks | None = None
         self._trainer: pl.Trainer | None = None

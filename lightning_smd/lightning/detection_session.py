@@ -280,6 +280,7 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
                 name=t.name,
                 shape=tuple(t.param.shape),
                 reason=decision.chosen[t.name].reason,
+                kind=decision.chosen[t.name].kind,
                 group=group_label(trainer, t.optimizer_index, t.group_index),
                 theory=theory.from_param_group(optimizer, optimizer.param_groups[t.group_index]),
             )

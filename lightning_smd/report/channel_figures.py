@@ -1,6 +1,6 @@
 """Pictures of per-channel spherical motion: per-layer quantile bands and a units × steps heatmap of Δ_t/Δ*, and the per-layer histograms sent to TensorBoard and W&B.
 
-Everything is drawn from :class:`~lightning_smd.channels.ChannelMetrics` (its thinned per-unit
+Everything is drawn from :class:`~lightning_smd.core.channels.ChannelMetrics` (its thinned per-unit
 record and the latest per-unit values) on rank 0; nothing here touches a device tensor.
 
 * :func:`log_histograms`: on each measured step with per-unit statistics, per tracked tensor, the
@@ -323,7 +323,7 @@ def save_channel_figures(channels: ChannelMetrics | None, out_dir: str | Path, l
 
 
 def bands_from_series(series: Any) -> tuple[dict[str, tuple[np.ndarray, dict[int, np.ndarray]]], dict[str, float]]:
-    """From a finished run's logs (a :class:`~lightning_smd.series.RunSeries`): per layer the logged
+    """From a finished run's logs (a :class:`~lightning_smd.report.series.RunSeries`): per layer the logged
     percentiles over units ``smd/channel/angular_update/{p05,p50,p95}/{name}`` divided by its Δ*
     at the same step, and the last ``smd/channel/stalled_fraction/{name}``."""
     bands: dict[str, tuple[np.ndarray, dict[int, np.ndarray]]] = {}

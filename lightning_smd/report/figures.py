@@ -539,7 +539,7 @@ def markdown_summary(series: RunSeries, window: int = 20, worst: int = 3, tolera
                      f"{inside} of {len(ratios)} ({100 * inside / len(ratios):.0f} %).")
     fraction = series.extra.get("smd/equilibrium/fraction")
     if fraction is not None and np.isfinite(fraction).any():
-        lines.append(f"- Equilibrium verdicts of the callback in the current LR stage (a full `equilibrium_window` of "
+        lines.append(f"- Equilibrium verdicts of the callback in the current LR stage (a full `EquilibriumOptions.window` of "
                      f"measured points within the tolerance, logged as smd/equilibrium/fraction): "
                      f"{100 * fraction[np.isfinite(fraction)][-1]:.0f} %; a stage shorter than that window has none yet.")
     changes = lr_changes(series)
@@ -575,7 +575,7 @@ _SOURCE_NAMES = {"csv": "CSV (Lightning CSVLogger)", "tensorboard": "TensorBoard
 
 def _report_one(series: RunSeries, out: Path, args: argparse.Namespace, where: Path, root: Path | None = None,
                 kind: str | None = None) -> int:
-    from lightning_smd.channel_figures import report_channel_figures
+    from lightning_smd.report.channel_figures import report_channel_figures
 
     if kind is not None:
         print(f"read: {_SOURCE_NAMES.get(kind, kind)}, {where}")
@@ -636,8 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _single_source(path: Path) -> Any:
-    """The :class:`~lightning_smd.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
-    from lightning_smd.series import MultipleRunsError, RunSource, kind_of_file, find_runs
+    """The :class:`~lightning_smd.report.series.RunSource` of the one run at ``path`` (a folder or a log file)."""
+    from lightning_smd.report.series import MultipleRunsError, RunSource, kind_of_file, find_runs
 
     if path.is_file():
         return RunSource(path.parent, kind_of_file(path), path)

@@ -9,7 +9,6 @@ No line is wider than :data:`MAX_WIDTH`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,7 +22,6 @@ MAX_WIDTH = 120
 _MAX_ROWS = 12
 #: most stages the grouping aims at
 _MAX_STAGES = 10
-_NORM_NAMES = re.compile(r" \([^()]*\)")
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,9 @@ class DetectionRow:
     reason: str
     group: str
     theory: GroupTheory
+    #: the kind of evidence (:attr:`Candidate.kind <lightning_smd.core.detect.Candidate.kind>`): the
+    #: grouped report's rows group by it; empty: by ``reason``
+    kind: str = ""
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -60,9 +61,9 @@ def format_detection_report(
     """The scale-invariant tensors (why, group, lr/wd/momentum, Δ*) and the warnings.
 
     ``dead`` (name → why) and ``eps_dominated`` (name → why), e.g. from
-    :func:`lightning_smd.detect.notes_from_recorder`, add two short sections: tensors no gradient
+    :func:`lightning_smd.core.detect.notes_from_recorder`, add two short sections: tensors no gradient
     ever reaches, and normalizations whose input variance is close to their eps. ``units`` (name →
-    :class:`~lightning_smd.units.Unit`) adds the per-channel invariance units.
+    :class:`~lightning_smd.core.units.Unit`) adds the per-channel invariance units.
 
     ``full=True``: one row per tensor (every name in every section). ``full=False``: the grouped
     form, at most about 20 lines however large the model: one row per stage of the network and
@@ -185,7 +186,7 @@ def _grouped_report(rows: list[DetectionRow], rejected: dict[str, str], decayed_
     groups: dict[tuple, list[DetectionRow]] = {}
     for r in rows:
         t = r.theory
-        key = (stage[r.name], _NORM_NAMES.sub("", r.reason), r.group, t.lr, t.weight_decay, t.momentum,
+        key = (stage[r.name], r.kind or r.reason, r.group, t.lr, t.weight_decay, t.momentum,
                t.angular_update)
         groups.setdefault(key, []).append(r)
     header = ["layers", "tensors", "params", *(["units"] if units else []), "why scale-invariant", "group",

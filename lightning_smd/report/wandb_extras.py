@@ -175,7 +175,7 @@ def log_summary_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> No
 
 
 def log_plan_table(trainer: Any, rows: list[dict[str, Any]], step: int) -> None:
-    """Log ``rows`` (:meth:`lightning_smd.plan.Plan.rows`, one per predicted LR stage and group) as a
+    """Log ``rows`` (:meth:`lightning_smd.core.plan.Plan.rows`, one per predicted LR stage and group) as a
     ``wandb.Table`` under ``smd_equilibrium/plan`` at ``step`` (the fit's first step): the
     prediction that ``smd_equilibrium/steps_to_equilibrium`` measures. Rank 0; nothing without a
     ``WandbLogger``."""

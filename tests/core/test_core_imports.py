@@ -67,3 +67,25 @@ def test_core_imports_without_lightning():
     count, monitor = out.stdout.split()[:2]
     assert int(count) >= 15  # detect/*, plan/*, measure, steps, units, theory, ...
     assert monitor == "monitor"
+
+
+def test_public_names_and_no_alias_hook():
+    """The package exports its public names explicitly; the flat module names of the old layout are
+    gone (no import hook), and ``lightning_smd.theory`` is the core module under its public name."""
+    import importlib
+
+    import pytest
+
+    import lightning_smd
+    import lightning_smd.theory
+    from lightning_smd.core import theory
+
+    assert lightning_smd.theory is theory and sys.modules["lightning_smd.theory"] is theory
+    assert not [f for f in sys.meta_path if type(f).__module__.startswith("lightning_smd")]
+    for name in lightning_smd.__all__:
+        assert getattr(lightning_smd, name) is not None, name
+    for old in ("measure", "callback", "series", "detect"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"lightning_smd.{old}")
+    with pytest.raises(AttributeError):
+        lightning_smd.measure  # noqa: B018

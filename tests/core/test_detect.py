@@ -1,4 +1,4 @@
-"""Tests of lightning_smd.detect on real models and real forward passes."""
+"""Tests of lightning_smd.core.detect on real models and real forward passes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_smd.detect import (
+from lightning_smd.core.detect import (
     Candidate,
     radial_cosines,
     DataflowRecorder,
@@ -156,7 +156,8 @@ def test_resnet_all_convs_and_nothing_else(ctor):
     assert set(found) == _weights_of(model, (nn.Conv2d,))
     assert "layer2.0.downsample.0.weight" in found
     assert found["layer1.0.conv1.weight"] == Candidate(
-        "layer1.0.conv1.weight", "Conv2d → BatchNorm2d (layer1.0.bn1)", "structural", norms=("layer1.0.bn1",)
+        "layer1.0.conv1.weight", "Conv2d → BatchNorm2d (layer1.0.bn1)", "structural", norms=("layer1.0.bn1",),
+        kind="Conv2d → BatchNorm2d",  # the evidence without this tensor's names: the grouped report's key
     )
 
 
@@ -551,8 +552,8 @@ def test_select_rejects_bad_patterns(argument, bad):
 # Issue 12: rules checked against the brute-force oracle
 # --------------------------------------------------------------------------------------------
 
-from lightning_smd.detect import decide, detection_notes, discovery_threshold  # noqa: E402
-from lightning_smd.summary import format_detection_report  # noqa: E402
+from lightning_smd.core.detect import decide, detection_notes, discovery_threshold  # noqa: E402
+from lightning_smd.report.summary import format_detection_report  # noqa: E402
 from tests.oracle import oracle  # noqa: E402
 
 

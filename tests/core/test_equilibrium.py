@@ -3,7 +3,7 @@
 import math
 import random
 
-from lightning_smd.equilibrium import EquilibriumTracker
+from lightning_smd.core.equilibrium import EquilibriumTracker
 
 
 def _reference(steps_ratios, start, window, tolerance):

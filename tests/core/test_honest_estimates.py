@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_smd import SMDCallback
-from lightning_smd.estimates import RunningMean
+from lightning_smd import EstimateOptions, SMDCallback
+from lightning_smd.core.estimates import RunningMean
 from tests.helpers import fit, read_metrics
 
 
@@ -45,7 +45,7 @@ class ConvBN(pl.LightningModule):
 def test_no_nan_unit_grad_before_the_first_sample(tmp_path):
     """Measured every 3 steps, L sampled at most every 8: step 5 is measured before any sample
     exists (it logged NaN)."""
-    trainer = fit(ConvBN(steps=12), tmp_path, [SMDCallback(log_every_n_steps=3, unit_grad_every=8, verbose=False,
+    trainer = fit(ConvBN(steps=12), tmp_path, [SMDCallback(log_every_n_steps=3, estimates=EstimateOptions(unit_grad_every=8), verbose=False,
                                                             per_channel=False)], max_steps=12, log_every_n_steps=3)
     unit_grad = _logged(trainer, "unit_grad_sq")
     assert read_metrics(trainer)["smd/angular_update/net.0.weight"]  # measured

@@ -186,7 +186,7 @@ def test_no_host_sync_between_logging_steps_and_one_transfer_per_measured_step(t
 
 def test_recorder_sees_syncs_from_lightning_smd_frames():
     """Positive control: the recorder does catch a sync made inside lightning_smd code."""
-    from lightning_smd.measure import angular_update
+    from lightning_smd.core.measure import angular_update
 
     recorder = HostSyncRecorder()
     recorder.new_step(0)
@@ -197,7 +197,7 @@ def test_recorder_sees_syncs_from_lightning_smd_frames():
     assert recorder.events.get(0, []) == []
     with recorder:
         # a sync whose caller is a lightning_smd frame: theory code converting a tensor argument
-        from lightning_smd import measure
+        from lightning_smd.core import measure
 
         code = compile("float(x.sum())", measure.__file__, "eval")
         eval(code, {"x": w})
@@ -207,7 +207,7 @@ def test_recorder_sees_syncs_from_lightning_smd_frames():
 def test_unit_grad_false_skips_gradient_statistics_only():
     """``before_step(unit_grad=False)`` (no read at all before the step in buffer mode): Δ_t and ‖w_t‖ unchanged,
     the unit-gradient row NaN (which RunningMean skips)."""
-    from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
+    from lightning_smd.core.measure import GroupSlice, StepMeasurer, measurement_mode
 
     results = {}
     for unit_grad in (True, False):

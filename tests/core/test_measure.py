@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_smd.measure import GroupSlice, StepMeasurer, angular_update, measurement_mode
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, angular_update, measurement_mode
 
 
 def _rotate(w: torch.Tensor, angle: float, gen: torch.Generator) -> torch.Tensor:
@@ -142,7 +142,7 @@ def test_muon_matches_float64_truth_from_a_transient_snapshot():
 def test_row_sums_bucketed_equal_float64_truth():
     """The fused row pass: small same-shape tensors reduced together (concatenated), large ones
     where they lie, channels_last views, missing partners; per row and in plan order."""
-    from lightning_smd.measure import RowPlan, row_sums
+    from lightning_smd.core.measure import RowPlan, row_sums
 
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(16, 8, 3, 3, generator=gen), torch.randn(32, 16, generator=gen),
@@ -199,7 +199,7 @@ def test_reduce_fn_receives_partial_sums_once():
 
 
 def test_unit_gradient_sampling_depends_on_the_step_alone():
-    from lightning_smd.steps import samples_unit_grad
+    from lightning_smd.core.steps import samples_unit_grad
 
     assert [s for s in range(20) if samples_unit_grad(s, 1, 4)] == [0, 4, 8, 12, 16]
     assert [s for s in range(1, 20, 2) if samples_unit_grad(s, 2, 4)] == [1, 5, 9, 13, 17]
@@ -226,7 +226,7 @@ def test_tensor_without_gradient_reads_zero_angle():
 def test_each_optimizer_reduces_only_its_own_tensors():
     """Two optimizers (a GAN): each measurer's partial sums hold its own columns, so its reduce
     function must be built from its own tensors (with several shard layouts the columns matter)."""
-    from lightning_smd.steps import StepRecorder
+    from lightning_smd.core.steps import StepRecorder
 
     a, b, c = (torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3))
     opt1, opt2 = torch.optim.SGD([a, b], lr=0.1), torch.optim.SGD([c], lr=0.1)
@@ -252,7 +252,7 @@ def test_small_tensors_reduced_together_match_float64_truth(opt_name):
     tracked = [b[0].weight for b in blocks]
     opt = OPTIMIZERS[opt_name](model.parameters())
     s = GroupSlice(opt, 0, tracked, 0, measurement_mode(opt, opt.param_groups[0]))
-    from lightning_smd.measure import RowPlan
+    from lightning_smd.core.measure import RowPlan
 
     assert RowPlan.build(tracked, [1] * 4).buckets == [[0, 1, 2, 3]]
     measurer = StepMeasurer([s])

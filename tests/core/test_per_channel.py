@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from lightning_smd import SMDCallback, theory
-from lightning_smd.channels import STALL_RATIO, ChannelMetrics
-from lightning_smd.detect import Candidate, structural_candidates
-from lightning_smd.measure import GroupSlice, StepMeasurer, measurement_mode
-from lightning_smd.rescale import rescale_
-from lightning_smd.units import Unit, invariance_unit, invariance_units
+from lightning_smd.core.channels import STALL_RATIO, ChannelMetrics
+from lightning_smd.core.detect import Candidate, structural_candidates
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, measurement_mode
+from lightning_smd.core.rescale import rescale_
+from lightning_smd.core.units import Unit, invariance_unit, invariance_units
 
 OPTIMIZERS = {
     "sgdm": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
@@ -336,8 +336,8 @@ def test_per_channel_argument_validation(bad):
 def test_default_measures_per_channel_on_every_measured_step():
     """per_channel=True: per-unit statistics on every measured step, at any cadence (they are the
     row sums the per-tensor ones are summed from); per_channel=N keeps one block of N steps."""
-    from lightning_smd.callback import DEFAULT_CHANNEL_EVERY
-    from lightning_smd.steps import samples_unit_grad
+    from lightning_smd.lightning.callback import DEFAULT_CHANNEL_EVERY
+    from lightning_smd.core.steps import samples_unit_grad
 
     assert SMDCallback().channel_every == DEFAULT_CHANNEL_EVERY == 1
     assert SMDCallback(per_channel=7).channel_every == 7

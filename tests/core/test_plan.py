@@ -1,4 +1,4 @@
-"""lightning_smd.plan: the LR stages of a fit predicted at fit start, checked against real fits,
+"""lightning_smd.core.plan: the LR stages of a fit predicted at fit start, checked against real fits,
 the project's Hydra presets and lightning_smd.theory."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from tests.examples_fixtures import CONF_DIR, composed
 
 from examples.modules.optim import ConfiguredOptimizerModule, cosine_with_warmup, warmup_multistep
 from hydra.utils import instantiate
-from lightning_smd import theory
-from lightning_smd.plan import (
+from lightning_smd import RescalePolicy, theory
+from lightning_smd.lightning.arguments import rescale_policy
+from lightning_smd.core.plan import (
     GroupSchedule,
     Plan,
     build_plan,
@@ -137,7 +138,10 @@ def _plan_preset(name: str, tmp_path: Path, overrides: tuple[str, ...]) -> tuple
                                 norm_weight_decay=cfg.model.get("norm_weight_decay"),
                                 bias_weight_decay=cfg.model.get("bias_weight_decay"))
         lr = float(cfg.optimizer.lr)
-        callback = PlanAtTrainStart(rescale=cfg.smd.rescale, min_drop=cfg.smd.rescale_min_drop)
+        # the smd preset's rescale: a RescalePolicy node (smd=rescale) or a mode (rescale: true)
+        rescale = instantiate(cfg.smd.rescale) if OmegaConf.is_dict(cfg.smd.rescale) else cfg.smd.rescale
+        callback = PlanAtTrainStart(rescale=rescale.mode if isinstance(rescale, RescalePolicy) else rescale,
+                                    min_drop=(rescale_policy(rescale) or RescalePolicy()).min_drop)
         trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
                              accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, callbacks=[callback],
                              **QUIET)
@@ -217,7 +221,7 @@ def test_every_preset_plans_and_prints(tmp_path: Path, name: str) -> None:
             assert not plan.recommendations and any("is on" in n for n in plan.notes)
         else:
             assert plan.recommended_rescale is True and plan.recommendations[0].startswith(
-                "Recommend SMDCallback(rescale=True)")
+                "Recommend rescale=True (Hydra: smd.rescale=true)")
             assert " ".join(plan.recommendations[0].split()) in " ".join(text.replace("\n    ", " ").split())
 
 
@@ -457,7 +461,7 @@ def test_build_plan_numbers_and_advice() -> None:
     assert "param group 'all'" in warning and "first stage" in warning and "~7500" in warning
     assert "rescale does not help" in warning
     (rec,) = plan.recommendations
-    assert "Recommend SMDCallback(rescale=True)" in rec and "stage 1 (steps 1000–1300, η 0.01)" in rec
+    assert "Recommend rescale=True" in rec and "stage 1 (steps 1000–1300, η 0.01)" in rec
     # a group without a formula (λ = 0) is listed with the reason
     group = dict(_group(), weight_decay=0.0)
     plan = build_plan([GroupSchedule.from_sequence("norm", opt, group, [0.1] * 10, 0.0, 0.9)], 10)
@@ -507,8 +511,8 @@ wandb = pytest.importorskip("wandb")
 def test_plan_table_in_offline_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    from lightning_smd import wandb_extras
-    from test_wandb import history_rows, run_file
+    from lightning_smd.report import wandb_extras
+    from tests.report.test_wandb import history_rows, run_file
 
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                        "WANDB_DIR": str(tmp_path), "WANDB_DISABLE_GIT": "true"}.items():

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_smd import SMDCallback, theory
-from lightning_smd.rescale import RescalePolicy, rescale_
+from lightning_smd import EquilibriumOptions, SMDCallback, theory
+from lightning_smd.core.rescale import RescalePolicy, rescale_
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 
@@ -70,7 +70,7 @@ def _nrq_drop_run(tmp_path, rescale, **kw):
     drop = 300
     module = NoisyRayleighQuotient(p=64, sigma=1.0, lr=0.1, weight_decay=0.05, milestones=[drop], gamma=0.1,
                                    init_norm=2.0, **kw)
-    cb = SMDCallback(log_every_n_steps=1, rescale=rescale, equilibrium_window=100, verbose=False)
+    cb = SMDCallback(log_every_n_steps=1, rescale=rescale, equilibrium=EquilibriumOptions(window=100), verbose=False)
     trainer = fit(module, tmp_path / str(rescale), [cb], max_steps=drop + 2600)
     return drop, cb, read_metrics(trainer), module
 

@@ -1,7 +1,7 @@
 """LR warm-up is one stage: in the plan, in the end-of-fit table and in the metrics (issue 27).
 
 Before recognition, every warm-up step of a per-step schedule started a new equilibrium stage,
-logged ``smd/steps_to_equilibrium/predicted/<group>`` and (with ``rescale_on_increase``) rescaled.
+logged ``smd/steps_to_equilibrium/predicted/<group>`` and (with ``RescalePolicy(on_increase=True)``) rescaled.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lightning_smd import SMDCallback
+from lightning_smd import RescalePolicy, SMDCallback
 from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
 from tests.helpers import fit, read_metrics
 from tests.models import NoisyRayleighQuotient
@@ -78,9 +78,10 @@ SLOW = pytest.mark.slow
 ])
 def test_per_step_warmup_is_one_stage(tmp_path, shape, rescale):
     """20 warm-up steps, a ÷10 drop at step 30: two stages (not 21), one prediction (for the drop,
-    from the plateau's η), and no rescale before the drop in any mode, even with rescale_on_increase."""
+    from the plateau's η), and no rescale before the drop in any mode, even with on_increase=True."""
     ramp = linear(20) if shape == "linear" else cosine(20)
-    cb = SMDCallback(log_every_n_steps=1, rescale=rescale, rescale_on_increase=True, verbose=False, per_channel=False)
+    policy = RescalePolicy("drop" if rescale is True else rescale, on_increase=True) if rescale else False
+    cb = SMDCallback(log_every_n_steps=1, rescale=policy, verbose=False, per_channel=False)
     trainer = fit(WarmupNRQ(ramp, drop=30, interval="step"), tmp_path, [cb], max_steps=34)
     stages = cb.equilibrium.stages
     assert [s.start_step for s in stages] == [0, 30], [s.start_step for s in stages]

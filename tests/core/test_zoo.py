@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_smd.detect import (
+from lightning_smd.core.detect import (
     radial_cosines,
     discovery_threshold,
     find_scale_invariant,

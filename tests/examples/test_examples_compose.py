@@ -67,7 +67,7 @@ _MATRIX = [pytest.param(m, d, marks=() if m == "digits_cnn" else pytest.mark.slo
 def test_every_model_fits_every_classification_dataset(tmp_path, model, data):
     overrides = [*TINY, f"model={model}", f"data={data}", *_data_overrides(data, tmp_path),
                  "data.batch_size=2", "trainer.max_steps=2", "trainer.limit_train_batches=2",
-                 "strategy=single", "smd.detect=structural", "callbacks.lr_monitor=null"]
+                 "strategy=single", "smd.detection.mode=structural", "callbacks.lr_monitor=null"]
     with composed(overrides, tmp_path / "run") as cfg:
         result = train(cfg)
     assert result["global_step"] == 2
@@ -127,7 +127,10 @@ def test_unknown_smd_key_with_plus_fails_in_validation(tmp_path):
 def test_unknown_smd_key_on_the_command_line():
     with pytest.raises(ConfigError, match="smd.resclae"):
         check_cli_overrides(["model=resnet50", "smd.resclae=true"])
-    check_cli_overrides(["smd.rescale=true", "+smd.include=conv", "smd=off"])  # valid ones pass
+    with pytest.raises(ConfigError, match=r"smd.detection.stpes .*DetectionOptions.*valid: smd.detection.mode, "):
+        check_cli_overrides(["smd.detection.stpes=5"])
+    check_cli_overrides(["smd.rescale=true", "+smd.include=conv", "smd=off", "smd.detection.steps=5",
+                         "smd.rescale.min_drop=4"])  # valid ones pass
 
 
 
@@ -140,7 +143,7 @@ def test_unknown_smd_key_exits_the_cli_before_hydra(monkeypatch, capsys):
         runpy.run_path(str(TRAIN_PY), run_name="__main__")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown key smd.resclae" in err and "rescale_min_drop" in err
+    assert "unknown key smd.resclae" in err and ", detection, estimates, equilibrium" in err
 
 
 @pytest.mark.slow
@@ -149,7 +152,7 @@ def test_design_card_command_runs(tmp_path):
     epochs of 2 batches (6 steps) with the pairing's own schedule: the LR drop ÷10 lands at 2/3 of the
     run (epoch 2 = step 4), the rescale with it, both in the logs. The full command's accuracy
     (val/acc ≥ 0.9) is checked by `python docs/make_design_card_figure.py --check` (minutes, not CI)."""
-    from lightning_smd.series import RunSeries
+    from lightning_smd.report.series import RunSeries
 
     with composed(["model=resnet50", "smd.rescale=true"], tmp_path / "composed") as cfg:
         assert cfg.trainer.max_epochs == 3 and list(cfg.scheduler.milestones) == [2]

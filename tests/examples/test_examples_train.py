@@ -51,7 +51,7 @@ def test_cifar10_resnet18(tmp_path):
     result = _run(tmp_path, ["experiment=cifar10_resnet18_sgd", f"data.root={tmp_path / 'cifar'}",
                              "data.verify=false", "data.batch_size=4", "data.num_workers=0",
                              "data.pin_memory=false", "trainer.limit_train_batches=3",
-                             "smd.detect=structural"])
+                             "smd.detection.mode=structural"])
     assert result["global_step"] == 3
     tensors = _smd_tensors(result["metrics_csv"])
     assert "model.conv1.weight" in tensors and "model.layer4.1.conv2.weight" in tensors
@@ -68,7 +68,7 @@ def test_imagenet_models(tmp_path, experiment, first):
     result = _run(tmp_path, [f"experiment={experiment}", f"data.root={tmp_path / 'imagenet'}",
                              "strategy=single", "data.num_classes=3", "data.image_size=32",
                              "data.batch_size=2", "data.num_workers=0", "data.pin_memory=false",
-                             "trainer.limit_train_batches=2", "smd.detect=structural",
+                             "trainer.limit_train_batches=2", "smd.detection.mode=structural",
                              # one thread: the h̃ sample of mobilenet_v2 at lr 0.5 comes out slightly
                              # negative there, which once crashed the ‖w*‖ prediction
                              "torch_threads=1"])
@@ -84,7 +84,7 @@ def test_coco_maskrcnn(tmp_path):
                              "strategy=single", "trainer.sync_batchnorm=false", "trainer.max_steps=2",
                              "trainer.check_val_every_n_epoch=1", "model.min_size=64", "model.max_size=64",
                              "data.batch_size=2", "data.num_workers=0", "data.pin_memory=false",
-                             "scheduler.warmup_steps=1", "smd.detect=structural"])
+                             "scheduler.warmup_steps=1", "smd.detection.mode=structural"])
     assert result["global_step"] == 2  # 4 usable train images, batch 2, one epoch
     tensors = _smd_tensors(result["metrics_csv"])
     assert "model.backbone.body.conv1.weight" in tensors
@@ -116,7 +116,7 @@ def test_nrq_angular_update_matches_theory(tmp_path):
 def _report_reads(out: Path, kind: str) -> None:
     """``python -m lightning_smd.report`` on the run dir picks ``kind`` and writes smd_report/."""
     from lightning_smd import report
-    from lightning_smd.series import find_runs
+    from lightning_smd.report.series import find_runs
 
     assert [r.kind for r in find_runs(out)] == [kind]
     assert report.main([str(out)]) == 0

@@ -323,8 +323,8 @@ def test_pruning_curve_zeroes_the_smallest_units():
 
 # -- detection: v of EWN and SWN is scale-invariant per unit --------------------------------------
 def test_detection_finds_the_direction_of_ewn_and_swn_per_unit():
-    from lightning_smd.detect import find_scale_invariant
-    from lightning_smd.units import invariance_unit
+    from lightning_smd.core.detect import find_scale_invariant
+    from lightning_smd.core.units import invariance_unit
 
     model = nn.Sequential(exp_weight_norm(nn.Linear(6, 8, bias=False)), nn.ReLU(),
                           swn(nn.Linear(8, 5, bias=False)), nn.ReLU(), swn(nn.Linear(5, 2), dim=1))

@@ -3,7 +3,7 @@
 
 import pytest
 
-from lightning_smd import SMDCallback, theory
+from lightning_smd import EstimateOptions, SMDCallback, theory
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 
@@ -21,7 +21,7 @@ def test_nrq_reaches_equilibrium(tmp_path, momentum):
     else:
         start = theory.equilibrium_norm_sq_sgd(L, lr, wd) ** 0.5
     module = NoisyRayleighQuotient(p=p, sigma=sigma, lr=lr, weight_decay=wd, momentum=momentum, init_norm=start * 0.7)
-    trainer = fit(module, tmp_path, [SMDCallback(log_every_n_steps=1, ema_steps=500)], max_steps=3000)
+    trainer = fit(module, tmp_path, [SMDCallback(log_every_n_steps=1, estimates=EstimateOptions(ema_steps=500))], max_steps=3000)
     m = read_metrics(trainer)
     delta_star = theory.angular_update_sgdm(lr, wd, momentum) if momentum else theory.angular_update_sgd(lr, wd)
     assert m[f"smd/angular_update_theory/{NAME}"][2000] == pytest.approx(delta_star)

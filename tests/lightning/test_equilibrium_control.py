@@ -13,10 +13,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_smd import SMDCallback, theory
+from lightning_smd import EquilibriumOptions, EstimateOptions, SMDCallback, theory
 from lightning_smd.core.state import SMDState
-from lightning_smd.equilibrium import EquilibriumTracker
-from lightning_smd.schedule import ScheduleWatcher, default_warm_start_steps
+from lightning_smd.core.equilibrium import EquilibriumTracker
+from lightning_smd.lightning.schedule import ScheduleWatcher, default_warm_start_steps
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 
@@ -166,7 +166,8 @@ def test_nrq_warm_start_removes_the_transient(tmp_path):
     steps, risks = {}, {}
     for warm in (False, True):
         module = NoisyRayleighQuotient(**kw)
-        cb = SMDCallback(log_every_n_steps=2, unit_grad_every=2, warm_start=warm, equilibrium_window=50, verbose=False)
+        cb = SMDCallback(log_every_n_steps=2, warm_start=warm, verbose=False, estimates=EstimateOptions(unit_grad_every=2),
+                         equilibrium=EquilibriumOptions(window=50))
         fit(module, tmp_path / str(warm), [cb], max_steps=500, log_every_n_steps=2)
         steps[warm] = _steps_to_equilibrium(cb)["X"]
         risks[warm] = sum(module.risks[-100:]) / 100
@@ -185,7 +186,8 @@ def test_digits_bn_cnn_warm_start_removes_the_transient(tmp_path):
     steps, final = {}, {}
     for warm in (False, 150):
         module = DigitsCNN(lr=0.1, weight_decay=1e-3, momentum=0.9, label_noise=0.3, input_noise=0.5)
-        cb = SMDCallback(log_every_n_steps=2, unit_grad_every=2, warm_start=warm, equilibrium_window=50, verbose=False)
+        cb = SMDCallback(log_every_n_steps=2, warm_start=warm, verbose=False, estimates=EstimateOptions(unit_grad_every=2),
+                         equilibrium=EquilibriumOptions(window=50))
         trainer = fit(module, tmp_path / str(warm), [cb], max_steps=700, log_every_n_steps=2)
         reached = _steps_to_equilibrium(cb)
         if warm:
@@ -206,7 +208,7 @@ def test_warm_start_exactly_once_across_resume(tmp_path, resume_at):
     total = 120
 
     def callback():
-        return SMDCallback(log_every_n_steps=2, unit_grad_every=2, warm_start=60, verbose=False)
+        return SMDCallback(log_every_n_steps=2, warm_start=60, verbose=False, estimates=EstimateOptions(unit_grad_every=2))
 
     straight = NoisyRayleighQuotient(**kw)
     cb = callback()
@@ -232,7 +234,7 @@ def test_presets_build_the_callback(tmp_path, preset, key, value):
     from tests.examples_fixtures import composed
 
     with composed(["experiment=quickstart", f"smd={preset}"], tmp_path) as cfg:
-        assert cfg.smd[key] == value
+        assert (cfg.smd.rescale.mode if key == "rescale" else cfg.smd[key]) == value  # smd=equilibrium: a RescalePolicy node
         smd = instantiate({k: v for k, v in cfg.smd.items() if k != "enabled"})
         assert getattr(smd.schedule, "warm_start" if key == "warm_start" else "policy") == (
             value if key == "warm_start" else smd.policy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from lightning_smd import SMDCallback
 from tests.helpers import read_metrics
 
 STEPS = 10
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["pytorch_lightning", "lightning.pytorch"])
@@ -28,7 +30,11 @@ def L(request):
     return importlib.import_module(request.param)
 
 
-def _fit(L, root: Path, loggers=None):
+def make_net(L, samples: int = 16 * STEPS, drop_at: int | None = None) -> type:
+    """The tests' LightningModule for the namespace ``L`` (one definition, also the DDP script's): a
+    linear layer under BatchNorm, SGD with momentum, ``samples`` seeded examples in batches of 16; with
+    ``drop_at``, the LR ÷10 at that optimizer step."""
+
     class Net(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -40,20 +46,28 @@ def _fit(L, root: Path, loggers=None):
             return nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+            if drop_at is None:
+                return opt
+            drop = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], 0.1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": drop, "interval": "step"}}
 
         def train_dataloader(self):
             gen = torch.Generator().manual_seed(0)
-            x, y = torch.randn(16 * STEPS, 8, generator=gen), torch.randint(0, 4, (16 * STEPS,), generator=gen)
+            x, y = torch.randn(samples, 8, generator=gen), torch.randint(0, 4, (samples,), generator=gen)
             return DataLoader(TensorDataset(x, y), batch_size=16)
 
+    return Net
+
+
+def _fit(L, root: Path, loggers=None):
     cb = SMDCallback(log_every_n_steps=1, per_channel=1, verbose=False)
     tensorboard = L.loggers.TensorBoardLogger(root, name="tb", version=0)
     csv = L.loggers.CSVLogger(root, name="csv", version=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=[tensorboard, csv, *(loggers or [])], callbacks=[cb],
                         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, default_root_dir=root)
-    trainer.fit(Net())
+    trainer.fit(make_net(L)())
     return trainer, cb, tensorboard, csv
 
 
@@ -119,34 +133,12 @@ def test_wandb_offline_extras(L, tmp_path, offline_wandb):
 
 DDP_RESUME = """
 import importlib, json, sys
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from lightning_smd import SMDCallback
+from tests.lightning.test_namespaces import make_net
 
 L = importlib.import_module(sys.argv[1])
 root = sys.argv[2]
-
-
-class Net(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, [7], 0.1),
-                                                   "interval": "step"}}
-
-    def train_dataloader(self):
-        gen = torch.Generator().manual_seed(0)
-        x, y = torch.randn(16 * 2 * 10, 8, generator=gen), torch.randint(0, 4, (16 * 2 * 10,), generator=gen)
-        return DataLoader(TensorDataset(x, y), batch_size=16)
+Net = make_net(L, samples=16 * 2 * 10, drop_at=7)
 
 
 def fit(steps, version, ckpt_path=None):
@@ -177,7 +169,8 @@ def test_ddp_fit_and_resume(L, tmp_path):
     resume is rescaled once."""
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME)
-    out = subprocess.run([sys.executable, str(script), L.__name__, str(tmp_path)], cwd=tmp_path,
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script), L.__name__, str(tmp_path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())

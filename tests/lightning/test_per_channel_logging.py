@@ -13,10 +13,10 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_smd import SMDCallback, theory
-from lightning_smd.channel_figures import (CHANNEL_FIGURE_FILES, HIST_PREFIX, default_heatmap_layer,
+from lightning_smd.report.channel_figures import (CHANNEL_FIGURE_FILES, HIST_PREFIX, default_heatmap_layer,
                                            save_channel_figures)
-from lightning_smd.channels import ChannelMetrics
-from lightning_smd.series import read_wandb_records
+from lightning_smd.core.channels import ChannelMetrics
+from lightning_smd.report.series import read_wandb_records
 from tests.models import DigitsCNN
 
 wandb = pytest.importorskip("wandb")
@@ -94,7 +94,7 @@ def test_figures_from_channel_metrics_and_default_layer(tmp_path: Path):
 
 
 def test_unit_history_thins_evenly():
-    from lightning_smd.channels import UnitHistory
+    from lightning_smd.core.channels import UnitHistory
 
     history = UnitHistory(capacity=8)
     for step in range(100):

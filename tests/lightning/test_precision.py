@@ -77,7 +77,7 @@ import warnings  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_smd.detect import RadialCosineCheck, find_scale_invariant  # noqa: E402
+from lightning_smd.core.detect import RadialCosineCheck, find_scale_invariant  # noqa: E402
 
 
 def _convnet(dtype: torch.dtype) -> nn.Module:

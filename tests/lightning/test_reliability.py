@@ -14,8 +14,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_smd import SMDCallback, theory
-from lightning_smd.measure import GroupSlice, StepMeasurer, angular_update
+from lightning_smd import DetectionOptions, EstimateOptions, SMDCallback, theory
+from lightning_smd.core.measure import GroupSlice, StepMeasurer, angular_update
 from tests.helpers import fit, read_metrics
 from tests.models import NoisyRayleighQuotient
 
@@ -73,7 +73,7 @@ class TrueAngles(pl.Callback):
 @pytest.mark.parametrize("optimizer", ["sgdm", "sgd", "adamw"])
 def test_step_without_gradient_reads_what_happened(tmp_path, optimizer):
     truth = TrueAngles()
-    smd = SMDCallback(log_every_n_steps=1, unit_grad_every=1, verbose=False)
+    smd = SMDCallback(log_every_n_steps=1, verbose=False, estimates=EstimateOptions(unit_grad_every=1))
     trainer = fit(TwoBranches(optimizer), tmp_path, [truth, smd], max_steps=12)
     m = read_metrics(trainer)
     logged = m["smd/angular_update/b.weight"]
@@ -131,7 +131,7 @@ class TurnsNaN(pl.LightningModule):
 
 
 def test_nan_steps_warn_once_and_do_not_log_stale_theory(tmp_path):
-    smd = SMDCallback(log_every_n_steps=1, unit_grad_every=1, verbose=False)
+    smd = SMDCallback(log_every_n_steps=1, verbose=False, estimates=EstimateOptions(unit_grad_every=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fit(TurnsNaN(at=12), tmp_path, [smd], max_steps=20)
@@ -176,7 +176,7 @@ def test_resume_with_other_arguments_neither_skips_nor_repeats_a_rescale(tmp_pat
     path = tmp_path / "ckpt" / f"epoch=0-step={resume_at}.ckpt"
 
     resumed = NoisyRayleighQuotient(**kw)
-    cb2 = SMDCallback(log_every_n_steps=5, detect="structural", rescale=True, verbose=False)
+    cb2 = SMDCallback(log_every_n_steps=5, rescale=True, verbose=False, detection=DetectionOptions(mode="structural"))
     with pytest.warns(UserWarning, match="log_every_n_steps"):
         fit(resumed, tmp_path / "resumed", [cb2], max_steps=total, ckpt_path=str(path))
     assert [e["step"] for e in cb2.rescale_events] == [drop]  # exactly once, at the drop
@@ -235,14 +235,14 @@ class PlainMLP(pl.LightningModule):
 
 
 def test_nothing_scale_invariant_decides_once_then_costs_nothing(tmp_path, monkeypatch):
-    import lightning_smd.callback as callback
-    from lightning_smd import detect
+    import lightning_smd.lightning.callback as callback
+    from lightning_smd.core import detect
 
     reports, updates = [], []
     monkeypatch.setattr(callback, "rank_zero_info", lambda msg, *a, **k: reports.append(msg))
     original = detect.RadialCosineCheck.update
     monkeypatch.setattr(detect.RadialCosineCheck, "update", lambda self: updates.append(1) or original(self))
-    cb = SMDCallback(log_every_n_steps=1, detect_steps=3)
+    cb = SMDCallback(log_every_n_steps=1, detection=DetectionOptions(steps=3))
     trainer = fit(PlainMLP(), tmp_path, [cb], max_steps=60)
     assert len(reports) == 1 and "nothing to measure" in reports[0], reports  # said once, no plan after it
     assert len(updates) == 3  # the detection window, then no tensor work

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_smd import SMDCallback
+from lightning_smd import EstimateOptions, SMDCallback
 from tests.setups_common import TinyNet, metrics_of, run_setup
 
 NAMES = ("net.0.weight", "net.3.weight")
@@ -46,7 +46,8 @@ def test_unit_gradient_sample_is_the_clipped_gradients(tmp_path):
     # ema_steps tiny: the logged running L is the latest sample itself; SGD without momentum: the
     # sample is ‖g‖²‖w_t‖² exactly
     run_setup(tmp_path, "clip", steps=10, model_kwargs={"optimizer": "sgd"}, callbacks=[probe],
-              callback_kwargs={"ema_steps": 1e-3}, gradient_clip_val=0.01)
+              callback_kwargs={"estimates": EstimateOptions(ema_steps=1e-3, unit_grad_every=1)},
+              gradient_clip_val=0.01)
     m = metrics_of(tmp_path, "clip")
     for name in NAMES:
         logged = m[f"smd/unit_grad_sq/{name}"]

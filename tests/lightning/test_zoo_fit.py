@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from lightning_smd.detect import find_scale_invariant
+from lightning_smd.core.detect import find_scale_invariant
 from tests.zoo import ZooModel, zoo
 
 pytest.importorskip("torchvision")

@@ -13,9 +13,9 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_smd import SMDCallback
 from lightning_smd.report import figures as report
-from lightning_smd.channel_figures import CHANNEL_FIGURE_FILES, HEATMAP_RECORD, plot_bands, select_layers
-from lightning_smd.series import RunSeries
-from lightning_smd.summary import MAX_WIDTH
+from lightning_smd.report.channel_figures import CHANNEL_FIGURE_FILES, HEATMAP_RECORD, plot_bands, select_layers
+from lightning_smd.report.series import RunSeries
+from lightning_smd.report.summary import MAX_WIDTH
 from tests.models import DigitsCNN
 
 
@@ -146,16 +146,16 @@ def _report_lines(arch: str) -> list[str]:
     import torchvision
 
     from lightning_smd import theory
-    from lightning_smd.detect import find_scale_invariant
-    from lightning_smd.summary import DetectionRow, format_detection_report
-    from lightning_smd.units import invariance_units
+    from lightning_smd.core.detect import find_scale_invariant
+    from lightning_smd.report.summary import DetectionRow, format_detection_report
+    from lightning_smd.core.units import invariance_units
 
     model = getattr(torchvision.models, arch)(num_classes=10)
     candidates = find_scale_invariant(model, torch.randn(2, 3, 32, 32), detect="structural")
     params = dict(model.named_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     group = theory.from_param_group(optimizer, optimizer.param_groups[0])
-    rows = [DetectionRow(c.name, tuple(params[c.name].shape), c.reason, "all", group) for c in candidates]
+    rows = [DetectionRow(c.name, tuple(params[c.name].shape), c.reason, "all", group, c.kind) for c in candidates]
     units = invariance_units(model, {c.name: c for c in candidates})
     kwargs = dict(total=len(params), decayed_not_invariant=len(params) - len(rows), units=units)
     grouped = format_detection_report(rows, full=False, full_table_at="SMDCallback(verbose=2), and run/smd/x.txt",

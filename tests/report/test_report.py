@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_smd.report import figures as report
-from lightning_smd.series import RunSeries
+from lightning_smd.report.series import RunSeries
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("angular_update", "angular_update_theory", "weight_norm", "weight_norm_theory", "unit_grad_sq")
@@ -414,7 +414,7 @@ def test_report_does_not_overwrite_the_callbacks_figures(tmp_path: Path, capsys)
 def test_folder_with_several_runs_is_refused_and_listed(tmp_path: Path, capsys) -> None:
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from lightning_smd.series import MultipleRunsError, find_runs
+    from lightning_smd.report.series import MultipleRunsError, find_runs
 
     fit_with_csv(tmp_path, short_records()[:12])  # tmp_path/run/version_0/metrics.csv
     fit_with(TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False), short_records()[:14])
@@ -434,7 +434,7 @@ def test_folder_with_several_runs_is_refused_and_listed(tmp_path: Path, capsys) 
 
 
 def test_hydra_run_dir_with_csv_and_wandb_is_one_run(tmp_path: Path) -> None:
-    from lightning_smd.series import find_runs
+    from lightning_smd.report.series import find_runs
 
     (tmp_path / ".hydra").mkdir()
     fit_with_csv(tmp_path, short_records()[:12])
@@ -467,7 +467,7 @@ def test_step_numbers_agree_with_the_callback(tmp_path: Path) -> None:
 
 
 def test_summary_tables_explain_their_columns(rescaled_series: RunSeries) -> None:
-    from lightning_smd.equilibrium import EquilibriumTracker
+    from lightning_smd.core.equilibrium import EquilibriumTracker
 
     text = report.markdown_summary(rescaled_series)
     legend = next(line for line in text.splitlines() if line.startswith("Columns:"))

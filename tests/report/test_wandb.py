@@ -16,8 +16,9 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_smd import report, wandb_extras
-from lightning_smd.series import RunSeries, read_wandb_records
+from lightning_smd import report
+from lightning_smd.report import wandb_extras
+from lightning_smd.report.series import RunSeries, read_wandb_records
 from tests.report.test_report import (KINDS, ReplayRecords, TinyModule, assert_same_series, short_records, simulate_records,
                          tiny_loader)
 
@@ -213,7 +214,7 @@ class BNConvNet(pl.LightningModule):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_end_to_end_smd_callback(tmp_path: Path, offline_wandb, momentum: float) -> None:
-    from lightning_smd import SMDCallback
+    from lightning_smd import EquilibriumOptions, SMDCallback
 
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -268,13 +269,13 @@ def lines_of(table: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow  # over 3 s on 2 cores (default run under 4 minutes)
 def test_concern_sections_end_to_end(tmp_path: Path, offline_wandb) -> None:
     """A real fit (LR ÷10 at step 40, rescale on): one W&B section per concern, read back."""
-    from lightning_smd import SMDCallback
+    from lightning_smd import EquilibriumOptions, SMDCallback
 
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 1, 8, 8, generator=g), torch.randint(0, 4, (256,), generator=g)
     # a short window and a wide tolerance so that both LR stages reach "equilibrium" in 80 steps
-    callback = SMDCallback(log_every_n_steps=2, rescale=True, equilibrium_window=4, equilibrium_tolerance=0.9,
+    callback = SMDCallback(log_every_n_steps=2, rescale=True, equilibrium=EquilibriumOptions(tolerance=0.9, window=4),
                            figures_dir=str(tmp_path / "smd"), verbose=False)
     fit(tmp_path, [callback], module=BNConvNet(),
         loader=DataLoader(TensorDataset(x, y), batch_size=16), max_epochs=5, max_steps=80)

@@ -44,7 +44,7 @@ def find_scale_invariant(
             rounding floor of 16-bit tensors). A tensor structure did not explain counts only
             with ``cos < discovery_threshold(threshold, numel)`` (``≤ 1e-2/√numel``) *and* the
             finite-difference check ``L(2w) = L(w)`` at a generic point
-            (:func:`~lightning_smd.detect.numerics.confirm_scale_invariance`).
+            (:func:`~lightning_smd.core.detect.numerics.confirm_scale_invariance`).
 
     Returns:
         Candidates in parameter order.

@@ -25,6 +25,9 @@ class Candidate:
             (``"F.layer_norm (in block.0)"``).
         weight_norm: whether it is the direction ``v`` of a weight normalization
             (``w = g·v/‖v‖``: torch's ``weight_norm`` or :func:`~lightning_smd.parametrizations.exp_weight_norm`).
+        kind: the kind of evidence, without the names and numbers of this tensor
+            (``"Conv2d → BatchNorm2d"``, ``"numerical: radial cosine under the bar"``): what the
+            grouped detection report groups by. Empty: ``reason`` is the kind.
     """
 
     name: str
@@ -33,6 +36,7 @@ class Candidate:
     norms: tuple[str, ...] = ()
     functional_norms: tuple[str, ...] = ()
     weight_norm: bool = False
+    kind: str = ""
 
 
 def clean_name(name: str) -> str:

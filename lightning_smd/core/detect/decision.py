@@ -95,10 +95,10 @@ def decide(
 
     Numerical *discoveries* (tensors structure did not explain) need evidence that scales with
     the tensor: with ``numels`` (name → number of entries; ``dtypes`` optional) the bar is
-    :func:`~lightning_smd.detect.numerics.discovery_threshold` (``min(threshold,
+    :func:`~lightning_smd.core.detect.numerics.discovery_threshold` (``min(threshold,
     max(1e-2/√n, precision floor))``: a large non-invariant matrix reaches 1e-4 by chance), and
     with ``confirm`` (names → ``{name: None | why refuted}``, normally a closure over
-    :func:`~lightning_smd.detect.numerics.confirm_scale_invariance`) each discovery must also
+    :func:`~lightning_smd.core.detect.numerics.confirm_scale_invariance`) each discovery must also
     pass the finite-difference check ``w → 2w`` at a generic point; refuted ones go to
     ``rejected``; with ``confirm`` the size-aware bar is not capped at ``threshold`` (it only
     chooses which tensors the exact check runs on). Without them the bar is ``threshold`` alone.
@@ -144,7 +144,7 @@ def decide(
             bar = discovery_threshold(1.0 if confirm is not None else threshold, numels[name], dtype)
         if cos < bar:  # NaN (never measured) compares False
             why = f"numerical: radial cosine {cos:.1e} < {bar:.1e}"
-            discovered[name] = Candidate(name, why, "numerical")
+            discovered[name] = Candidate(name, why, "numerical", kind="numerical: radial cosine under the bar")
     if confirm is not None and discovered:
         verdicts = confirm(list(discovered))
         for name in list(discovered):

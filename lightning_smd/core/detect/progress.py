@@ -1,7 +1,7 @@
 """Detection's progress while it has not decided: the evidence gathered so far, as a checkpoint keeps it.
 
 Detection takes a few optimizer steps (the first forward's dataflow, then the radial cosines of
-``detect_steps`` updates per optimizer). A checkpoint taken in between keeps this evidence, so the
+``DetectionOptions.steps`` updates per optimizer). A checkpoint taken in between keeps this evidence, so the
 resumed run decides on the same evidence at the same step as an uninterrupted one, and a rescale
 deferred until the decision is applied at the same step (bit-equal weights).
 

@@ -44,6 +44,7 @@ class _NormUse:
     per_channel: bool
     module: nn.Module | None = None
     name: str | None = None  # the module's name in the model; None for a functional call
+    kind: str = ""  # the label without the name: the module's class, or ``F.<function>``
 
 
 @dataclass
@@ -65,7 +66,7 @@ class _Flow:
     others: list[str] = field(default_factory=list)
     # a normalization's output (its γ/β rule): linear maps it went through, and the ones it is in
     from_norm: bool = False
-    through: list[str] = field(default_factory=list)
+    through: list[tuple[str, str]] = field(default_factory=list)  # (label with the name, class)
     passing: set[int] = field(default_factory=set)
 
 
@@ -207,7 +208,8 @@ class DataflowRecorder:
                 module_name = self._names.get(id(module), "?")
                 label = f"{type(module).__name__} ({module_name})"
                 for flow in flows:
-                    flow.norms.append(_NormUse(label, per_channel_module(module), module, module_name))
+                    flow.norms.append(_NormUse(label, per_channel_module(module), module, module_name,
+                                               type(module).__name__))
                 self._note_norm_input(module, args[0], label)
         elif flows and _passes_constants(module) and len(args) == 1 and not kwargs:
             for flow in flows:
@@ -244,7 +246,8 @@ class DataflowRecorder:
         for flow in passing:  # a norm's output continues through a linear map without padding
             flow.passing.discard(id(module))
             if isinstance(output, Tensor) and is_channel_first(module, output):
-                flow.through.append(f"{type(module).__name__} ({self._names.get(id(module), '?')})")
+                flow.through.append((f"{type(module).__name__} ({self._names.get(id(module), '?')})",
+                                     type(module).__name__))
                 self._track(output, flow)
             else:
                 flow.others.append(f"{type(module).__name__} (in {self._names.get(id(module), '?')})")
@@ -272,7 +275,7 @@ class DataflowRecorder:
     def _record_use(self, name, args, kwargs, out, tensor, flow, where, n_uses) -> None:
         norm = _functional_norm(name, args, kwargs, tensor)
         if norm is not None:
-            flow.norms.append(_NormUse(f"F.{name} (in {where})", norm))
+            flow.norms.append(_NormUse(f"F.{name} (in {where})", norm, kind=f"F.{name}"))
         elif out is tensor and (name in CASTS or name in RESHAPES or name in _NO_OPS):
             pass  # returned its input unchanged (e.g. .contiguous() of a contiguous tensor);
             # not F.relu(x, inplace=True), which also returns its input, modified
@@ -421,10 +424,12 @@ def _norm_verdicts(producer: _Producer) -> list[tuple[nn.Parameter, Candidate | 
     if not _plain_norm(module) and not _affine_output(module, producer.inputs):
         return [(module.weight, None)]  # e.g. timm's BatchNormAct2d with a ReLU/SiLU inside
     through = dict.fromkeys(t for f in producer.flows for t in f.through)
-    path = " → ".join([f"{type(module).__name__} γ", *through, _norm_labels(producer)])
+    path = " → ".join([f"{type(module).__name__} γ", *(label for label, _ in through), _norm_labels(producer)])
     reason = f"{path} (linear map, no padding: β is dead)" if through else f"{path} (β is dead)"
+    kind = " → ".join([f"{type(module).__name__} γ", *dict.fromkeys(cls for _, cls in through),
+                       _norm_kinds(producer)])
     return [(module.weight, Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural",
-                                      *_norm_evidence(producer)))]
+                                      *_norm_evidence(producer), kind=kind))]
 
 
 _PLAIN_NORM_FORWARDS = frozenset(
@@ -533,6 +538,11 @@ def _norm_labels(producer: _Producer) -> str:
     return ", ".join(labels)
 
 
+def _norm_kinds(producer: _Producer) -> str:
+    """:func:`_norm_labels` without the names: the classes (or functions) of the normalizations."""
+    return ", ".join(dict.fromkeys(use.kind for flow in producer.flows for use in flow.norms))
+
+
 def _norm_evidence(producer: _Producer) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The normalization modules (by name) and the functional normalization calls that the
     producer's outputs feed: :attr:`Candidate.norms`, :attr:`Candidate.functional_norms`."""
@@ -548,7 +558,8 @@ def _linear_verdict(producer: _Producer) -> Candidate | None:
     if not all(_only_norms(f) and _bias_cancels(f, has_bias) for f in producer.flows):
         return None
     reason = f"{type(module).__name__} → {_norm_labels(producer)}"
-    return Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural", *_norm_evidence(producer))
+    return Candidate(f"{producer.name}.weight".lstrip("."), reason, "structural", *_norm_evidence(producer),
+                     kind=f"{type(module).__name__} → {_norm_kinds(producer)}")
 
 
 def _testable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -578,7 +589,9 @@ def _rerun_verdict(
     if ratio <= RERUN_TOL:
         producer.rerun_defect[id(param)] = ratio
         reason = _self_normalizing_reason(producer, local)
-        return Candidate(name, reason, "structural", weight_norm=reason == _WEIGHT_NORM_REASON)
+        weight_norm = reason == _WEIGHT_NORM_REASON
+        return Candidate(name, reason, "structural", weight_norm=weight_norm,
+                         kind=reason if weight_norm else _SELF_NORMALIZING)
     eps = getattr(producer.module, "eps", None)
     if isinstance(eps, float) and ratio < 0.5 and _close(_rerun_eps(producer, local, param), base):
         producer.eps_notes[name] = (
@@ -586,10 +599,9 @@ def _rerun_verdict(
             f"moves the output by {ratio:.1%} of a random change when w doubles"
         )
     if feeds_norms and _positive_multiple(doubled, base, RERUN_TOL * moved):
-        reason = (
-            f"{type(producer.module).__name__} output scales uniformly → {_norm_labels(producer)}"
-        )
-        return Candidate(name, reason, "structural", *_norm_evidence(producer))
+        scales = f"{type(producer.module).__name__} output scales uniformly → "
+        return Candidate(name, scales + _norm_labels(producer), "structural", *_norm_evidence(producer),
+                         kind=scales + _norm_kinds(producer))
     return None
 
 
@@ -609,6 +621,7 @@ def _rerun_eps(producer: _Producer, local: str, param: nn.Parameter) -> Tensor:
 #: parametrizations ``w = scale · v/‖v‖`` whose direction ``v`` (``original1``) is scale-invariant per unit
 _WEIGHT_NORMS = (nn.utils.parametrizations._WeightNorm, ExpWeightNorm)
 _WEIGHT_NORM_REASON = "weight_norm direction"
+_SELF_NORMALIZING = "self-normalizing: output unchanged when scaled"
 
 
 def _self_normalizing_reason(producer: _Producer, local: str) -> str:
@@ -621,7 +634,7 @@ def _self_normalizing_reason(producer: _Producer, local: str) -> str:
         if any(isinstance(p, _WEIGHT_NORMS) for p in chain):
             return _WEIGHT_NORM_REASON
     where = f"{type(module).__name__} {producer.name or '<root>'}"
-    return f"self-normalizing: output unchanged when scaled ({where})"
+    return f"{_SELF_NORMALIZING} ({where})"
 
 
 def _rerun(

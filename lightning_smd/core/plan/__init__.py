@@ -23,7 +23,7 @@ How a schedule is cut into stages (:func:`split_stages`):
    milestone, a per-step cosine one segment per step).
 2. A new *stage* starts at the first segment whose equilibrium ratio k = (η·λ')/(η'·λ) against the
    stage's first segment reaches ``min_drop`` in either direction (default 2, the rescale policy's
-   ``rescale_min_drop``: the changes the rescale reacts to), or where η or λ becomes 0 (no
+   ``RescalePolicy.min_drop``: the changes the rescale reacts to), or where η or λ becomes 0 (no
    formula). A group without weight decay is cut on η alone. A piecewise-constant schedule gets one stage per value; a continuous one (cosine,
    OneCycle, polynomial) one stage per factor ``min_drop`` of ηλ.
 3. A stage shorter than ``min_stage_fraction`` of the planned steps (default 1 %) absorbs the

@@ -101,7 +101,7 @@ class _ShadowOptimizer:
         self.original_type = type(optimizer)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("lightning_smd.plan never steps an optimizer")
+        raise RuntimeError("lightning_smd.core.plan never steps an optimizer")
 
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
@@ -286,7 +286,7 @@ def plan_from_trainer(
 
     Args:
         rescale: the callback's ``rescale`` setting (for the recommendations).
-        min_drop: stage threshold on the equilibrium ratio; pass the callback's ``rescale_min_drop``.
+        min_drop: stage threshold on the equilibrium ratio; pass the ``RescalePolicy.min_drop`` in use.
         min_stage_fraction, first_stage_time_constants: see :func:`build_plan`.
         batches_per_epoch: override ``trainer.num_training_batches`` (e.g. a known dataset size).
         warmup_steps: the callback's ``warmup_steps`` (:func:`split_stages`).
@@ -371,7 +371,7 @@ def plan_from_trainer(
 
     after = _fingerprint(optimizers, [c.scheduler for c in configs])
     if after != fingerprint:  # pragma: no cover - would be a bug here
-        extra_warnings.append("planning changed a real optimizer or scheduler (a bug in lightning_smd.plan); "
+        extra_warnings.append("planning changed a real optimizer or scheduler (a bug in lightning_smd.core.plan); "
                               "please report it with your scheduler configuration.")
 
     plan = build_plan(schedules, end, start, min_drop=min_drop, min_stage_fraction=min_stage_fraction,

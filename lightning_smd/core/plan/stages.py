@@ -171,7 +171,7 @@ def split_stages(
 ) -> list[tuple[int, int]]:
     """Cut one param group's schedule into stages (rules 1–4 of the module docstring).
 
-    ``warmup_steps`` (``SMDCallback(warmup_steps=...)``): ``None``, rule 4 recognizes the warm-up;
+    ``warmup_steps`` (the adapters' ``warmup_steps=`` option): ``None``, rule 4 recognizes the warm-up;
     N: the stages starting at steps ≤ N join the first one; ``0``: no warm-up.
 
     Returns ``[a, b)`` ranges of change-point indices (``schedule.steps[a]`` starts the stage), for
@@ -362,10 +362,10 @@ def _advise(plan: Plan, min_drop: float, time_constants: float) -> None:
                           f"multiplied by {_factor_text(short)}, so these stages start at their equilibrium.")
         return
     if continuous:
-        setting = 'SMDCallback(rescale="continuous") (Hydra: smd.rescale=continuous)'
+        setting = 'rescale="continuous" (Hydra: smd.rescale=continuous)'
         why = "the rate varies inside a too-short stage, and the continuous mode rescales at every change"
     else:
-        setting = "SMDCallback(rescale=True) (Hydra: smd.rescale=true)"
+        setting = "rescale=True (Hydra: smd.rescale=true)"
         why = (f"the rescale multiplies the scale-invariant weights by {_factor_text(short)} at the drop, so the "
                "new equilibrium holds at once")
     plan.recommendations.append(f"Recommend {setting}: {details}. Without it Δ_t stays below Δ* in those "
@@ -496,7 +496,7 @@ class Plan:
             "(? = unpredictable schedule)")
         if not legend:
             legend_text = "columns: τ = relaxation time (1−α)/(4λη); needed = steps to the stage's equilibrium " \
-                          "(all columns: docs/plan.md, SMDCallback(verbose=2))"
+                          "(all columns: docs/plan.md, verbose=2)"
         advice = ([legend_text] + [f"warning: {w}" for w in self.warnings]
                   + [f"recommendation: {r}" for r in self.recommendations] + [f"note: {n}" for n in self.notes])
         for paragraph in advice:

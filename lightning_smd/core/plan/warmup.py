@@ -6,7 +6,7 @@ no equilibrium to reach while η climbs, so the ramp and the plateau it climbs t
 and the first real drop is measured against that plateau.
 
 How it is recognized, per param group, from the learning rates the optimizer actually holds
-(the trajectory; the planner, :func:`lightning_smd.plan.split_stages` rule 4, does the same on the
+(the trajectory; the planner, :func:`lightning_smd.core.plan.split_stages` rule 4, does the same on the
 simulated schedule):
 
 * ``warmup_steps=None`` (automatic): every LR change from the start of training that is a *rise*
