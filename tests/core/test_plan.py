@@ -626,3 +626,19 @@ def test_other_torch_schedulers_match_manual_stepping(kind: str) -> None:
     predicted = plan.schedules[0].values_per_step(20)
     assert [p[0] for p in predicted] == pytest.approx([u[0] for u in used], rel=1e-12)
     assert [p[1:] for p in predicted] == [u[1:] for u in used]
+
+
+def test_groups_without_decay_share_one_warning() -> None:
+    """A resnet's no-decay 'norm' and 'bias' groups, over two stages each: one line, naming both (the
+    start-up report fits a screen), not one per group."""
+    from pytorch_lightning.core.optimizer import LRSchedulerConfig
+
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.SGD([{"params": [params[0]], "weight_decay": 1e-4, "name": "all"},
+                           {"params": [params[1]], "weight_decay": 0.0, "name": "norm"},
+                           {"params": [params[2]], "weight_decay": 0.0, "name": "bias"}], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5, gamma=0.1)
+    plan = plan_from_trainer(_FakeTrainer([LRSchedulerConfig(sched, interval="step")], opt))
+    assert len(plan.stages_of("norm")) == len(plan.stages_of("bias")) == 2
+    (warning,) = [w for w in plan.warnings if "no equilibrium formula" in w]
+    assert "param groups 'norm', 'bias'" in warning and "weight_decay=0" in warning, warning

@@ -324,14 +324,20 @@ def _factor_text(short: Mapping[str, Sequence[Stage]]) -> str:
 def _advise(plan: Plan, min_drop: float, time_constants: float) -> None:
     """Fill ``plan.warnings`` / ``plan.recommendations`` from the stages (pure text)."""
     spe = plan.steps_per_epoch
-    seen_reason: set[tuple[str, str]] = set()
+    # one line per reason, naming its groups (a resnet's no-decay 'norm' and 'bias' groups share one)
+    no_formula: dict[str, list[Stage]] = {}
+    for stage in plan.stages:
+        if not stage.theory.has_formula:
+            no_formula.setdefault(stage.theory.reason or "", []).append(stage)
+    for reason, stages in no_formula.items():
+        groups = list(dict.fromkeys(s.group for s in stages))
+        where = (f"param group {groups[0]!r}, {stages[0].describe(spe)}" if len(stages) == 1
+                 else "param group" + ("s " + ", ".join(map(repr, groups)) if len(groups) > 1 else f" {groups[0]!r}"))
+        plan.warnings.append(f"{where}: no equilibrium formula ({reason}); the plan lists "
+                             f"{'the stage' if len(stages) == 1 else 'their stages'} without SMD numbers.")
     short: dict[str, list[Stage]] = {}
     for stage in plan.stages:
         values = stage.theory
-        if not values.has_formula and (stage.group, values.reason or "") not in seen_reason:
-            seen_reason.add((stage.group, values.reason or ""))
-            plan.warnings.append(f"param group {stage.group!r}, {stage.describe(spe)}: no equilibrium formula "
-                                 f"({values.reason}); the plan lists the stage without SMD numbers.")
         if stage.long_enough is not False:
             continue
         if stage.index == 0:
