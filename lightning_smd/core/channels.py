@@ -372,7 +372,7 @@ def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> 
     out = np.full((n_rows, n_seg, len(q)), np.nan)
     if m == 0 or n_seg == 0:
         return out
-    sizes = np.unique(counts)
+    sizes = counts[:1] if counts.min() == counts.max() else np.unique(counts)
     if len(sizes) <= 32:  # models repeat a few widths: each width's segments sorted as one [K, n, c] block
         keyed = np.where(np.isfinite(values), values, np.inf)
         starts = _starts(counts)
@@ -380,7 +380,10 @@ def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> 
             if c == 0:
                 continue
             segments = np.flatnonzero(counts == c)
-            block = np.sort(keyed[:, starts[segments, None] + np.arange(c)], axis=-1)  # [K, n, c]
+            if len(segments) == n_seg:  # every segment this wide: the rows are the blocks already
+                block = np.sort(keyed.reshape(n_rows, n_seg, c), axis=-1)
+            else:
+                block = np.sort(keyed[:, starts[segments, None] + np.arange(c)], axis=-1)  # [K, n, c]
             out[:, segments] = _interpolate(block, np.isfinite(block).sum(axis=-1), q)
         return out
     segment = np.repeat(np.arange(n_seg), counts)
