@@ -267,14 +267,15 @@ class ChannelMetrics:
         return arrays
 
     def build(self, units: np.ndarray, names: list[str], counts: list[int], theories: list[theory.GroupTheory],
-              step: int, log_step: int) -> dict[str, float]:
+              step: int, log_step: int, into: dict[str, float] | None = None) -> dict[str, float]:
         """``units``: host ``[3, m]`` (Δ_t, ‖w_t‖, L sample) of the tensors ``names`` with ``counts``
         units each (in order); ``theories[i]``: the group theory of ``names[i]``.
 
         Vectorized over all units: the percentiles of every tensor come from one sort
         (:func:`segment_percentiles`), the running L and stall windows are whole-array updates;
-        what remains per tensor is building its metric keys."""
-        metrics: dict[str, float] = {}
+        what remains per tensor is building its metric keys. ``into``: the dict the metrics are
+        added to (and returned); a new one when ``None``."""
+        metrics: dict[str, float] = {} if into is None else into
         counts_arr = np.asarray(counts, dtype=np.int64)
         m = int(counts_arr.sum())
         delta, w_norm, sample = (np.asarray(units[i, :m], dtype=np.float64) for i in range(3))

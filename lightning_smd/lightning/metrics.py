@@ -88,8 +88,8 @@ class MetricsBuilder:
         too); per tensor only the metric dict is built, from one key list precomputed per layout."""
         layout = self._layout(finished, tracked)
         n, names, groups = layout.n, layout.names, layout.groups
-        values = stats.double().numpy()
-        delta, w_norm, sample = values[0, :n], values[1, :n], values[2, :n]
+        values = stats.numpy()  # float32 (float64 if measured so): the unit columns stay in it
+        delta, w_norm, sample = values[:, :n].astype(np.float64)
         finite = np.isfinite(delta) & np.isfinite(w_norm)
         # a sample from a step with NaN/inf weights or update is not evidence about L
         unit_grad = self.unit_grad.update_array(names, np.where(finite, sample, np.nan), step)
@@ -141,7 +141,7 @@ class MetricsBuilder:
         if finite_ratios.size:
             metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked.groups, tracked.names)
         if self.channels is not None and stats.shape[1] > n:
-            metrics.update(self._channel_metrics(values[:, n:], finished, tracked, step))
+            self._channel_metrics(values[:, n:], finished, tracked, step, metrics)
         return metrics
 
     def _layout(self, finished: Finished, tracked: TrackedSet) -> _Layout:
@@ -163,11 +163,12 @@ class MetricsBuilder:
                                               list(zip([0] + ends[:-1], ends)), keys)
         return layout
 
-    def _channel_metrics(self, units: np.ndarray, finished: Finished, tracked: TrackedSet, step: int) -> dict[str, float]:
+    def _channel_metrics(self, units: np.ndarray, finished: Finished, tracked: TrackedSet, step: int,
+                         into: dict[str, float]) -> None:
         names, counts, theories = [], [], []
         for s, group_theory in zip(finished.slices, finished.theories):
             if s.units is not None:
                 names.extend(tracked.names[s.start:s.stop])
                 counts.extend(s.units)
                 theories.extend([group_theory] * len(s.params))
-        return self.channels.build(units, names, counts, theories, step, finished.log_step)
+        self.channels.build(units, names, counts, theories, step, finished.log_step, into=into)
