@@ -20,13 +20,16 @@ thinned record) for the units × steps heatmaps, and the latest per-unit values 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import compress
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from lightning_smd.core import theory
 
-__all__ = ["PERCENTILES", "STALL_RATIO", "ChannelMetrics", "UnitHistory", "segment_percentiles"]
+__all__ = ["PERCENTILES", "STALL_RATIO", "ChannelMetrics", "UnitHistories", "UnitHistory", "segment_percentiles"]
 
 PERCENTILES = (5, 50, 95)
 _SUFFIX = tuple(f"p{q:02d}" for q in PERCENTILES)
@@ -60,6 +63,97 @@ class UnitHistory:
         return np.stack(self.columns, axis=1) if self.columns else np.zeros((0, 0), np.float32)
 
 
+class _Columns(Sequence):
+    """The columns of one tensor in a block's whole-layout columns (views, made when read)."""
+
+    def __init__(self, columns: list[np.ndarray], a: int, b: int) -> None:
+        self._columns, self._a, self._b = columns, a, b
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [c[self._a:self._b] for c in self._columns[i]]
+        return self._columns[i][self._a:self._b]
+
+
+class _BlockView:
+    """A :class:`UnitHistory` of one tensor read out of its layout's block (no copy)."""
+
+    def __init__(self, record: UnitHistory, a: int, b: int) -> None:
+        self._record, self._a, self._b = record, a, b
+
+    @property
+    def steps(self) -> list[int]:
+        return self._record.steps
+
+    @property
+    def columns(self) -> _Columns:
+        return _Columns(self._record.columns, self._a, self._b)
+
+    def matrix(self) -> np.ndarray:
+        """``[units, steps]``."""
+        if not self._record.columns:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([c[self._a:self._b] for c in self._record.columns], axis=1)
+
+
+class UnitHistories(Mapping):
+    """name → its :class:`UnitHistory` (read-only mapping). The tensors of one layout (the same
+    names and unit counts every measured step, the usual case) share one record of whole columns:
+    one append per measured step, not one per tensor. A tensor that moves to another layout (the
+    tracked set changed) gets a record of its own, continued tensor by tensor."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._own: dict[str, UnitHistory] = {}
+        self._blocks: dict[tuple, tuple[UnitHistory, dict[str, tuple[int, int]]]] = {}
+        self._owner: dict[str, tuple] = {}  # name → the key of the block holding it
+
+    def append(self, key: tuple, names: list[str], ends: list[int], step: int, values: np.ndarray) -> None:
+        block = self._blocks.get(key)
+        if block is None and not any(n in self._own or n in self._owner for n in names):
+            spans = dict(zip(names, zip([0] + ends[:-1], ends)))
+            block = self._blocks[key] = (UnitHistory(self.capacity), spans)
+            self._owner.update(dict.fromkeys(names, key))
+        if block is not None:
+            block[0].append(step, values)
+            return
+        for name in names:  # the tensors' own records (split out of their earlier blocks)
+            if name in self._owner:
+                self._split(self._owner[name])
+        for name, a, b in zip(names, [0] + ends[:-1], ends):
+            own = self._own.get(name)
+            if own is None:
+                own = self._own[name] = UnitHistory(self.capacity)
+            own.append(step, values[a:b])
+
+    def _split(self, key: tuple) -> None:
+        record, spans = self._blocks.pop(key)
+        for name, (a, b) in spans.items():
+            self._owner.pop(name, None)
+            self._own[name] = UnitHistory(record.capacity, list(record.steps), [c[a:b] for c in record.columns],
+                                          record._stride, record._seen)
+
+    def __getitem__(self, name: str) -> UnitHistory | _BlockView:
+        own = self._own.get(name)
+        if own is not None:
+            return own
+        record, spans = self._blocks[self._owner[name]]
+        return _BlockView(record, *spans[name])
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._own
+        yield from self._owner
+
+    def __len__(self) -> int:
+        return len(self._own) + len(self._owner)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._own or name in self._owner
+
+
 class ChannelMetrics:
     """Per measured step, the per-channel metrics of the tensors with per-unit statistics.
 
@@ -73,16 +167,44 @@ class ChannelMetrics:
         self.window = int(window)
         self.time_constant = float(ema_steps)
         self.history_capacity = history_capacity
-        self.history: dict[str, UnitHistory] = {}
-        self.latest: dict[str, np.ndarray] = {}  # name → the last per-unit Δ_t/Δ* (or Δ_t without theory)
-        self.latest_norm: dict[str, np.ndarray] = {}  # name → the last per-unit ‖w_t‖
-        self.has_theory: dict[str, bool] = {}  # name → whether `latest`/`history` hold Δ_t/Δ* (else Δ_t)
+        self.history = UnitHistories(history_capacity)
+        self._latest: dict[str, np.ndarray] = {}
+        self._latest_norm: dict[str, np.ndarray] = {}
+        self._has_theory: dict[str, bool] = {}
+        self._pending: list[tuple] = []  # the latest steps' whole arrays, split per tensor when read
         self.fresh = False  # a per-channel step was built and its histograms not yet logged
         self.stalled: dict[str, float] = {}
         self._layout_key: tuple | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._restored: dict[str, dict[str, np.ndarray]] = {}  # per tensor, from a checkpoint, until first used
         self._keys: dict[str, tuple[tuple[str, ...], ...]] = {}
+
+    @property
+    def latest(self) -> dict[str, np.ndarray]:
+        """name → the last per-unit Δ_t/Δ* (or Δ_t without theory)."""
+        self._settle()
+        return self._latest
+
+    @property
+    def latest_norm(self) -> dict[str, np.ndarray]:
+        """name → the last per-unit ‖w_t‖."""
+        self._settle()
+        return self._latest_norm
+
+    @property
+    def has_theory(self) -> dict[str, bool]:
+        """name → whether :attr:`latest` and :attr:`history` hold Δ_t/Δ* (else Δ_t)."""
+        self._settle()
+        return self._has_theory
+
+    def _settle(self) -> None:
+        """Split the steps' whole arrays per tensor (only when read: histograms, figures)."""
+        for names, ends, ratio, norm, theory_known in self._pending:
+            starts = [0] + ends[:-1]
+            self._latest.update({n: ratio[a:b] for n, a, b in zip(names, starts, ends)})
+            self._latest_norm.update({n: norm[a:b] for n, a, b in zip(names, starts, ends)})
+            self._has_theory.update(zip(names, theory_known))
+        self._pending = []
 
     def state_dict(self) -> dict[str, dict[str, list[float]]]:
         """Per tensor, its units' running L (``mean``, ``weight``, ``last``) and stall windows
@@ -145,14 +267,15 @@ class ChannelMetrics:
         return arrays
 
     def build(self, units: np.ndarray, names: list[str], counts: list[int], theories: list[theory.GroupTheory],
-              step: int, log_step: int) -> dict[str, float]:
+              step: int, log_step: int, into: dict[str, float] | None = None) -> dict[str, float]:
         """``units``: host ``[3, m]`` (Δ_t, ‖w_t‖, L sample) of the tensors ``names`` with ``counts``
         units each (in order); ``theories[i]``: the group theory of ``names[i]``.
 
         Vectorized over all units: the percentiles of every tensor come from one sort
         (:func:`segment_percentiles`), the running L and stall windows are whole-array updates;
-        what remains per tensor is building its metric keys."""
-        metrics: dict[str, float] = {}
+        what remains per tensor is building its metric keys. ``into``: the dict the metrics are
+        added to (and returned); a new one when ``None``."""
+        metrics: dict[str, float] = {} if into is None else into
         counts_arr = np.asarray(counts, dtype=np.int64)
         m = int(counts_arr.sum())
         delta, w_norm, sample = (np.asarray(units[i, :m], dtype=np.float64) for i in range(3))
@@ -195,28 +318,21 @@ class ChannelMetrics:
         # what remains per tensor is dict work, no numpy call: the keys in one list per layout
         flat_keys, stalled_keys = self._flat_keys(names)
         values = quantiles.transpose(1, 0, 2).reshape(-1).tolist()  # [tensor][kind][percentile]
-        metrics.update({k: v for k, v in zip(flat_keys, values) if v == v})
+        present = (~np.isnan(quantiles.transpose(1, 0, 2))).ravel().tolist()
+        metrics.update(zip(compress(flat_keys, present), compress(values, present)))
         theory_known = (np.isfinite(star_t) & (counts_arr > 0)).tolist()
         if any(theory_known):
             stalled_sum = np.bincount(np.repeat(np.arange(len(names)), counts_arr), weights=stalled_unit,
                                       minlength=len(names))
             fractions = (stalled_sum / np.maximum(counts_arr, 1)).tolist()
-            stalled = {name: f for name, f, known in zip(names, fractions, theory_known) if known}
-            self.stalled.update(stalled)
-            metrics.update({key: f for key, f, known in zip(stalled_keys, fractions, theory_known) if known})
+            self.stalled.update(zip(compress(names, theory_known), compress(fractions, theory_known)))
+            metrics.update(zip(compress(stalled_keys, theory_known), compress(fractions, theory_known)))
         ends = np.cumsum(counts_arr).tolist()
-        spans = list(zip([0] + ends[:-1], ends))
-        ratio32, norm = ratio.astype(np.float32), np.where(finite, w_norm, np.nan)
-        self.latest.update({name: ratio[a:b] for name, (a, b) in zip(names, spans)})
-        self.latest_norm.update({name: norm[a:b] for name, (a, b) in zip(names, spans)})
-        self.has_theory.update(zip(names, theory_known))
-        history, capacity = self.history, self.history_capacity
-        for name, (a, b) in zip(names, spans):
-            view = ratio32[a:b]
-            unit_history = history.get(name)
-            if unit_history is None:
-                unit_history = history[name] = UnitHistory(capacity)
-            unit_history.append(log_step, view)
+        norm = np.where(finite, w_norm, np.nan)
+        self._pending.append((names, ends, ratio, norm, theory_known))
+        if len(self._pending) > 8:
+            self._settle()
+        self.history.append(self._layout_key, names, ends, log_step, ratio.astype(np.float32))
         self.fresh = True
         pooled = ratio[has_star & finite]
         if pooled.size:
@@ -257,7 +373,7 @@ def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> 
     out = np.full((n_rows, n_seg, len(q)), np.nan)
     if m == 0 or n_seg == 0:
         return out
-    sizes = np.unique(counts)
+    sizes = counts[:1] if counts.min() == counts.max() else np.unique(counts)
     if len(sizes) <= 32:  # models repeat a few widths: each width's segments sorted as one [K, n, c] block
         keyed = np.where(np.isfinite(values), values, np.inf)
         starts = _starts(counts)
@@ -265,7 +381,10 @@ def segment_percentiles(values: np.ndarray, counts: np.ndarray, percentiles) -> 
             if c == 0:
                 continue
             segments = np.flatnonzero(counts == c)
-            block = np.sort(keyed[:, starts[segments, None] + np.arange(c)], axis=-1)  # [K, n, c]
+            if len(segments) == n_seg:  # every segment this wide: the rows are the blocks already
+                block = np.sort(keyed.reshape(n_rows, n_seg, c), axis=-1)
+            else:
+                block = np.sort(keyed[:, starts[segments, None] + np.arange(c)], axis=-1)  # [K, n, c]
             out[:, segments] = _interpolate(block, np.isfinite(block).sum(axis=-1), q)
         return out
     segment = np.repeat(np.arange(n_seg), counts)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
 
 __all__ = ["EquilibriumTracker", "Stage"]
 
@@ -38,6 +39,9 @@ class EquilibriumTracker:
     Single measured Δ_t are noisy (a few percent on large tensors, tens of percent on small ones):
     a tensor whose noise exceeds the tolerance is never declared at equilibrium (widen
     ``EquilibriumOptions.tolerance`` for it) rather than declared so by an average over a transient.
+
+    Array-backed: each tensor's window is a row of one ring buffer of (step, ratio) points over all
+    tensors, so a measured step of thousands of tensors is a few whole-array operations.
     """
 
     def __init__(self, tolerance: float = 0.1, window: int = 200) -> None:
@@ -50,16 +54,72 @@ class EquilibriumTracker:
         self.window = window
         self.stages: list[Stage] = []
         self._current: dict[str, Stage] = {}  # group -> its current stage
-        self._points: dict[str, deque[tuple[int, float]]] = {}
-        self._sums: dict[str, float] = {}  # running sum of each window's ratios
+        self._clear_points()
+
+    def _clear_points(self) -> None:
+        self._row: dict[str, int] = {}  # name → its row of the ring buffer
+        self._names: list[str] = []
+        self._steps = np.zeros((0, 8), dtype=np.int64)  # [rows, capacity]: the window's points, oldest at head
+        self._ratios = np.zeros((0, 8))
+        self._head = np.zeros(0, dtype=np.int64)
+        self._len = np.zeros(0, dtype=np.int64)
+        self._rows_of: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._groups_of: tuple[tuple[str, ...], np.ndarray, list[str]] | None = None
+
+    def _rows(self, names: Sequence[str]) -> np.ndarray:
+        key = tuple(names)
+        cached = self._rows_of
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        new = [n for n in dict.fromkeys(key) if n not in self._row]
+        if new:
+            for name in new:
+                self._row[name] = len(self._names)
+                self._names.append(name)
+            k, cap = len(new), self._steps.shape[1]
+            self._steps = np.concatenate([self._steps, np.zeros((k, cap), dtype=np.int64)])
+            self._ratios = np.concatenate([self._ratios, np.zeros((k, cap))])
+            self._head = np.concatenate([self._head, np.zeros(k, dtype=np.int64)])
+            self._len = np.concatenate([self._len, np.zeros(k, dtype=np.int64)])
+        index = np.fromiter((self._row[n] for n in key), dtype=np.int64, count=len(key))
+        self._rows_of = (key, index)
+        return index
+
+    def _group_ids(self, groups: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        key = tuple(groups)
+        cached = self._groups_of
+        if cached is None or cached[0] != key:
+            unique = list(dict.fromkeys(key))
+            where = {g: i for i, g in enumerate(unique)}
+            cached = self._groups_of = (key, np.fromiter((where[g] for g in key), dtype=np.int64, count=len(key)), unique)
+        return cached[1], cached[2]
+
+    def _forget(self, names: Sequence[str]) -> None:
+        rows = [self._row[n] for n in names if n in self._row]
+        self._len[rows] = 0
+        self._head[rows] = 0
+
+    def _ordered(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, ratios)`` of ``rows`` as ``[k, capacity]``, oldest point first."""
+        cap = self._steps.shape[1]
+        slots = (self._head[rows, None] + np.arange(cap)) % cap
+        return self._steps[rows[:, None], slots], self._ratios[rows[:, None], slots]
+
+    def _grow(self) -> None:
+        """Double the ring's capacity (points laid out from slot 0)."""
+        rows = np.arange(len(self._names))
+        steps, ratios = self._ordered(rows)
+        cap = self._steps.shape[1]
+        self._steps = np.concatenate([steps, np.zeros_like(steps)], axis=1)
+        self._ratios = np.concatenate([ratios, np.zeros_like(ratios)], axis=1)
+        self._head = np.zeros(len(rows), dtype=np.int64)
+        assert self._steps.shape[1] == 2 * cap
 
     def start_stage(self, group: str, step: int, predicted_steps: int | None, rescaled: bool, names: Sequence[str]) -> None:
         stage = Stage(group, step, predicted_steps, rescaled)
         self.stages.append(stage)
         self._current[group] = stage
-        for name in names:
-            self._points.pop(name, None)
-            self._sums.pop(name, None)
+        self._forget(names)
 
     def restart(self, group: str, step: int, names: Sequence[str]) -> None:
         """An LR warm-up step: the group stays in its stage, measured afresh from ``step`` (the ramp
@@ -70,61 +130,110 @@ class EquilibriumTracker:
             self.stages.append(stage)
         stage.warmup_until = step
         stage.reached.clear()
-        for name in names:
-            self._points.pop(name, None)
-            self._sums.pop(name, None)
+        self._forget(names)
 
     def update(self, step: int, groups: Sequence[str], names: Sequence[str], ratios: Sequence[float]) -> dict[str, int]:
-        """Add one measured ratio per tensor; return the tensors that just reached equilibrium."""
-        newly: dict[str, int] = {}
-        for group, name, ratio in zip(groups, names, ratios):
+        """Add one measured ratio per tensor (``names`` distinct); return the tensors that just
+        reached equilibrium."""
+        index = self._rows(names)
+        group_id, unique = self._group_ids(groups)
+        stages = []
+        for group in unique:
             stage = self._current.get(group)
             if stage is None:
-                stage = Stage(group, 0, None)
+                stage = self._current[group] = Stage(group, 0, None)
                 self.stages.append(stage)
-                self._current[group] = stage
-            if name in stage.reached or not math.isfinite(ratio):
-                continue
-            points = self._points.setdefault(name, deque())
-            points.append((step, ratio))
-            total = self._sums.get(name, 0.0) + ratio
-            while points and points[0][0] <= step - self.window:
-                total -= points.popleft()[1]
-            self._sums[name] = total
-            start = max(stage.start_step, stage.warmup_until or 0)
-            if self._full_window_inside(points, step, start):
-                stage.reached[name] = newly[name] = points[0][0]
+            stages.append(stage)
+        ratios = np.asarray(ratios, dtype=np.float64)
+        add = np.isfinite(ratios)
+        for g, stage in enumerate(stages):
+            if stage.reached:  # no points are added once a tensor reached equilibrium in the stage
+                members = np.flatnonzero(group_id == g)
+                add[members[[names[i] in stage.reached for i in members.tolist()]]] = False
+        picked = np.flatnonzero(add)
+        if not picked.size:
+            return {}
+        rows = index[picked]
+        if int(self._len[rows].max()) >= self._steps.shape[1]:
+            self._grow()
+        cap = self._steps.shape[1]
+        slot = (self._head[rows] + self._len[rows]) % cap
+        self._steps[rows, slot] = step
+        self._ratios[rows, slot] = ratios[picked]
+        self._len[rows] += 1
+        # drop the points that left the window (the oldest first: steps increase along a row)
+        ordered_steps, ordered_ratios = self._ordered(rows)
+        filled = np.arange(cap) < self._len[rows, None]
+        old = (filled & (ordered_steps <= step - self.window)).sum(axis=1)
+        self._head[rows] = (self._head[rows] + old) % cap
+        self._len[rows] -= old
+        # a verdict needs the window's steps inside the stage (after any warm-up)
+        start_of = np.array([max(s.start_step, s.warmup_until or 0) for s in stages], dtype=np.int64)
+        start = start_of[group_id[picked]]
+        judged = np.flatnonzero(step - start + 1 >= self.window)
+        if not judged.size:
+            return {}
+        shift = old[judged]
+        count = self._len[rows[judged]]
+        # the rows after the drop: shift each row left by the points dropped
+        positions = np.minimum(shift[:, None] + np.arange(cap), cap - 1)
+        steps_now = np.take_along_axis(ordered_steps[judged], positions, axis=1)
+        ratios_now = np.take_along_axis(ordered_ratios[judged], positions, axis=1)
+        ok = self._inside(steps_now, ratios_now, count, step, start[judged])
+        newly: dict[str, int] = {}
+        for j in np.flatnonzero(ok).tolist():
+            i = int(picked[judged[j]])
+            stage = stages[group_id[i]]
+            stage.reached[names[i]] = newly[names[i]] = int(steps_now[j, 0])
         return newly
 
-    def _full_window_inside(self, points: deque[tuple[int, float]], step: int, start: int) -> bool:
-        """A verdict needs a full window of measured points inside the tolerance: the window's
-        ``window`` steps lie in the stage, measured points cover it from its first step (the
-        oldest is no later than one measurement interval after it: no verdict from a window
-        that began before measuring did, e.g. during detection; no hole over two measurement
-        intervals inside it), and the mean of each of its :data:`SUBWINDOWS` consecutive parts is
-        within ``tolerance`` of 1. The mean of the whole window would let a transient far from 1
-        (9.7 → 0.01 → 3.8) average out and date equilibrium before it ended; every single point
-        within the tolerance would never hold for the noisy Δ_t of a small tensor or batch."""
-        if step - start + 1 < self.window or not points or points[0][0] < start:
-            return False
-        gaps = [b[0] - a[0] for a, b in zip(points, list(points)[1:])] or [1]
-        interval = max(gaps)
-        if interval > 2 * min(gaps) or points[0][0] > step - self.window + interval:
-            return False  # a hole in the measurements (one skipped step is allowed), or a late start
-        ratios = [r for _, r in points]
-        parts = min(SUBWINDOWS, len(ratios))
-        bounds = [round(i * len(ratios) / parts) for i in range(parts + 1)]
-        return all(abs(sum(ratios[a:b]) / (b - a) - 1.0) <= self.tolerance for a, b in zip(bounds, bounds[1:]))
+    def _inside(self, steps: np.ndarray, ratios: np.ndarray, count: np.ndarray, step: int, start: np.ndarray) -> np.ndarray:
+        """Per row (points oldest first, ``count`` of them): a full window of measured points inside
+        the tolerance. The window's ``window`` steps lie in the stage, measured points cover it from
+        its first step (the oldest is no later than one measurement interval after it: no verdict
+        from a window that began before measuring did, e.g. during detection; no hole over two
+        measurement intervals inside it), and the mean of each of its :data:`SUBWINDOWS`
+        consecutive parts is within ``tolerance`` of 1. The mean of the whole window would let a
+        transient far from 1 (9.7 → 0.01 → 3.8) average out and date equilibrium before it ended;
+        every single point within the tolerance would never hold for the noisy Δ_t of a small
+        tensor or batch."""
+        k, cap = steps.shape
+        column = np.arange(cap)
+        first = steps[:, 0]
+        gaps = np.diff(steps, axis=1)
+        pair = column[None, :-1] + 1 < count[:, None]
+        single = count <= 1
+        interval = np.where(single, 1, np.where(pair, gaps, np.iinfo(np.int64).min).max(axis=1, initial=np.iinfo(np.int64).min))
+        smallest = np.where(single, 1, np.where(pair, gaps, np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max))
+        ok = (count > 0) & (first >= start) & (interval <= 2 * smallest) & (first <= step - self.window + interval)
+        parts = np.minimum(SUBWINDOWS, np.maximum(count, 1))
+        for p in range(SUBWINDOWS):
+            lo = np.rint(p * count / parts).astype(np.int64)
+            hi = np.rint((p + 1) * count / parts).astype(np.int64)
+            used = p < parts
+            inside = (column >= lo[:, None]) & (column < hi[:, None])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(inside, ratios, 0.0).sum(axis=1) / (hi - lo)
+            ok &= ~used | (np.abs(mean - 1.0) <= self.tolerance)
+        return ok
 
     def window_mean(self, name: str) -> tuple[float, int] | None:
         """``(mean, count)``: the mean of Δ_t/Δ* over the tensor's current window (the last
         ``window`` optimizer steps of its stage, ``count`` measured points), or ``None`` before
         its first point in the stage. Once the tensor reached equilibrium in the stage, the window
         is the one that reached it (no points are added after that)."""
-        points = self._points.get(name)
+        points = self._points_of(name)
         if not points:
             return None
-        return self._sums.get(name, 0.0) / len(points), len(points)
+        return math.fsum(r for _, r in points) / len(points), len(points)
+
+    def _points_of(self, name: str) -> list[tuple[int, float]]:
+        row = self._row.get(name)
+        if row is None or not self._len[row]:
+            return []
+        steps, ratios = self._ordered(np.array([row]))
+        n = int(self._len[row])
+        return list(zip(steps[0, :n].tolist(), ratios[0, :n].tolist()))
 
     def current_stage(self, group: str) -> Stage | None:
         return self._current.get(group)
@@ -132,7 +241,12 @@ class EquilibriumTracker:
     def fraction_reached(self, groups: Sequence[str], names: Sequence[str]) -> float:
         if not names:
             return math.nan
-        hits = sum(1 for g, n in zip(groups, names) if (s := self._current.get(g)) is not None and n in s.reached)
+        group_id, unique = self._group_ids(groups)
+        hits = 0
+        for g, group in enumerate(unique):
+            stage = self._current.get(group)
+            if stage is not None and stage.reached:
+                hits += sum(names[i] in stage.reached for i in np.flatnonzero(group_id == g).tolist())
         return hits / len(names)
 
     def summary(self) -> str:
@@ -167,11 +281,20 @@ class EquilibriumTracker:
         return {
             "stages": [s.as_dict() for s in self.stages],
             "current": {g: self.stages.index(s) for g, s in self._current.items()},
-            "points": {n: list(p) for n, p in self._points.items()},
+            "points": {n: p for n in self._names if (p := self._points_of(n))},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stages = [Stage(**s) for s in state["stages"]]
         self._current = {g: self.stages[i] for g, i in state["current"].items()}
-        self._points = {n: deque((int(s), float(r)) for s, r in p) for n, p in state["points"].items()}
-        self._sums = {n: math.fsum(r for _, r in p) for n, p in self._points.items()}
+        self._clear_points()
+        points = {n: [(int(s), float(r)) for s, r in p] for n, p in state["points"].items() if p}
+        if not points:
+            return
+        rows = self._rows(list(points))
+        while max(map(len, points.values())) > self._steps.shape[1]:
+            self._grow()
+        for row, p in zip(rows.tolist(), points.values()):
+            self._steps[row, :len(p)] = [s for s, _ in p]
+            self._ratios[row, :len(p)] = [r for _, r in p]
+            self._len[row] = len(p)

@@ -23,10 +23,14 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 __all__ = ["MIN_SAMPLES", "RunningMean", "Z"]
 
 MIN_SAMPLES = 2  # a variance needs two samples
 Z = 2.0  # the estimate must exceed Z standard errors to count as a value of a positive quantity
+
+_FIELDS = ("mean", "square", "weight", "weight_sq")
 
 
 class RunningMean:
@@ -34,6 +38,10 @@ class RunningMean:
 
     ``positive=True``: the estimated quantity is positive (L); :meth:`get` returns NaN until the
     average is significantly positive (see the module docstring).
+
+    Array-backed: one float64 array per quantity over every name seen (a name's row is fixed when
+    it first appears), so a measured step of thousands of tensors is a few whole-array operations
+    (:meth:`update_array`); names are only mapped to rows, once per list of names.
     """
 
     def __init__(self, time_constant: float, positive: bool = False) -> None:
@@ -42,12 +50,34 @@ class RunningMean:
                              f"got {time_constant!r}")
         self.time_constant = float(time_constant)
         self.positive = positive
-        self._mean: dict[str, float] = {}
-        self._square: dict[str, float] = {}
-        self._weight: dict[str, float] = {}
-        self._weight_sq: dict[str, float] = {}
-        self._count: dict[str, int] = {}
-        self._last_step: dict[str, int] = {}
+        self._clear()
+
+    def _clear(self) -> None:
+        self._row: dict[str, int] = {}  # name → its row in the arrays
+        self._names: list[str] = []
+        self._arrays = {q: np.zeros(0) for q in _FIELDS}
+        self._count = np.zeros(0, dtype=np.int64)  # 0: no sample (the name holds no state)
+        self._last_step = np.zeros(0, dtype=np.int64)
+        self._rows_of: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def rows(self, names: Sequence[str]) -> np.ndarray:
+        """The rows of ``names`` (new names get new, empty rows); cached for the last list of names."""
+        key = tuple(names)
+        cached = self._rows_of
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        new = [n for n in dict.fromkeys(key) if n not in self._row]
+        if new:
+            for name in new:
+                self._row[name] = len(self._names)
+                self._names.append(name)
+            grow = len(new)
+            self._arrays = {q: np.concatenate([v, np.zeros(grow)]) for q, v in self._arrays.items()}
+            self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
+            self._last_step = np.concatenate([self._last_step, np.zeros(grow, dtype=np.int64)])
+        index = np.fromiter((self._row[n] for n in key), dtype=np.int64, count=len(key))
+        self._rows_of = (key, index)
+        return index
 
     def update(self, names: Sequence[str], samples: Sequence[float], step: int) -> list[float]:
         """Add one sample per name taken at optimizer step ``step``; return the estimates
@@ -55,54 +85,96 @@ class RunningMean:
 
         Non-finite samples (NaN: not measured this step) leave a name's average unchanged.
         """
-        out = []
-        for name, value in zip(names, samples):
-            gap = max(step - self._last_step.get(name, step - 1), 1)
-            keep = math.exp(-gap / self.time_constant)
-            if math.isfinite(value):
-                self._mean[name] = keep * self._mean.get(name, 0.0) + (1.0 - keep) * value
-                self._square[name] = keep * self._square.get(name, 0.0) + (1.0 - keep) * value * value
-                self._weight[name] = keep * self._weight.get(name, 0.0) + (1.0 - keep)
-                self._weight_sq[name] = keep * keep * self._weight_sq.get(name, 0.0) + (1.0 - keep) ** 2
-                self._count[name] = self._count.get(name, 0) + 1
-                self._last_step[name] = step
-            out.append(self.get(name))
-        return out
+        return self.update_array(names, np.asarray(samples, dtype=np.float64), step).tolist()
+
+    def update_array(self, names: Sequence[str], samples: np.ndarray, step: int) -> np.ndarray:
+        """:meth:`update` on a float64 array of samples; returns the estimates as an array.
+        ``names`` must be distinct."""
+        index = self.rows(names)
+        a = self._arrays
+        count, last = self._count[index], self._last_step[index]
+        gap = np.maximum(step - np.where(count > 0, last, step - 1), 1)
+        keep = np.exp(-gap / self.time_constant)
+        ok = np.isfinite(samples)
+        value = np.where(ok, samples, 0.0)
+        fresh = 1.0 - keep
+        for q, new in (("mean", keep * a["mean"][index] + fresh * value),
+                       ("square", keep * a["square"][index] + fresh * value * value),
+                       ("weight", keep * a["weight"][index] + fresh),
+                       ("weight_sq", keep * keep * a["weight_sq"][index] + fresh * fresh)):
+            a[q][index] = np.where(ok, new, a[q][index])
+        self._count[index] = count + ok
+        self._last_step[index] = np.where(ok, step, last)
+        return self._estimates(index)
+
+    def _estimates(self, index: np.ndarray) -> np.ndarray:
+        a = self._arrays
+        weight, weight_sq, mean = a["weight"][index], a["weight_sq"][index], a["mean"][index]
+        has = weight > 0
+        safe = np.where(has, weight, 1.0)
+        raw = np.where(has, mean / safe, np.nan)
+        if not self.positive:
+            return raw
+        variance = np.maximum(a["square"][index] / safe - raw * raw, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            error = np.sqrt(variance / (weight * weight / weight_sq))
+        error = np.where(has & (weight_sq > 0), error, np.nan)
+        defined = (self._count[index] >= MIN_SAMPLES) & (raw > Z * error)
+        return np.where(defined, raw, np.nan)
+
+    def _at(self, name: str) -> int | None:
+        row = self._row.get(name)
+        return row if row is not None and self._count[row] > 0 else None
 
     def raw(self, name: str) -> float:
         """The bias-corrected average, defined or not (NaN before the first sample)."""
-        weight = self._weight.get(name, 0.0)
-        return self._mean[name] / weight if weight > 0 else math.nan
+        row = self._at(name)
+        if row is None:
+            return math.nan
+        weight = float(self._arrays["weight"][row])
+        return float(self._arrays["mean"][row]) / weight if weight > 0 else math.nan
 
     def standard_error(self, name: str) -> float:
         """Standard error of :meth:`raw`: weighted sample variance over the effective count."""
-        weight, weight_sq = self._weight.get(name, 0.0), self._weight_sq.get(name, 0.0)
+        row = self._at(name)
+        if row is None:
+            return math.nan
+        weight, weight_sq = float(self._arrays["weight"][row]), float(self._arrays["weight_sq"][row])
         if weight <= 0 or weight_sq <= 0:
             return math.nan
-        mean = self._mean[name] / weight
-        variance = max(self._square.get(name, mean * mean * weight) / weight - mean * mean, 0.0)
+        mean = float(self._arrays["mean"][row]) / weight
+        variance = max(float(self._arrays["square"][row]) / weight - mean * mean, 0.0)
         return math.sqrt(variance / (weight * weight / weight_sq))
 
     def get(self, name: str) -> float:
-        value = self.raw(name)
-        if not self.positive or math.isnan(value):
-            return value
-        if self._count.get(name, 0) < MIN_SAMPLES or not value > Z * self.standard_error(name):
-            return math.nan
-        return value
+        row = self._at(name)
+        return math.nan if row is None else float(self._estimates(np.array([row]))[0])
 
     def reset(self, name: str) -> None:
-        for store in (self._mean, self._square, self._weight, self._weight_sq, self._count, self._last_step):
-            store.pop(name, None)
+        row = self._row.get(name)
+        if row is not None:
+            for v in self._arrays.values():
+                v[row] = 0.0
+            self._count[row] = 0
+            self._last_step[row] = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": dict(self._mean), "weight": dict(self._weight), "last_step": dict(self._last_step),
-                "square": dict(self._square), "weight_sq": dict(self._weight_sq), "count": dict(self._count)}
+        """Checkpoint format 2: per quantity a ``{name: value}`` dict over the names with a sample."""
+        present = np.flatnonzero(self._count > 0).tolist()
+        names = [self._names[i] for i in present]
+
+        def of(values: np.ndarray) -> dict[str, Any]:
+            return dict(zip(names, values[present].tolist()))
+
+        return {"mean": of(self._arrays["mean"]), "weight": of(self._arrays["weight"]),
+                "last_step": of(self._last_step), "square": of(self._arrays["square"]),
+                "weight_sq": of(self._arrays["weight_sq"]), "count": of(self._count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._mean = dict(state["mean"])
-        self._weight = dict(state["weight"])
-        self._last_step = {k: int(v) for k, v in state["last_step"].items()}
-        self._square = dict(state["square"])
-        self._weight_sq = dict(state["weight_sq"])
-        self._count = {k: int(v) for k, v in state["count"].items()}
+        self._clear()
+        names = list(state["mean"])
+        index = self.rows(names)
+        for q in _FIELDS:
+            self._arrays[q][index] = [float(state[q][n]) for n in names]
+        self._last_step[index] = [int(state["last_step"][n]) for n in names]
+        self._count[index] = [int(state["count"][n]) for n in names]

@@ -211,10 +211,7 @@ class GroupSlice:
         if self.mode != "adam":
             self._step_values = None
             return
-        values = [0.0 if t is None else (t.item() if isinstance(t, Tensor) else float(t))
-                  for t in self.state_tensors("step")]
-        first = values[0] if values else 0.0
-        self._step_values = first if all(v == first for v in values) else values
+        self._step_values = _step_counts(self.state_tensors("step"))
 
     def forget_step(self) -> None:
         self._dicts = self._step_values = None
@@ -394,6 +391,30 @@ class _Piece:
     n_rows: int
     numel: int
     shape: tuple[int, ...]  # the piece's scratch shape
+
+
+def _step_counts(steps: Sequence[Tensor | float | None]) -> float | list[float]:
+    """Adam's step counts (``None``: no state yet, 0): one number when they agree (the usual case),
+    else one per tensor. Tensors are read together: one stack and one device-to-host copy per
+    device (``capturable`` Adam keeps them on the accelerator), not one ``.item()`` per tensor."""
+    if steps and all(isinstance(t, Tensor) for t in steps):
+        devices = {(t.device, t.dtype) for t in steps}
+        if len(devices) == 1:  # the usual case: one stack, one copy, compared on the host
+            host = torch.stack([t.reshape(()) for t in steps]).cpu().double().numpy()
+            return float(host[0]) if (host == host[0]).all() else host.tolist()
+    values: list[float] = [0.0] * len(steps)
+    by_device: dict[tuple, list[int]] = {}
+    for i, t in enumerate(steps):
+        if isinstance(t, Tensor):
+            by_device.setdefault((t.device, t.dtype), []).append(i)
+        elif t is not None:
+            values[i] = float(t)
+    for at in by_device.values():
+        host = torch.stack([steps[i].reshape(()) for i in at]).cpu().double().tolist()
+        for i, v in zip(at, host):
+            values[i] = v
+    first = values[0] if values else 0.0
+    return first if all(v == first for v in values) else values
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import math
 
+import numpy as np
 import torch
 from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
 
@@ -297,16 +298,19 @@ class ScheduleWatcher:
         if not any(t.decoupled for t in finished.theories):
             return
         n = sum(len(s.params) for s in finished.slices)  # the tensor columns (the unit columns follow)
-        delta, w_norm = stats[:2, :n].double().tolist()
-        names, samples, col = [], [], 0
+        delta, w_norm = stats[:2, :n].double().numpy()
+        names, columns, lrs, col = [], [], [], 0
         for s, group_theory in zip(finished.slices, finished.theories):
-            for i in range(s.start, s.stop):
-                if group_theory.decoupled:
-                    d, w = delta[col], w_norm[col]
-                    names.append(tracked.names[i])
-                    samples.append((d * w / group_theory.lr) ** 2 if math.isfinite(d) and math.isfinite(w) else math.nan)
-                col += 1
-        self.update_sq.update(names, samples, finished.log_step)
+            if group_theory.decoupled:
+                names.extend(tracked.names[s.start:s.stop])
+                columns.append(np.arange(col, col + len(s.params)))
+                lrs.append(np.full(len(s.params), group_theory.lr))
+            col += len(s.params)
+        columns = np.concatenate(columns)
+        with np.errstate(invalid="ignore", over="ignore"):
+            samples = (delta[columns] * w_norm[columns] / np.concatenate(lrs)) ** 2
+        samples[~(np.isfinite(delta[columns]) & np.isfinite(w_norm[columns]))] = np.nan
+        self.update_sq.update_array(names, samples, finished.log_step)
 
     def update_rms(self, name: str) -> float | None:
         """ū of one tensor (AdamW/Lion), or ``None`` before its first measurement."""

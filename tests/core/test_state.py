@@ -100,3 +100,44 @@ def test_radial_check_continued_from_a_checkpoint_gives_the_uninterrupted_maxima
         second.update()
     assert second.steps == whole.steps == 4
     assert second.result() == whole.result()
+
+
+# The running-L and equilibrium parts of a format-2 checkpoint as the dict-per-tensor implementation
+# (before the array-backed one) wrote them after ``_feed(state, range(0, 12, 2))``: literal data.
+_DICT_ERA_UNIT_GRAD = {"mean": {"a": 0.8816218322522895, "b": 1.763243664504579},
+                       "weight": {"a": 0.6671289163019205, "b": 0.6671289163019205},
+                       "last_step": {"a": 10, "b": 10},
+                       "square": {"a": 1.1809073320632129, "b": 4.723629328252851},
+                       "weight_sq": {"a": 0.08740498343574502, "b": 0.08740498343574502},
+                       "count": {"a": 6, "b": 6}}
+_DICT_ERA_POINTS = {"a": [(8, 1.3), (10, 1.25)], "b": [(8, 0.8), (10, 0.85)]}
+
+
+def _feed(state: SMDState, steps) -> list:
+    out = []
+    for step in steps:
+        k = step // 2
+        out.append(state.unit_grad.update(["a", "b"], [1.0 + 0.1 * k, 2.0 + 0.2 * k], step))
+        out.append(state.equilibrium.update(step, ["pg0", "pg0"], ["a", "b"],
+                                            [max(1.0, 1.5 - 0.05 * k), min(1.0, 0.6 + 0.05 * k)]))
+    return out
+
+
+def test_a_format_2_checkpoint_of_the_dict_era_resumes_bit_equal():
+    straight = SMDState(ema_steps=10.0, equilibrium_window=4)
+    straight.equilibrium.start_stage("pg0", 0, None, False, ["a", "b"])
+    _feed(straight, range(0, 12, 2))
+    saved = straight.state_dict()
+    # the array-backed parts write the same format (values equal to float rounding)
+    assert saved["unit_grad"].keys() == _DICT_ERA_UNIT_GRAD.keys()
+    for quantity, values in _DICT_ERA_UNIT_GRAD.items():
+        assert saved["unit_grad"][quantity] == pytest.approx(values, rel=1e-12)
+    assert saved["equilibrium"]["points"] == _DICT_ERA_POINTS
+    resumed = SMDState(ema_steps=10.0, equilibrium_window=4)
+    resumed.load_state_dict(_through_a_checkpoint({**saved, "unit_grad": _DICT_ERA_UNIT_GRAD,
+                                                   "equilibrium": {**saved["equilibrium"], "points": _DICT_ERA_POINTS}}))
+    later = range(12, 40, 2)
+    resumed_out = _feed(resumed, later)
+    assert resumed_out == _feed(straight, later)
+    assert any(resumed_out[1::2]), "the tensors reach equilibrium after the resume"
+    assert resumed.state_dict() == straight.state_dict()

@@ -102,3 +102,25 @@ def test_unit_history_thins_evenly():
     assert len(history.columns) <= 8 and history.matrix().shape == (3, len(history.steps))
     gaps = np.diff(history.steps)
     assert (gaps == gaps[0]).all() and history.steps[0] == 0
+
+
+def test_shared_unit_history_matches_per_tensor_records_when_the_layout_changes():
+    """The tensors of one layout share one record of whole columns; when a tensor moves to another
+    layout (tracked set changed) it continues in a record of its own: every tensor's history is
+    what one record per tensor (the reference) holds."""
+    from lightning_smd.channels import UnitHistories, UnitHistory
+
+    shared = UnitHistories(capacity=4)
+    reference: dict[str, UnitHistory] = {}
+    layouts = [(["a", "b"], [2, 3])] * 7 + [(["a", "b", "c"], [2, 3, 1])] * 6 + [(["d"], [2])] * 3
+    for step, (names, counts) in enumerate(layouts):
+        ends = np.cumsum(counts).tolist()
+        values = np.arange(ends[-1], dtype=np.float32) + 10 * step
+        shared.append((tuple(names), tuple(counts)), names, ends, step, values)
+        for name, a, b in zip(names, [0] + ends[:-1], ends):
+            reference.setdefault(name, UnitHistory(4)).append(step, values[a:b])
+    assert set(shared) == set(reference) and len(shared) == 4
+    for name, ref in reference.items():
+        got = shared[name]
+        assert list(got.steps) == ref.steps and len(got.columns) == len(ref.columns)
+        np.testing.assert_array_equal(got.matrix(), ref.matrix())
