@@ -108,7 +108,7 @@ def test_shared_unit_history_matches_per_tensor_records_when_the_layout_changes(
     """The tensors of one layout share one record of whole columns; when a tensor moves to another
     layout (tracked set changed) it continues in a record of its own: every tensor's history is
     what one record per tensor (the reference) holds."""
-    from lightning_smd.channels import UnitHistories, UnitHistory
+    from lightning_smd.core.channels import UnitHistories, UnitHistory
 
     shared = UnitHistories(capacity=4)
     reference: dict[str, UnitHistory] = {}
