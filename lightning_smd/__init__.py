@@ -34,10 +34,9 @@ __version__ = "0.1.0"
 # module objects), so `import lightning_smd.theory` and code written against the flat layout work.
 _MOVED = {
     **{name: f"core.{name}" for name in (
-        "detect", "plan", "measure", "steps", "units", "theory", "estimates", "equilibrium", "rescale", "channels")},
-    **{name: f"lightning.{name}" for name in (
-        "callback", "arguments", "detection_session", "distributed", "metrics", "publish", "schedule",
-        "tracking")},
+        "detect", "plan", "measure", "steps", "units", "theory", "estimates", "equilibrium", "rescale", "channels",
+        "detection_session", "distributed", "metrics", "schedule", "tracking")},
+    **{name: f"lightning.{name}" for name in ("callback", "arguments", "publish")},
     **{name: f"report.{name}" for name in ("series", "channel_figures", "history", "summary", "wandb_extras")},
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from lightning_smd.lightning.namespace import rank_zero_warn
+from lightning_smd.core.messages import rank_zero_warn
 from torch import Tensor
 
 from lightning_smd.core.channels import ChannelMetrics
@@ -14,7 +14,7 @@ from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import Finished
 from lightning_smd.report.summary import first_names
-from lightning_smd.lightning.tracking import TrackedSet
+from lightning_smd.core.tracking import TrackedSet
 
 __all__ = ["MetricsBuilder", "TensorKeys"]
 
@@ -38,7 +38,8 @@ class MetricsBuilder:
     here in place: they are the checkpointed state.
     """
 
-    def __init__(self, state: SMDState) -> None:
+    def __init__(self, state: SMDState, owner: str = "SMDCallback") -> None:
+        self.owner = owner  # the user's entry point, named in warnings
         self.state = state
         self._key_cache: dict[str, TensorKeys] = {}
         self._warned_not_finite = False
@@ -106,7 +107,7 @@ class MetricsBuilder:
         if not_finite and not self._warned_not_finite:
             self._warned_not_finite = True
             rank_zero_warn(
-                f"SMDCallback: step {finished.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
+                f"{self.owner}: step {finished.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
                 f"{first_names(not_finite)}: the weights or their update hold NaN/inf and no GradScaler "
                 "skipped the step. Their running L and ‖w*‖ are neither updated nor logged until they are finite "
                 "again. Check the loss, the learning rate, or train with a GradScaler (precision='16-mixed')."

@@ -221,7 +221,7 @@ def test_warm_start_exactly_once_across_resume(tmp_path, resume_at):
     fit(resumed, tmp_path / "resumed", [cb2], max_steps=total,
         ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={resume_at}.ckpt"))
     assert [e["step"] for e in cb2.rescale_events] == [60]  # neither repeated nor skipped
-    assert cb2.schedule.warm_start_done
+    assert cb2._engine.schedule.warm_start_done
     torch.testing.assert_close(resumed.X.detach(), straight.X.detach())
 
 
@@ -234,7 +234,7 @@ def test_presets_build_the_callback(tmp_path, preset, key, value):
     with composed(["experiment=quickstart", f"smd={preset}"], tmp_path) as cfg:
         assert cfg.smd[key] == value
         smd = instantiate({k: v for k, v in cfg.smd.items() if k != "enabled"})
-        assert getattr(smd.schedule, "warm_start" if key == "warm_start" else "policy") == (
+        assert getattr(smd._engine.schedule, "warm_start" if key == "warm_start" else "policy") == (
             value if key == "warm_start" else smd.policy)
         if key == "rescale":
             assert smd.policy.mode == "equilibrium"
