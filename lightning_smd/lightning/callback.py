@@ -179,6 +179,8 @@ class SMDCallback(_callback_base()):
         # per_channel=True: units on every measured step, histograms once per 50 steps; N: both every N
         self._histogram_every = 50 if isinstance(per_channel, bool) else per_channel
         self.per_channel = per_channel is not False
+        # per-unit statistics on the measured step that ends each block of this many steps
+        self.channel_every = DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel
         self.rescale_min_drop = rescale_min_drop
         # the engine (lightning_smd/core/engine.py): the parts, their state and torch's step hooks;
         # this class turns Lightning's hooks into its operations and publishes through the Trainer
@@ -189,9 +191,8 @@ class SMDCallback(_callback_base()):
                      self._arguments),
             policy=self.policy, rescale=rescale, rescale_min_drop=rescale_min_drop, log_every_n_steps=log_every_n_steps,
             include=include, exclude=exclude, detect=detect, detect_steps=detect_steps, radial_threshold=radial_threshold,
-            unit_grad_every=unit_grad_every, warm_start=warm_start, per_channel=per_channel is not False,
-            # per-unit statistics on the measured step that ends each block of this many steps
-            channel_every=DEFAULT_CHANNEL_EVERY if isinstance(per_channel, bool) else per_channel, verbose=verbose,
+            unit_grad_every=unit_grad_every, warm_start=warm_start, per_channel=self.per_channel,
+            channel_every=self.channel_every, verbose=verbose,
             publish=self._publish,
         )
         self._trainer: pl.Trainer | None = None  # the Trainer of the fit under way (for torch's step hooks)
