@@ -26,6 +26,7 @@ from lightning_smd.core.messages import rank_zero_info, rank_zero_warn
 from lightning_smd.core.metrics import MetricsBuilder
 from lightning_smd.core.plan import Plan, plan_fit
 from lightning_smd.core.rescale import RescalePolicy
+from lightning_smd.core.result import StepResult
 from lightning_smd.core.schedule import ScheduleWatcher
 from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import StepHooks, StepRecorder, found_inf_of
@@ -35,6 +36,10 @@ from lightning_smd.core.units import Unit, invariance_units
 __all__ = ["SMDEngine"]
 
 Publish = Callable[[dict[str, float], int], None]
+
+
+def _discard(metrics: dict[str, float], step: int) -> None:
+    """No adapter output given: results are dropped."""
 
 
 class SMDEngine:
@@ -67,7 +72,7 @@ class SMDEngine:
         self.per_channel = per_channel
         self.channel_every = channel_every
         self.verbose = verbose
-        self.publish: Publish = publish or (lambda metrics, step: None)
+        self.publish: Publish = publish or _discard
         self._hooks: StepHooks | None = None
         self._view_fn: Callable[[], LoopView] | None = None  # the adapter's view, built inside torch's step hooks
         self.start_fresh()
@@ -77,7 +82,7 @@ class SMDEngine:
         self.state.reset()
         self.detection = DetectionSession(self.state, self.detect, self.detect_steps, self.radial_threshold,
                                           self.include, self.exclude, owner=self.owner)
-        self.schedule = ScheduleWatcher(self.policy, self.state, lambda m, s: self.publish(m, s), self.detect_steps,
+        self.schedule = ScheduleWatcher(self.policy, self.state, self._publish, self.detect_steps,
                                         warm_start=self.warm_start, owner=self.owner)
         self.metrics = MetricsBuilder(self.state, owner=self.owner)
         self.detection_text: str | None = None  # the detection report, once decided
@@ -90,6 +95,9 @@ class SMDEngine:
         # optimizer id → log step: a measured step announced (before_optimizer_step) that torch has
         # not run yet; left at the batch end, the GradScaler skipped it
         self._due: dict[int, int] = {}
+
+    def _publish(self, metrics: dict[str, float], step: int) -> None:
+        self.publish(metrics, step)  # the adapter's, looked up at each call (picklable: ddp_spawn pickles it)
 
     # ------------------------------------------------------------ read-only views
     @property
@@ -245,8 +253,9 @@ class SMDEngine:
             if skipped:  # a fused optimizer's step the GradScaler skipped: nothing moved, nothing to log
                 self.skipped_steps += 1
                 continue
-            self.publish(self.metrics.build(stats, finished, self.tracked, finished.step), finished.log_step)
-            self.schedule.observe(stats, finished, self.tracked)  # the update RMS of AdamW/Lion tensors
+            result = StepResult.label(stats, finished, self.tracked)  # the labelled step every reader takes
+            self.publish(self.metrics.build(result, self.tracked.groups, self.tracked.names), result.log_step)
+            self.schedule.observe(result)  # the update RMS of AdamW/Lion/Muon tensors
         return [s.log_step for s in steps]
 
     def train_end(self, view: LoopView) -> None:

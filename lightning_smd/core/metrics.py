@@ -6,15 +6,13 @@ import math
 from typing import NamedTuple
 
 from lightning_smd.core.messages import rank_zero_warn
-from torch import Tensor
 
 from lightning_smd.core.channels import ChannelMetrics
 from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.state import SMDState
-from lightning_smd.core.steps import Finished
+from lightning_smd.core.result import StepResult
 from lightning_smd.report.summary import first_names
-from lightning_smd.core.tracking import TrackedSet
 
 __all__ = ["MetricsBuilder", "TensorKeys"]
 
@@ -63,51 +61,36 @@ class MetricsBuilder:
             keys = self._key_cache[name] = TensorKeys(*(f"smd/{kind}/{name}" for kind in TensorKeys._fields))
         return keys
 
-    def build(self, stats: Tensor, finished: Finished, tracked: TrackedSet, step: int) -> dict[str, float]:
-        """``stats``: the host ``[3, n + m]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices:
-        ``n`` tensor columns, then ``m`` invariance-unit columns (see :meth:`StepMeasurer.after_step`)."""
-        n = sum(len(s.params) for s in finished.slices)
-        stats = stats.double()
-        delta, w_norm, unit_grad_sample = stats[:, :n].tolist()
-        index = [i for s in finished.slices for i in range(s.start, s.stop)]
-        names = [tracked.names[i] for i in index]
-        groups = [tracked.groups[i] for i in index]
-        # a sample from a step with NaN/inf weights or update is not evidence about L
-        unit_grad_sample = [u if math.isfinite(d) and math.isfinite(w) else math.nan
-                            for u, d, w in zip(unit_grad_sample, delta, w_norm)]
-        unit_grad = self.unit_grad.update(names, unit_grad_sample, step)
+    def build(self, result: StepResult, tracked_groups: list[str], tracked_names: list[str]) -> dict[str, float]:
+        """The metric dict of one labelled measured step (:class:`~lightning_smd.core.result.StepResult`);
+        ``tracked_groups``/``tracked_names``: every tracked tensor's (the equilibrium fraction is over all)."""
+        names, groups, delta, w_norm = result.names, result.groups, result.delta, result.w_norm
+        unit_grad = self.unit_grad.update(names, result.unit_grad_sample, result.step)
         metrics: dict[str, float] = {}
         ratios: list[float] = []
         not_finite: list[str] = []
-        i = 0
-        for s, group_theory in zip(finished.slices, finished.theories):
-            group_star = group_theory.angular_update
-            for p in s.params:
-                # Muon's Δ* depends on the matrix shape (cached pure function); the others' on the group only
-                delta_star = group_theory.angular_update_for(p.shape) if group_theory.family == "muon" else group_star
-                name, d = names[i], delta[i]
-                keys = self.keys(name)
-                metrics[keys.angular_update] = d
-                metrics[keys.weight_norm] = w_norm[i]
-                ratios.append(d / delta_star if delta_star else math.nan)
-                if delta_star is not None:
-                    metrics[keys.angular_update_theory] = delta_star
-                if not (math.isfinite(d) and math.isfinite(w_norm[i])):
-                    # NaN/inf weights or update: the running L (which skipped the sample) and ‖w*‖
-                    # would be stale values that describe no step of this run
-                    not_finite.append(name)
-                    i += 1
-                    continue
-                # NaN until the running L is defined (enough samples, significantly > 0: see estimates.py)
-                if math.isfinite(unit_grad[i]):
-                    metrics[keys.unit_grad_sq] = unit_grad[i]
-                if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(unit_grad[i])) is not None:
-                    metrics[keys.weight_norm_theory] = math.sqrt(norm_sq)
-                i += 1
+        for i, (name, group_theory, delta_star) in enumerate(zip(names, result.theories, result.delta_star)):
+            d = delta[i]
+            keys = self.keys(name)
+            metrics[keys.angular_update] = d
+            metrics[keys.weight_norm] = w_norm[i]
+            ratios.append(d / delta_star if delta_star else math.nan)
+            if delta_star is not None:
+                metrics[keys.angular_update_theory] = delta_star
+            if not (math.isfinite(d) and math.isfinite(w_norm[i])):
+                # NaN/inf weights or update: the running L (which skipped the sample) and ‖w*‖
+                # would be stale values that describe no step of this run
+                not_finite.append(name)
+                continue
+            # NaN until the running L is defined (enough samples, significantly > 0: see estimates.py)
+            if math.isfinite(unit_grad[i]):
+                metrics[keys.unit_grad_sq] = unit_grad[i]
+            if unit_grad[i] > 0 and (norm_sq := group_theory.equilibrium_norm_sq(unit_grad[i])) is not None:
+                metrics[keys.weight_norm_theory] = math.sqrt(norm_sq)
         if not_finite and not self._warned_not_finite:
             self._warned_not_finite = True
             rank_zero_warn(
-                f"{self.owner}: step {finished.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
+                f"{self.owner}: step {result.log_step}: Δ_t or ‖w_t‖ is not finite (NaN/inf) for "
                 f"{first_names(not_finite)}: the weights or their update hold NaN/inf and no GradScaler "
                 "skipped the step. Their running L and ‖w*‖ are neither updated nor logged until they are finite "
                 "again. Check the loss, the learning rate, or train with a GradScaler (precision='16-mixed')."
@@ -117,21 +100,13 @@ class MetricsBuilder:
             metrics["smd/angular_update_ratio/mean"] = sum(finite) / len(finite)
             metrics["smd/angular_update_ratio/min"] = min(finite)
             metrics["smd/angular_update_ratio/max"] = max(finite)
-        for name, reached in self.equilibrium.update(finished.log_step, groups, names, ratios).items():
+        for name, reached in self.equilibrium.update(result.log_step, groups, names, ratios).items():
             stage = self.equilibrium.current_stage(groups[names.index(name)])
             metrics[f"smd/equilibrium_step/{name}"] = float(reached)
             metrics[f"smd/steps_to_equilibrium/measured/{name}"] = float(reached - stage.start_step)
         if finite:
-            metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked.groups, tracked.names)
-        if self.channels is not None and stats.shape[1] > n:
-            metrics.update(self._channel_metrics(stats[:, n:].numpy(), finished, tracked, step))
+            metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked_groups, tracked_names)
+        if self.channels is not None and result.units is not None:
+            metrics.update(self.channels.build(result.units, result.unit_names, result.unit_counts,
+                                               result.unit_theories, result.step, result.log_step))
         return metrics
-
-    def _channel_metrics(self, units, finished: Finished, tracked: TrackedSet, step: int) -> dict[str, float]:
-        names, counts, theories = [], [], []
-        for s, group_theory in zip(finished.slices, finished.theories):
-            if s.units is not None:
-                names.extend(tracked.names[s.start:s.stop])
-                counts.extend(s.units)
-                theories.extend([group_theory] * len(s.params))
-        return self.channels.build(units, names, counts, theories, step, finished.log_step)

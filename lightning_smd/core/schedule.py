@@ -43,6 +43,7 @@ from lightning_smd.core.loop import LoopView
 from lightning_smd.core.measure import local
 from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
 from lightning_smd.core.state import ScheduleMemory, SMDState
+from lightning_smd.core.result import StepResult
 from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.report.summary import first_names
 from lightning_smd.core.plan.simulate import group_label
@@ -283,25 +284,16 @@ class ScheduleWatcher:
         return applied
 
     # ------------------------------------------------------- equilibrium control
-    def observe(self, stats: torch.Tensor, finished: Any, tracked: TrackedSet) -> None:
-        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion/Muon tensors (rank 0, per measured step).
-
-        ``stats``: the host ``[3, n]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices, as
-        :class:`lightning_smd.metrics.MetricsBuilder` gets them. SGD groups need nothing (they use L).
-        """
-        if not any(t.decoupled for t in finished.theories):
-            return
-        n = sum(len(s.params) for s in finished.slices)  # the tensor columns (the unit columns follow)
-        delta, w_norm = stats[:2, :n].double().tolist()
-        names, samples, col = [], [], 0
-        for s, group_theory in zip(finished.slices, finished.theories):
-            for i in range(s.start, s.stop):
-                if group_theory.decoupled:
-                    d, w = delta[col], w_norm[col]
-                    names.append(tracked.names[i])
-                    samples.append((d * w / group_theory.lr) ** 2 if math.isfinite(d) and math.isfinite(w) else math.nan)
-                col += 1
-        self.update_sq.update(names, samples, finished.log_step)
+    def observe(self, result: StepResult) -> None:
+        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion/Muon tensors (rank 0, per measured step),
+        from the labelled step :class:`~lightning_smd.core.result.StepResult`. SGD groups need nothing (they use L)."""
+        names, samples = [], []
+        for name, group_theory, d, w in zip(result.names, result.theories, result.delta, result.w_norm):
+            if group_theory.decoupled:
+                names.append(name)
+                samples.append((d * w / group_theory.lr) ** 2 if math.isfinite(d) and math.isfinite(w) else math.nan)
+        if names:
+            self.update_sq.update(names, samples, result.log_step)
 
     def update_rms(self, name: str) -> float | None:
         """ū of one tensor (AdamW/Lion), or ``None`` before its first measurement."""
