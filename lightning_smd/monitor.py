@@ -27,7 +27,6 @@ step axis of Lightning's loggers and of ``LearningRateMonitor``.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_smd.lightning import arguments, namespace
 from lightning_smd.lightning.namespace import rank_zero_warn
 from lightning_smd.lightning.publish import Publisher, check_writable
-from lightning_smd.lightning.view import check_supported, log_step_of, view_of
+from lightning_smd.lightning.view import check_supported, view_of
 from lightning_smd.report import wandb_extras
 from lightning_smd.report.history import History
 from lightning_smd.core.channels import ChannelMetrics
