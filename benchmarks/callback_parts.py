@@ -17,8 +17,8 @@ import pytorch_lightning as pl
 from tensor_count import BlocksModule
 from overhead import BenchSMDCallback, MemoryLogger, pin_malloc
 pin_malloc()
-import lightning_smd.lightning.metrics as M, lightning_smd.core.channels as C, lightning_smd.lightning.publish as P
-import lightning_smd.lightning.schedule as S, lightning_smd.core.steps as ST, lightning_smd.lightning.callback as CB
+import lightning_smd.core.metrics as M, lightning_smd.core.channels as C, lightning_smd.lightning.publish as P
+import lightning_smd.core.schedule as S, lightning_smd.core.engine as E, lightning_smd.core.result as R, lightning_smd.core.steps as ST, lightning_smd.lightning.callback as CB
 import lightning_smd.core.measure as ME
 clock = time.process_time
 acc = {}
@@ -34,9 +34,9 @@ def wrap(cls, name, label=None):
     setattr(cls, name, g)
 for cls, name in [(M.MetricsBuilder, "build"), (C.ChannelMetrics, "build"), (P.Publisher, "log"), (S.ScheduleWatcher if hasattr(S, "ScheduleWatcher") else None, "observe"),
                   (CB.SMDCallback, "on_train_batch_end"), (CB.SMDCallback, "on_train_batch_start"), (CB.SMDCallback, "_before_step"), (CB.SMDCallback, "_after_step"),
-                  (CB.SMDCallback, "on_before_optimizer_step"),
+                  (CB.SMDCallback, "on_before_optimizer_step"), (E.SMDEngine, "batch_end"), (R.Labeller, "label"),
                   (ME.StepMeasurer, "before_step"), (ME.StepMeasurer, "after_step"), (ME.StepMeasurer, "_layout"), (ME, "row_sums"), (C, "segment_percentiles")]:
-    if cls is not None:
+    if cls is not None and hasattr(cls, name):
         wrap(cls, name, f"{getattr(cls, '__name__', '')}.{name}")
 count, opt = int(sys.argv[1]), sys.argv[2]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 14

@@ -13,9 +13,11 @@ optimizer's own ``step()`` (torch's step pre/post hooks), and gives the same met
     torch.save(monitor.state_dict(), path)          # resume: SMDMonitor(...).load_state_dict(...)
     monitor.close()                                 # removes every hook
 
-How it is built (this round): the monitor drives the same engine as the callback, through the
-callback's steps, with a small stand-in for the few things the engine reads from a Trainer (the
-optimizers, the rank, a step counter, where metrics go). One *iteration* starts at the first forward
+How it is built: the monitor is the second adapter of the engine (:class:`~lightning_smd.core.engine.SMDEngine`,
+which :class:`~lightning_smd.SMDCallback` drives from Lightning's hooks): at each of its hooks it
+builds the engine's :class:`~lightning_smd.core.loop.LoopView` from its own arguments and counters
+(the optimizers, the rank and broadcast of ``torch.distributed``, the grad scaler, the schedulers)
+and calls the engine's operation. One *iteration* starts at the first forward
 of the model after an optimizer stepped (or at the first step); its step on the logging axis is the
 number of earlier iterations in which an optimizer stepped, Lightning's ``_batches_that_stepped``.
 With one optimizer stepping once per iteration it is that optimizer's step count (0-based), the
@@ -25,91 +27,41 @@ step axis of Lightning's loggers and of ``LearningRateMonitor``.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_smd.core.engine import SMDEngine
+from lightning_smd.core.loop import FitHorizon, LoopView, ScheduledLR
+from lightning_smd.core.distributed import check_flat_parameters
+from lightning_smd.core.messages import rank_zero_warn, set_logger, set_rank
+from lightning_smd.core.rescale import RescalePolicy
+from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import StepHooks
-from lightning_smd.lightning.callback import SMDCallback
+from lightning_smd.report.history import History
 
 __all__ = ["SMDMonitor"]
 
-
-class _Engine(SMDCallback):
-    """The engine the monitor drives: the callback's parts and steps, its errors naming ``SMDMonitor``."""
-
-    _owner = "SMDMonitor"
+#: the full per-tensor detection table, written next to the figures
+TENSORS_FILE = "smd_tensors.txt"
+OWNER = "SMDMonitor"
 
 
-class _Collector:
-    """Where the engine's metrics go: ``{step: {key: value}}`` until :meth:`SMDMonitor.pop_metrics`."""
-
-    save_dir = None
-    log_dir = None
-
-    def __init__(self) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.setdefault(int(step), {}).update(metrics)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-class _Strategy:
+def _broadcast(obj: Any, src: int = 0) -> Any:
     """One process, or the default process group a plain DDP loop set up."""
-
-    process_group = None
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
-
-class _Loop:
-    """What the engine reads of the training loop (a Trainer's names, plain values)."""
-
-    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], log_every_n_steps: int,
-                 grad_scaler: Any | None, schedulers: list[Any], total_steps: int | None, root: str) -> None:
-        self.optimizers = optimizers
-        self.lightning_module = model
-        self.strategy = _Strategy()
-        self.loggers = [_Collector()]
-        self.callbacks: list[Any] = []
-        self.log_every_n_steps = log_every_n_steps
-        self.precision_plugin = SimpleNamespace(scaler=grad_scaler)
-        self.precision = _precision(model, grad_scaler)
-        self.default_root_dir = root
-        self.fast_dev_run = False
-        self.global_step = 0  # step() calls of every optimizer so far
-        self._batches_that_stepped = 0  # the logging axis
-        self.fit_loop = SimpleNamespace(epoch_loop=self)
-        # the plan: the schedulers as step-interval ones, stepped once per iteration
-        self.lr_scheduler_configs = [SimpleNamespace(scheduler=s, interval="step", frequency=1, monitor=None,
-                                                     strict=True, name=None, reduce_on_plateau=False) for s in schedulers]
-        self.max_steps = total_steps if total_steps is not None else -1
-        self.max_epochs = None
-        self.accumulate_grad_batches = 1
-        self.num_training_batches = math.inf
-
-    @property
-    def global_rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.global_rank == 0
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not _distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def _precision(model: nn.Module, grad_scaler: Any | None) -> str:
@@ -119,6 +71,13 @@ def _precision(model: nn.Module, grad_scaler: Any | None) -> str:
     if torch.float16 in dtypes:
         return "16-true"
     return "16-mixed" if grad_scaler is not None else "32-true"
+
+
+def _options() -> dict[str, inspect.Parameter]:
+    """The options (``SMDCallback``'s constructor arguments), read without importing Lightning."""
+    from lightning_smd.lightning.callback import SMDCallback
+
+    return {n: p for n, p in inspect.signature(SMDCallback.__init__).parameters.items() if n != "self"}
 
 
 class SMDMonitor:
@@ -154,69 +113,121 @@ class SMDMonitor:
             schedulers = [schedulers]
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"SMDMonitor(total_steps={total_steps!r}): expected a positive int")
-        known = set(inspect.signature(SMDCallback.__init__).parameters) - {"self"}
-        if unknown := sorted(set(options) - known):
+        known = _options()
+        if unknown := sorted(set(options) - set(known)):
             raise TypeError(f"SMDMonitor: unknown option(s) {unknown}; the options are SMDCallback's: {sorted(known)}")
-        self._callback = _Engine(**options)
-        every = self._callback.log_every_n_steps or 50
-        self._loop = _Loop(model, optimizers, every, grad_scaler, list(schedulers or []), total_steps, os.getcwd())
-        self._loop.callbacks = [self._callback]
+        given = {n: options.get(n, p.default) for n, p in known.items()}
+        from lightning_smd.lightning import arguments  # plain Python: the options' rules, shared with the callback
+
+        arguments.validate(given, OWNER)
+        self._arguments = arguments.record(given)
+        per_channel, rescale = given["per_channel"], given["rescale"]
+        detection, estimates, equilibrium = given["detection"], given["estimates"], given["equilibrium"]
+        policy = arguments.rescale_policy(rescale)
+        self._engine = SMDEngine(
+            OWNER,
+            SMDState(estimates.ema_steps, equilibrium.tolerance, equilibrium.window, per_channel is not False,
+                     given["warmup_steps"], self._arguments),
+            policy=policy, rescale=rescale.mode if isinstance(rescale, RescalePolicy) else rescale,
+            rescale_min_drop=policy.min_drop if policy is not None else RescalePolicy.min_drop,
+            log_every_n_steps=given["log_every_n_steps"], include=given["include"], exclude=given["exclude"],
+            detect=detection.mode, detect_steps=detection.steps, radial_threshold=detection.radial_threshold,
+            unit_grad_every=estimates.unit_grad_every, warm_start=given["warm_start"], per_channel=per_channel is not False,
+            channel_every=1 if isinstance(per_channel, bool) else per_channel, verbose=given["verbose"],
+            publish=self._publish,
+        )
+        self._every = given["log_every_n_steps"] or 50
+        self._figures_dir = given["figures_dir"]
+        self._figures_every = given["figures_every_n_steps"]
+        self._records = History()
+        self._metrics: dict[int, dict[str, float]] = {}
         self._model = model
+        self._optimizers = optimizers
+        self._grad_scaler = grad_scaler
+        self._precision = _precision(model, grad_scaler)
+        self._horizon = (FitHorizon([ScheduledLR(s) for s in schedulers], max_steps=total_steps, keep=(model,))
+                         if schedulers and total_steps else None)
+        self._global_step = 0  # step() calls of every optimizer so far
+        self._log_step = 0  # the logging axis: iterations in which an optimizer stepped
         self._open = False  # an iteration is under way
         self._stepped = False  # an optimizer stepped in it
         self._first_forward_done = False
-        # registered before the callback's own step hooks: they run first (around the closure too)
-        self._hooks = StepHooks(optimizers, self._before_step, self._after_step)
-        self._callback.setup(self._loop, model, "fit")
-        self._callback.on_fit_start(self._loop, model)
-        self._callback.schedule.resolve_warm_start(every, self._callback.unit_grad_every)
-        if schedulers and total_steps:
-            from lightning_smd.core.plan import plan_from_trainer
+        set_rank(self._rank())
+        set_logger("pytorch_lightning.utilities.rank_zero")  # where Lightning users look for reports
+        if self._figures_dir is not None and self._rank() == 0:
+            from lightning_smd.lightning.publish import check_writable
 
-            self._callback.plan = plan_from_trainer(self._loop, rescale=self._callback.rescale,
-                                                    min_drop=self._callback.rescale_min_drop)
+            check_writable(self._figures_dir, f"{OWNER}(figures_dir=...)")
+        check_flat_parameters(optimizers, OWNER)
+        # registered before the engine's own step hooks: they run first (around the closure too)
+        self._hooks = StepHooks(optimizers, self._before_step, self._after_step)
+        self._engine.fit_start(self._view(), self._view)
+        self._engine.train_start(self._view(horizon=True))
         self._begin_iteration()  # the first forward is recorded (detection)
         # after the recorder's own hooks: the post-hook that stops it runs last in that forward
         self._forward_hooks = [model.register_forward_pre_hook(self._before_forward),
                                model.register_forward_hook(self._after_forward)]
+
+    # ------------------------------------------------------------------ the view
+    @staticmethod
+    def _rank() -> int:
+        return dist.get_rank() if _distributed() else 0
+
+    def _view(self, horizon: bool = False) -> LoopView:
+        return LoopView(
+            optimizers=self._optimizers, model=self._model, global_step=self._global_step, log_step=self._log_step,
+            log_every_n_steps=self._every, global_rank=self._rank(),
+            world_size=dist.get_world_size() if _distributed() else 1, broadcast=_broadcast,
+            grad_scaler=self._grad_scaler if self._grad_scaler is None or self._grad_scaler.is_enabled() else None,
+            precision=self._precision, horizon=self._horizon if horizon else None,
+        )
+
+    def _publish(self, metrics: dict[str, float], step: int) -> None:
+        self._records.append(step, metrics)
+        self._metrics.setdefault(int(step), {}).update(metrics)
 
     # ------------------------------------------------------------------ results
     def pop_metrics(self) -> dict[int, dict[str, float]]:
         """``{step: {smd/* key: value}}`` measured since the last call (rank 0; empty elsewhere)."""
         if self._open and self._stepped:
             self._end_iteration()
-        collector = self._loop.loggers[0]
-        out, collector.metrics = collector.metrics, {}
+        out, self._metrics = self._metrics, {}
         return out
 
     @property
     def candidates(self) -> dict[str, Any]:
         """The scale-invariant tensors found by detection, ``name → Candidate`` (empty until decided)."""
-        return self._callback.candidates
+        return self._engine.candidates
 
     @property
     def plan(self) -> Any:
         """The LR stages of the run (given ``schedulers`` and ``total_steps``), or ``None``."""
-        return self._callback.plan
+        return self._engine.plan
 
     @property
     def records(self) -> Any:
         """Everything measured so far, as ``(step, metrics)`` records (the figures' input)."""
-        return self._callback.records
+        return self._records
 
     @property
     def rescale_events(self) -> list[dict[str, Any]]:
-        return self._callback.rescale_events
+        """One dict per rescale applied: step, group, factor, lr/weight decay before and after."""
+        return self._engine.rescale_events
+
+    @property
+    def equilibrium(self) -> Any:
+        """The LR stages and when each tensor reached equilibrium in them."""
+        return self._engine.equilibrium
 
     def detection_report(self) -> str | None:
         """The detection table (which tensors are tracked, and why), once detection decided."""
-        return self._callback.detection_text
+        return self._engine.detection_text
 
     def plan_text(self) -> str | None:
-        return self._callback.plan.format() if self._callback.plan is not None else None
+        return self._engine.plan.format() if self._engine.plan is not None else None
 
     def equilibrium_summary(self) -> str | None:
-        equilibrium = self._callback.equilibrium
+        equilibrium = self._engine.equilibrium
         return equilibrium.summary() if equilibrium.stages else None
 
     def save_figures(self, directory: str | Path) -> dict[str, Path]:
@@ -225,24 +236,35 @@ class SMDMonitor:
         from lightning_smd.report.series import RunSeries
 
         written = figures.save_figures(RunSeries.from_records(self.records), directory)
-        written.update(channel_figures.save_channel_figures(self._callback.channels, Path(directory)))
+        written.update(channel_figures.save_channel_figures(self._engine.channels, Path(directory)))
         return written
+
+    def _figures_path(self) -> Path:
+        return Path(self._figures_dir) if self._figures_dir is not None else Path(os.getcwd()) / "smd"
 
     # --------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (plain data: ``torch.load(weights_only=True)`` reads it): the
         :class:`~lightning_smd.core.state.SMDState` under ``"smd"`` (also while detection has not
         decided: the resumed loop decides on the same evidence at the same step) and the step counters."""
-        return {"smd": self._callback.state_dict(), "global_step": self._loop.global_step,
-                "log_step": self._loop._batches_that_stepped + (1 if self._open and self._stepped else 0)}
+        return {"smd": self._engine.state_dict(), "global_step": self._global_step,
+                "log_step": self._log_step + (1 if self._open and self._stepped else 0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a run: the tracked tensors, running estimates, equilibrium stages and rescale
         history; call before the first step of the resumed loop."""
-        self._callback.load_state_dict(state["smd"])
-        self._loop.global_step = int(state["global_step"])
-        self._loop._batches_that_stepped = int(state["log_step"])
-        self._callback.detection.stop_recording()
+        from lightning_smd.lightning import arguments
+
+        self._engine.load_state_dict(state["smd"])
+        if changed := arguments.changes(state["smd"].get("arguments") or {}, self._arguments):
+            rank_zero_warn(
+                f"{OWNER}: resumed with other arguments than the checkpointed run: " + ", ".join(changed) + ". "
+                "Restored all the same: the tracked tensors, the running L, the equilibrium stages and the rescale "
+                "history (a rescale is neither repeated nor skipped)."
+            )
+        self._global_step = int(state["global_step"])
+        self._log_step = int(state["log_step"])
+        self._engine.before_backward()  # stop the recording of the first forward
         self._open, self._stepped = False, False
         self._begin_iteration()  # restores the tracked tensors (no detection)
 
@@ -250,22 +272,24 @@ class SMDMonitor:
         """End the run: warn about rescales still owed, remove every hook."""
         if self._open and self._stepped:
             self._end_iteration()
-        self._callback.detection.stop_recording()
-        self._callback.on_train_end(self._loop, self._model)
+        self._engine.before_backward()
+        self._engine.train_end(self._view())
         self._hooks.remove()
         for handle in self._forward_hooks:
             handle.remove()
         self._forward_hooks = []
-        self._callback.teardown(self._loop, self._model, "fit")  # the engine's step hooks
+        self._engine.remove_hooks()
 
     # ------------------------------------------------------------------ hooks
     def _begin_iteration(self) -> None:
-        self._callback.on_train_batch_start(self._loop, self._model, None, 0)
+        self._engine.batch_start(self._view())
         self._open, self._stepped = True, False
 
     def _end_iteration(self) -> None:
-        self._callback.on_train_batch_end(self._loop, self._model, None, None, 0)
-        self._loop._batches_that_stepped += 1
+        steps = self._engine.batch_end(self._view())
+        if steps and self._figures_every and (steps[-1] + 1) % self._figures_every < self._every:
+            self.save_figures(self._figures_path())
+        self._log_step += 1
         self._open, self._stepped = False, False
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
@@ -277,16 +301,19 @@ class SMDMonitor:
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._first_forward_done:
             self._first_forward_done = True
-            self._callback.on_before_backward(self._loop, self._model, None)
+            self._engine.before_backward()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, kwargs: dict) -> None:
         if not self._open:
             self._begin_iteration()
         if not self._first_forward_done:
             self._first_forward_done = True
-            self._callback.on_before_backward(self._loop, self._model, None)
-        self._callback.on_before_optimizer_step(self._loop, self._model, optimizer)
+            self._engine.before_backward()
+        view = self._view()
+        decision = self._engine.before_optimizer_step(view, optimizer)
+        if decision is not None:
+            self._engine.report_detection(view, decision, self._figures_path() / TENSORS_FILE)
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._loop.global_step += 1
+        self._global_step += 1
         self._stepped = True

@@ -16,7 +16,7 @@ then off by f² for about 1/(1 − α) steps; it is radial and does not change t
 The fixed factor k^(-e) is exact only when the weights are at equilibrium before the change
 (SMD paper §5.2, Noisy Rayleigh Quotient §3.2): it keeps the ratio Δ_t/Δ* (Δ ∝ 1/‖w‖² for SGD, 1/‖w‖ for AdamW)
 so weights at 0.2 Δ* stay at 0.2 of the new Δ*. ``rescale="equilibrium"`` (mode ``"equilibrium"``
-here, factors per tensor in :class:`lightning_smd.lightning.schedule.ScheduleWatcher`) moves each tensor to
+here, factors per tensor in :class:`lightning_smd.core.schedule.ScheduleWatcher`) moves each tensor to
 its predicted new equilibrium norm instead.
 """
 

@@ -19,7 +19,8 @@ What varies with the setup, and is handled here:
   difference of two low-precision tensors, not ``−η·buf``; such groups are measured from a
   snapshot (statistics are accumulated in fp32 either way).
 
-Torch only: the trainer is read by duck typing (``precision_plugin.scaler``, ``precision``).
+Torch only: the loop's grad scaler and precision come from the adapter's
+:class:`~lightning_smd.core.loop.LoopView`.
 """
 
 from __future__ import annotations
@@ -33,17 +34,9 @@ from torch import Tensor
 from lightning_smd.core import theory
 from lightning_smd.core.measure import GroupSlice, ReduceFn, StepMeasurer, measurement_mode
 
-__all__ = ["Finished", "StepHooks", "StepRecorder", "choose_mode", "found_inf_of", "grad_scaler", "radial_floor"]
+__all__ = ["Finished", "StepHooks", "StepRecorder", "choose_mode", "found_inf_of", "radial_floor"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def grad_scaler(trainer: Any) -> Any | None:
-    """The enabled ``GradScaler`` (or ``ShardedGradScaler``) of the precision plugin, if any."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
-        return None
-    return scaler
 
 
 def handles_unscaling(optimizer: torch.optim.Optimizer) -> bool:
@@ -51,14 +44,14 @@ def handles_unscaling(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def radial_floor(trainer: Any) -> float:
+def radial_floor(precision: str) -> float:
     """The radial cosine ``|⟨g, w⟩|/(‖g‖‖w‖)`` a truly invariant tensor can show at this precision.
 
     In fp32 it is ~1e-6; gradients computed in 16-bit (autocast or 16-bit parameters) carry
     rounding of the order of the format's epsilon, so invariant tensors read 1e-4 to 1e-3
     (bf16, 8 mantissa bits), and the confirmation of structural candidates must allow for it.
     """
-    precision = str(getattr(trainer, "precision", "32-true"))
+    precision = str(precision)
     if "bf16" in precision or "transformer-engine" in precision:
         return 1e-2
     if "16" in precision:
@@ -66,14 +59,15 @@ def radial_floor(trainer: Any) -> float:
     return 0.0
 
 
-def choose_mode(trainer: Any, optimizer: torch.optim.Optimizer, group_index: int, params: list[Tensor]) -> str:
-    """:func:`~lightning_smd.core.measure.measurement_mode`, made safe for the precision in use."""
+def choose_mode(scaler: Any | None, optimizer: torch.optim.Optimizer, group_index: int, params: list[Tensor]) -> str:
+    """:func:`~lightning_smd.core.measure.measurement_mode`, made safe for the precision in use (``scaler``:
+    the loop's enabled GradScaler, or ``None``)."""
     mode = measurement_mode(optimizer, optimizer.param_groups[group_index])
     if mode == "snapshot":
         return mode
     if any(p.dtype in _LOW_PRECISION for p in params):
         return "snapshot"  # the applied update is rounded to the parameter dtype: measure what was applied
-    if mode in ("grad", "nesterov") and grad_scaler(trainer) is not None and handles_unscaling(optimizer):
+    if mode in ("grad", "nesterov") and scaler is not None and handles_unscaling(optimizer):
         return "snapshot"  # the gradients read after a fused step are still scaled
     return mode
 

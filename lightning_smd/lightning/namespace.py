@@ -9,15 +9,12 @@ the Trainer itself (``trainer.global_rank``), kept here for the warnings and rep
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any
 
+from lightning_smd.core.messages import rank_zero_info, rank_zero_warn, set_logger, set_rank
 from lightning_smd.report.loggers import is_kind
 
 __all__ = ["bind", "is_kind", "namespace_of", "rank_zero_info", "rank_zero_warn"]
-
-_state = {"rank": 0, "logger": "pytorch_lightning.utilities.rank_zero"}
 
 
 def namespace_of(trainer: Any) -> str:
@@ -28,15 +25,6 @@ def namespace_of(trainer: Any) -> str:
 
 def bind(trainer: Any) -> None:
     """Take the rank from ``trainer`` and log reports where its namespace logs its own."""
-    _state["rank"] = int(getattr(trainer, "global_rank", 0) or 0)
-    _state["logger"] = f"{namespace_of(trainer)}.utilities.rank_zero"
+    set_rank(int(getattr(trainer, "global_rank", 0) or 0))
+    set_logger(f"{namespace_of(trainer)}.utilities.rank_zero")
 
-
-def rank_zero_warn(message: str, stacklevel: int = 4, **kwargs: Any) -> None:
-    if _state["rank"] == 0:
-        warnings.warn(message, stacklevel=stacklevel, **kwargs)
-
-
-def rank_zero_info(message: str, stacklevel: int = 4, **kwargs: Any) -> None:
-    if _state["rank"] == 0:
-        logging.getLogger(_state["logger"]).info(message, stacklevel=stacklevel, **kwargs)

@@ -47,7 +47,7 @@ class Publisher:
 
     ``channels``: the per-channel metrics; after a step that built them (at most once per
     ``histogram_every`` steps), :meth:`log` also sends their per-layer histograms to TensorBoard and W&B, and :meth:`render_figures` draws the
-    per-channel figures (:mod:`lightning_smd.channel_figures`).
+    per-channel figures (:mod:`lightning_smd.report.channel_figures`).
     """
 
     def __init__(self, figures_dir: str | None = None, channels: ChannelMetrics | None = None,

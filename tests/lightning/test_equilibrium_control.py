@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_smd import EquilibriumOptions, EstimateOptions, SMDCallback, theory
 from lightning_smd.core.state import SMDState
 from lightning_smd.core.equilibrium import EquilibriumTracker
-from lightning_smd.lightning.schedule import ScheduleWatcher, default_warm_start_steps
+from lightning_smd.core.schedule import ScheduleWatcher, default_warm_start_steps
 from tests.helpers import fit, mean_over, read_metrics
 from tests.models import DigitsCNN, NoisyRayleighQuotient
 
@@ -223,7 +223,7 @@ def test_warm_start_exactly_once_across_resume(tmp_path, resume_at):
     fit(resumed, tmp_path / "resumed", [cb2], max_steps=total,
         ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={resume_at}.ckpt"))
     assert [e["step"] for e in cb2.rescale_events] == [60]  # neither repeated nor skipped
-    assert cb2.schedule.warm_start_done
+    assert cb2._engine.schedule.warm_start_done
     torch.testing.assert_close(resumed.X.detach(), straight.X.detach())
 
 
@@ -236,7 +236,7 @@ def test_presets_build_the_callback(tmp_path, preset, key, value):
     with composed(["experiment=quickstart", f"smd={preset}"], tmp_path) as cfg:
         assert (cfg.smd.rescale.mode if key == "rescale" else cfg.smd[key]) == value  # smd=equilibrium: a RescalePolicy node
         smd = instantiate({k: v for k, v in cfg.smd.items() if k != "enabled"})
-        assert getattr(smd.schedule, "warm_start" if key == "warm_start" else "policy") == (
+        assert getattr(smd._engine.schedule, "warm_start" if key == "warm_start" else "policy") == (
             value if key == "warm_start" else smd.policy)
         if key == "rescale":
             assert smd.policy.mode == "equilibrium"

@@ -235,7 +235,7 @@ class PlainMLP(pl.LightningModule):
 
 
 def test_nothing_scale_invariant_decides_once_then_costs_nothing(tmp_path, monkeypatch):
-    import lightning_smd.lightning.callback as callback
+    import lightning_smd.core.engine as callback  # the engine prints the reports
     from lightning_smd.core import detect
 
     reports, updates = [], []

@@ -205,7 +205,7 @@ def test_layout_groups_and_one_collective_each(fake_world, monkeypatch):
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from lightning_smd.lightning.distributed import LayoutReduce
+    from lightning_smd.core.distributed import LayoutReduce
 
     mesh = fake_world
     col = DTensor.from_local(torch.ones(2, 4), mesh, [_StridedShard(0, split_factor=2), Shard(0)], run_check=False)
@@ -254,7 +254,7 @@ def test_local_rows_and_unit_columns_of_each_placement(fake_world, monkeypatch):
 
     from lightning_smd.core.measure import _row_blocks
     from lightning_smd.core.shards import local_rows, unit_of_local_rows
-    from lightning_smd.lightning.distributed import LayoutReduce
+    from lightning_smd.core.distributed import LayoutReduce
 
     mesh = fake_world  # rank 1: coordinate (data_parallel 0, tensor_parallel 1)
     col = DTensor.from_local(torch.ones(2, 4), mesh, [_StridedShard(0, split_factor=2), Shard(0)], run_check=False)

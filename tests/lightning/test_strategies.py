@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_smd import SMDCallback
-from lightning_smd.lightning.distributed import check_supported
+from lightning_smd.lightning.view import check_supported
 from tests.setups_common import CPUSyncBN, TinyBNNet, TinyNet, metrics_of, run_setup, smd_series
 from tests.lightning.test_training_setups import assert_same_series
 

@@ -48,7 +48,7 @@ class Unfreeze(pl.Callback):
 
 
 def test_unfrozen_tensor_is_tracked_and_reported(tmp_path, caplog):
-    import lightning_smd.lightning.callback as callback
+    import lightning_smd.core.engine as callback  # the engine prints the reports
 
     said = []
     cb = SMDCallback(log_every_n_steps=1, per_channel=False)

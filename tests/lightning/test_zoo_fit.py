@@ -67,7 +67,7 @@ def fit_decision(entry: ZooModel, root, steps: int = FIT_STEPS) -> tuple[set[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(), DataLoader([tuple(args)] * steps, batch_size=None))
-    assert cb.detection.done, "SMDCallback did not decide within the fit"
+    assert cb._engine.detection.done, "SMDCallback did not decide within the fit"
     callback = {n[len("net."):] for n in cb.candidates if n.startswith("net.")}
     return callback, function, trainer.global_step
 

@@ -52,7 +52,7 @@ ticks) in about 0.3 s, COCO 4x (360 000 LambdaLR ticks with warm-up) in under 1 
 busy 2-core CPU).
 """
 
-from lightning_smd.core.plan.simulate import plan_from_trainer, scheduler_ticks
+from lightning_smd.core.plan.simulate import plan_fit, plan_from_trainer, scheduler_ticks
 from lightning_smd.core.plan.stages import (
     DEFAULT_MIN_DROP,
     DEFAULT_MIN_STAGE_FRACTION,
@@ -65,6 +65,7 @@ from lightning_smd.core.plan.stages import (
 )
 
 __all__ = [
+    "plan_fit",
     "DEFAULT_MIN_DROP",
     "DEFAULT_MIN_STAGE_FRACTION",
     "FIRST_STAGE_TIME_CONSTANTS",

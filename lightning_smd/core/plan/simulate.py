@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
+from lightning_smd.core.loop import FitHorizon
 from lightning_smd.core.plan.stages import (
     DEFAULT_MIN_DROP,
     DEFAULT_MIN_STAGE_FRACTION,
@@ -291,23 +292,49 @@ def plan_from_trainer(
         batches_per_epoch: override ``trainer.num_training_batches`` (e.g. a known dataset size).
         warmup_steps: the callback's ``warmup_steps`` (:func:`split_stages`).
     """
+    module = getattr(trainer, "lightning_module", None)
+    max_steps = getattr(trainer, "max_steps", -1)
+    horizon = FitHorizon(
+        schedulers=list(getattr(trainer, "lr_scheduler_configs", []) or []),
+        max_steps=-1 if max_steps is None else int(max_steps),
+        max_epochs=getattr(trainer, "max_epochs", None),
+        batches_per_epoch=_batches_per_epoch(trainer) if batches_per_epoch is None else batches_per_epoch,
+        accumulate_grad_batches=max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1),
+        automatic_optimization=bool(getattr(module, "automatic_optimization", True)),
+        keep=(trainer, module),
+    )
+    return plan_fit(list(getattr(trainer, "optimizers", []) or []), horizon, int(getattr(trainer, "global_step", 0) or 0),
+                    rescale=rescale, min_drop=min_drop, min_stage_fraction=min_stage_fraction,
+                    first_stage_time_constants=first_stage_time_constants, warmup_steps=warmup_steps)
+
+
+def plan_fit(
+    optimizers: Sequence[Any],
+    horizon: FitHorizon,
+    start: int = 0,
+    *,
+    rescale: bool | str = False,
+    min_drop: float = DEFAULT_MIN_DROP,
+    min_stage_fraction: float = DEFAULT_MIN_STAGE_FRACTION,
+    first_stage_time_constants: float = FIRST_STAGE_TIME_CONSTANTS,
+    warmup_steps: int | None = None,
+) -> Plan:
+    """:func:`plan_from_trainer` from plain values: the optimizers, the schedulers and the run's length
+    (a :class:`~lightning_smd.core.loop.FitHorizon`), planned from optimizer step ``start``."""
     started = time.perf_counter()
-    optimizers = list(getattr(trainer, "optimizers", []) or [])
-    configs = list(getattr(trainer, "lr_scheduler_configs", []) or [])
+    optimizers = list(optimizers)
+    configs = list(horizon.schedulers)
     extra_warnings: list[str] = []
     notes: list[str] = []
 
-    accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-    max_steps = getattr(trainer, "max_steps", -1)
-    max_steps = -1 if max_steps is None else int(max_steps)
-    max_epochs = getattr(trainer, "max_epochs", None)
-    if batches_per_epoch is None:
-        batches_per_epoch = _batches_per_epoch(trainer)
+    accumulate = max(int(horizon.accumulate_grad_batches or 1), 1)
+    max_steps = horizon.max_steps
+    max_epochs = horizon.max_epochs
+    batches_per_epoch = horizon.batches_per_epoch
     per_epoch = math.ceil(batches_per_epoch / accumulate) if math.isfinite(batches_per_epoch) else None
     ends = [max_steps] if max_steps >= 0 else []
     if max_epochs not in (None, -1) and per_epoch:
         ends.append(per_epoch * int(max_epochs))
-    start = int(getattr(trainer, "global_step", 0) or 0)
     if not ends:
         end = start
         extra_warnings.append(
@@ -319,8 +346,7 @@ def plan_from_trainer(
     if start:
         notes.append(f"resumed: planning from optimizer step {start} with the restored scheduler state.")
 
-    module = getattr(trainer, "lightning_module", None)
-    automatic = bool(getattr(module, "automatic_optimization", True))
+    automatic = horizon.automatic_optimization
     by_optimizer: dict[int, list[tuple[int, Any]]] = {}
     unpredictable_opt: dict[int, str] = {}
     for ci, config in enumerate(configs):
@@ -355,7 +381,7 @@ def plan_from_trainer(
         if entries and end > start:
             try:
                 copies, copy_notes = _copy_schedulers([c.scheduler for _, c in entries], shadows, optimizers,
-                                                      [trainer, module])
+                                                      list(horizon.keep))
                 notes.extend(copy_notes)
                 if any(c.optimizer is not shadow for c in copies):
                     raise RuntimeError("a copied scheduler is not bound to the copied optimizer")

@@ -28,27 +28,27 @@ multiplies by the same numbers (``check`` runs on every rank: the collective is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import math
 
 import numpy as np
 import torch
-from lightning_smd.lightning.namespace import rank_zero_info, rank_zero_warn
+from lightning_smd.core.messages import rank_zero_info, rank_zero_warn
 
 from lightning_smd.core import theory
-from lightning_smd.lightning.distributed import make_reduce_fn
+from lightning_smd.core.distributed import make_reduce_fn
 from lightning_smd.core.equilibrium import EquilibriumTracker
 from lightning_smd.core.estimates import RunningMean
+from lightning_smd.core.loop import LoopView
 from lightning_smd.core.measure import local
 from lightning_smd.core.plan.warmup import WarmupTracker, is_warmup_change
 from lightning_smd.core.state import ScheduleMemory, SMDState
+from lightning_smd.core.result import StepResult
 from lightning_smd.core.rescale import RescalePolicy, rescale_, rescale_averaged_models
 from lightning_smd.report.summary import first_names
-from lightning_smd.lightning.tracking import Tracked, TrackedSet, group_label
-
-if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
-    import pytorch_lightning as pl
+from lightning_smd.core.plan.simulate import group_label
+from lightning_smd.core.tracking import Tracked, TrackedSet
 
 __all__ = ["FAR_FROM_EQUILIBRIUM", "ScheduleWatcher", "default_warm_start_steps"]
 
@@ -65,13 +65,8 @@ def default_warm_start_steps(detect_steps: int, every: int, unit_grad_every: int
     samples of L, which is sampled once per ``max(log_every_n_steps, unit_grad_every)`` steps."""
     return detect_steps + 1 + samples * max(every, unit_grad_every)
 
-Publish = Callable[["pl.Trainer", dict[str, float], int], None]
+Publish = Callable[[dict[str, float], int], None]
 HParams = tuple[float, float]
-
-
-def log_step_of(trainer: pl.Trainer) -> int:
-    """Lightning's logging step: optimizer steps taken so far (the axis ``self.log`` uses)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 class ScheduleWatcher:
@@ -91,7 +86,8 @@ class ScheduleWatcher:
     """
 
     def __init__(self, policy: RescalePolicy | None, state: SMDState, publish: Publish, detect_steps: int,
-                 warm_start: bool | int = False) -> None:
+                 warm_start: bool | int = False, owner: str = "SMDCallback") -> None:
+        self.owner = owner  # the user's entry point, named in warnings
         self.policy = policy
         self.state = state  # what it remembers (state.schedule), the running L and ū², stages, warm-up
         self.publish = publish
@@ -130,18 +126,18 @@ class ScheduleWatcher:
     def warm_start_done(self) -> bool:
         return self.memory.warm_start_done
 
-    def check(self, trainer: pl.Trainer, tracked: TrackedSet | None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def check(self, view: LoopView, tracked: TrackedSet | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Look at every group (of ``optimizer`` only, when given: inside its step, gradients exist).
 
         ``tracked`` is ``None`` while detection has not decided yet.
         """
-        log_step = log_step_of(trainer)
+        log_step = view.log_step
         factors: dict[str, float] = {}
-        for oi, opt in enumerate(trainer.optimizers):
+        for oi, opt in enumerate(view.optimizers):
             if optimizer is not None and opt is not optimizer:
                 continue
             for gi, group in enumerate(opt.param_groups):
-                key = group_label(trainer, oi, gi)
+                key = group_label(view.optimizers, oi, gi)
                 current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
                 last = self.memory.last_hparams.get(key)
                 self.memory.last_hparams[key] = current
@@ -158,7 +154,7 @@ class ScheduleWatcher:
                     # η·λ = 0 has no equilibrium: decide when it is non-zero again, against `reference`
                     if reference is not None and last[0] * last[1] > 0:
                         rank_zero_warn(
-                            f"SMDCallback: group {key}: lr·weight_decay is 0 from step {log_step} (lr {current[0]:g}, "
+                            f"{self.owner}: group {key}: lr·weight_decay is 0 from step {log_step} (lr {current[0]:g}, "
                             f"weight decay {current[1]:g}): there is no equilibrium while it is. A rescale is decided "
                             f"when it is non-zero again, against the last non-zero lr {reference[0]:g} and weight decay "
                             f"{reference[1]:g}."
@@ -175,47 +171,47 @@ class ScheduleWatcher:
                     factor = None
                 elif factor is not None:
                     # None: the group holds no scale-invariant tensor
-                    factor = self._rescale_group(trainer, tracked, oi, gi, factor, log_step, last, current,
+                    factor = self._rescale_group(view, tracked, oi, gi, factor, log_step, last, current,
                                                  scale_grads=optimizer is not None)
                 if factor is not None:
                     factors[key] = factor
-                self._start_stage(trainer, tracked, opt, gi, key, last, current, log_step, rescaled=factor is not None)
-        self._log_rescales(trainer, factors, log_step)
+                self._start_stage(view, tracked, opt, gi, key, last, current, log_step, rescaled=factor is not None)
+        self._log_rescales(view, factors, log_step)
         if optimizer is None:
-            self._maybe_warm_start(trainer, tracked, log_step)
+            self._maybe_warm_start(view, tracked, log_step)
 
-    def warm_start_if_due(self, trainer: pl.Trainer, tracked: TrackedSet | None) -> None:
+    def warm_start_if_due(self, view: LoopView, tracked: TrackedSet | None) -> None:
         """The warm start, once, at ``warm_start_steps`` (before the batch: no gradients yet)."""
-        self._maybe_warm_start(trainer, tracked, log_step_of(trainer))
+        self._maybe_warm_start(view, tracked, view.log_step)
 
-    def apply_deferred(self, trainer: pl.Trainer, tracked: TrackedSet, scale_grads: bool) -> None:
+    def apply_deferred(self, view: LoopView, tracked: TrackedSet, scale_grads: bool) -> None:
         """Apply the rescales deferred until detection decided (``scale_grads``: gradients exist now)."""
-        log_step = log_step_of(trainer)
+        log_step = view.log_step
         factors = {}
         for key, d in sorted(self.memory.deferred.items()):
             oi, gi = d["group"]
             first, current = tuple(d["lr"][0]), tuple(d["lr"][1])
-            applied = self._rescale_group(trainer, tracked, oi, gi, d["factor"], log_step, first, current,
+            applied = self._rescale_group(view, tracked, oi, gi, d["factor"], log_step, first, current,
                                           scale_grads=scale_grads)
             if applied is not None:
                 factors[key] = applied
         self.memory.deferred = {}
-        self._log_rescales(trainer, factors, log_step)
+        self._log_rescales(view, factors, log_step)
 
-    def pending(self, trainer: pl.Trainer, tracked: TrackedSet | None) -> list[str]:
+    def pending(self, view: LoopView, tracked: TrackedSet | None) -> list[str]:
         """The rescales owed but not applied (deferred, or an (η, λ) change after the last step seen)."""
         owed = [f"group {key} (factor {d['factor']:.4f}, lr {d['lr'][0][0]:g} → {d['lr'][1][0]:g}): detection had "
                 "not decided which tensors to rescale" for key, d in sorted(self.memory.deferred.items())]
         if self.policy is None:
             return owed
-        for oi, opt in enumerate(trainer.optimizers):
+        for oi, opt in enumerate(view.optimizers):
             for gi, group in enumerate(opt.param_groups):
-                key = group_label(trainer, oi, gi)
+                key = group_label(view.optimizers, oi, gi)
                 current = (float(group["lr"]), float(group.get("weight_decay", 0.0)))
                 last, reference = self.memory.last_hparams.get(key), self.memory.reference.get(key)
                 if last is None or last == current or reference is None or key in self.memory.deferred:
                     continue
-                if is_warmup_change(last, current, log_step_of(trainer), key not in self.warmup.ended,
+                if is_warmup_change(last, current, view.log_step, key not in self.warmup.ended,
                                     self.warmup.warmup_steps):
                     continue  # a warm-up change: never rescaled
                 if tracked is not None and not tracked.members(oi, gi):
@@ -235,44 +231,44 @@ class ScheduleWatcher:
                               "lr": [list(first), list(current)]}
         if not deferred:
             rank_zero_warn(
-                f"SMDCallback(rescale=...): group {key} changed lr {last[0]:g} → {current[0]:g} at step {log_step}, "
-                f"before detection of the scale-invariant tensors finished (detect_steps={self.detect_steps}); "
+                f"{self.owner}(rescale=...): group {key} changed lr {last[0]:g} → {current[0]:g} at step {log_step}, "
+                f"before detection of the scale-invariant tensors finished (DetectionOptions.steps={self.detect_steps}); "
                 "the rescale is applied as soon as detection finishes."
             )
 
-    def _log_rescales(self, trainer: pl.Trainer, factors: dict[str, float], log_step: int) -> None:
-        if factors and trainer.is_global_zero:
+    def _log_rescales(self, view: LoopView, factors: dict[str, float], log_step: int) -> None:
+        if factors and view.is_global_zero:
             metrics = {"smd/rescale_factor": min(factors.values())}
             if len(factors) > 1:
                 metrics.update({f"smd/rescale_factor/{k}": f for k, f in factors.items()})
-            self.publish(trainer, metrics, log_step)
+            self.publish(metrics, log_step)
 
-    def _rescale_group(self, trainer: pl.Trainer, tracked: TrackedSet, oi: int, gi: int, factor: float, log_step: int,
+    def _rescale_group(self, view: LoopView, tracked: TrackedSet, oi: int, gi: int, factor: float, log_step: int,
                        last: HParams, current: HParams, scale_grads: bool) -> float | None:
         """Rescale the group's scale-invariant tensors; return the factor (the geometric mean of the
         per-tensor factors in "equilibrium" mode), ``None`` when it has none. Every rank calls it."""
         members = tracked.members(oi, gi)
         if not members:
             return None
-        opt = trainer.optimizers[oi]
-        label = group_label(trainer, oi, gi)
+        opt = view.optimizers[oi]
+        label = group_label(view.optimizers, oi, gi)
         per_tensor = self.policy is not None and self.policy.mode == "equilibrium"
         k_text = _k_text(drop_exponent(opt, opt.param_groups[gi]))
         self._warn_if_far(label, members, log_step, factor, per_tensor, k_text)
         if per_tensor:
-            factors, missing = self._target_factors(trainer, members, opt, gi, fallback=factor)
+            factors, missing = self._target_factors(view, members, opt, gi, fallback=factor)
             if missing:
                 rank_zero_warn(
-                    f"SMDCallback(rescale='equilibrium'): step {log_step}: group {label}: no estimate of the new "
+                    f"{self.owner}(rescale='equilibrium'): step {log_step}: group {label}: no estimate of the new "
                     f"equilibrium norm yet for {first_names(missing)} (L or the update RMS is measured from "
                     f"the first measured steps after detection on); they are multiplied by the fixed factor "
                     f"{factor:.4f} ({k_text}) instead."
                 )
         else:
             factors = [factor] * len(members)
-        untouched, averaged = self._apply(trainer, members, factors, opt, scale_grads)
+        untouched, averaged = self._apply(view, members, factors, opt, scale_grads)
         if untouched:
-            rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the rescale.")
+            rank_zero_warn(f"{self.owner}: optimizer state {sorted(untouched)} was left unscaled at the rescale.")
         applied = _geometric_mean(factors)
         event = {"step": log_step, "group": label, "factor": applied,
                  "lr": [last[0], current[0]], "weight_decay": [last[1], current[1]],
@@ -289,28 +285,20 @@ class ScheduleWatcher:
         return applied
 
     # ------------------------------------------------------- equilibrium control
-    def observe(self, stats: torch.Tensor, finished: Any, tracked: TrackedSet) -> None:
-        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion/Muon tensors (rank 0, per measured step).
-
-        ``stats``: the host ``[3, n]`` rows (Δ_t, ‖w_t‖, L sample) of ``finished``'s slices, as
-        :class:`lightning_smd.metrics.MetricsBuilder` gets them. SGD groups need nothing (they use L).
-        """
-        if not any(t.decoupled for t in finished.theories):
+    def observe(self, result: StepResult) -> None:
+        """Feed the running ū² = (Δ_t·‖w_t‖/η_t)² of AdamW/Lion/Muon tensors (rank 0, per measured step),
+        from the labelled step :class:`~lightning_smd.core.result.StepResult`. SGD groups need nothing (they use L)."""
+        spans = [(a, b, t.lr) for (a, b), t in zip(result.spans, result.slice_theories) if t.decoupled]
+        if not spans:
             return
-        n = sum(len(s.params) for s in finished.slices)  # the tensor columns (the unit columns follow)
-        delta, w_norm = stats[:2, :n].double().numpy()
-        names, columns, lrs, col = [], [], [], 0
-        for s, group_theory in zip(finished.slices, finished.theories):
-            if group_theory.decoupled:
-                names.extend(tracked.names[s.start:s.stop])
-                columns.append(np.arange(col, col + len(s.params)))
-                lrs.append(np.full(len(s.params), group_theory.lr))
-            col += len(s.params)
-        columns = np.concatenate(columns)
+        names = [name for a, b, _ in spans for name in result.names[a:b]]
+        columns = np.concatenate([np.arange(a, b) for a, b, _ in spans])
+        lrs = np.concatenate([np.full(b - a, lr) for a, b, lr in spans])
+        delta, w_norm = result.delta[columns], result.w_norm[columns]
         with np.errstate(invalid="ignore", over="ignore"):
-            samples = (delta[columns] * w_norm[columns] / np.concatenate(lrs)) ** 2
-        samples[~(np.isfinite(delta[columns]) & np.isfinite(w_norm[columns]))] = np.nan
-        self.update_sq.update_array(names, samples, finished.log_step)
+            samples = (delta * w_norm / lrs) ** 2
+        samples[~(np.isfinite(delta) & np.isfinite(w_norm))] = np.nan
+        self.update_sq.update_array(names, samples, result.log_step)
 
     def update_rms(self, name: str) -> float | None:
         """ū of one tensor (AdamW/Lion), or ``None`` before its first measurement."""
@@ -330,7 +318,7 @@ class ScheduleWatcher:
             self.warm_start_steps = default_warm_start_steps(self.detect_steps, every, unit_grad_every)
         return self.warm_start_steps if self.warm_start else None
 
-    def _maybe_warm_start(self, trainer: pl.Trainer, tracked: TrackedSet | None, log_step: int) -> None:
+    def _maybe_warm_start(self, view: LoopView, tracked: TrackedSet | None, log_step: int) -> None:
         """Once, at ``warm_start_steps``: every tracked tensor to its predicted ‖w*‖ (every rank)."""
         if (not self.warm_start or self.warm_start_done or self.warm_start_steps is None or tracked is None
                 or log_step < self.warm_start_steps):
@@ -338,21 +326,21 @@ class ScheduleWatcher:
         self.memory.warm_start_done = True
         logged: dict[str, float] = {}
         for (oi, gi), members in tracked.by_group.items():
-            opt = trainer.optimizers[oi]
-            label = group_label(trainer, oi, gi)
-            factors, missing = self._target_factors(trainer, members, opt, gi, fallback=None)
+            opt = view.optimizers[oi]
+            label = group_label(view.optimizers, oi, gi)
+            factors, missing = self._target_factors(view, members, opt, gi, fallback=None)
             if missing:
                 rank_zero_warn(
-                    f"SMDCallback(warm_start=...): step {log_step}: group {label}: no predicted equilibrium norm for "
+                    f"{self.owner}(warm_start=...): step {log_step}: group {label}: no predicted equilibrium norm for "
                     f"{first_names(missing)} (no estimate of L / the update RMS yet, or no formula for this "
                     "optimizer); they are left as they are. Give warm_start a later step."
                 )
             chosen = [(t, f) for t, f in zip(members, factors) if f is not None]
             if not chosen:
                 continue
-            untouched, averaged = self._apply(trainer, [t for t, _ in chosen], [f for _, f in chosen], opt, False)
+            untouched, averaged = self._apply(view, [t for t, _ in chosen], [f for _, f in chosen], opt, False)
             if untouched:
-                rank_zero_warn(f"SMDCallback: optimizer state {sorted(untouched)} was left unscaled at the warm start.")
+                rank_zero_warn(f"{self.owner}: optimizer state {sorted(untouched)} was left unscaled at the warm start.")
             applied = logged[label] = _geometric_mean([f for _, f in chosen])
             hp = opt.param_groups[gi]
             self.memory.rescale_events.append({
@@ -367,15 +355,15 @@ class ScheduleWatcher:
                 f"SMD: step {log_step}: warm start, group {label}: {len(chosen)} scale-invariant tensors moved to their "
                 f"predicted equilibrium norms ‖w*‖ (factors {min(fs):.4f} to {max(fs):.4f})"
             )
-        self._log_rescales(trainer, logged, log_step)
+        self._log_rescales(view, logged, log_step)
 
-    def _target_factors(self, trainer: pl.Trainer, members: list[Tracked], opt: torch.optim.Optimizer, gi: int,
+    def _target_factors(self, view: LoopView, members: list[Tracked], opt: torch.optim.Optimizer, gi: int,
                         fallback: float | None) -> tuple[list[float | None], list[str]]:
         """Per member ‖w*‖/‖w_t‖ at the group's current (η, λ), ``fallback`` where unknown, and the names
         of those. Computed on rank 0 (which holds the estimates) and broadcast: every rank calls this."""
-        norms = _norms(trainer, members)  # a collective for sharded tensors
+        norms = _norms(view, members)  # a collective for sharded tensors
         result: tuple[list[float | None], list[str]] = ([], [])
-        if trainer.is_global_zero:
+        if view.is_global_zero:
             group_theory = theory.from_param_group(opt, opt.param_groups[gi])
             for t, norm in zip(members, norms):
                 target = self.target_norm(group_theory, t.name, tuple(t.param.shape))
@@ -384,10 +372,10 @@ class ScheduleWatcher:
                     result[1].append(t.name)
                 else:
                     result[0].append(target / norm)
-        factors, missing = trainer.strategy.broadcast(result, src=0)
+        factors, missing = view.broadcast(result, 0)
         return list(factors), list(missing)
 
-    def _apply(self, trainer: pl.Trainer, members: list[Tracked], factors: list[float | None],
+    def _apply(self, view: LoopView, members: list[Tracked], factors: list[float | None],
                opt: torch.optim.Optimizer, scale_grads: bool) -> tuple[set[str], int]:
         """``rescale_`` (weights, optimizer state, gradients) and EMA/SWA copies, per equal-factor batch."""
         batches: dict[float, list[Tracked]] = {}
@@ -398,7 +386,7 @@ class ScheduleWatcher:
         averaged = 0
         for f, batch in batches.items():
             untouched |= rescale_([t.param for t in batch], f, opt, scale_grads=scale_grads)
-            averaged = max(averaged, rescale_averaged_models(trainer.callbacks, [t.name for t in batch], f))
+            averaged = max(averaged, rescale_averaged_models(view.averaged_models, [t.name for t in batch], f))
         return untouched, averaged
 
     def _warn_if_far(self, label: str, members: list[Tracked], log_step: int, factor: float, per_tensor: bool,
@@ -415,7 +403,7 @@ class ScheduleWatcher:
         listed = first_names([f"{n} ({r:.2f})" for n, r in far])
         lo, hi = min(r for _, r in far), max(r for _, r in far)
         span = f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
-        head = (f"SMDCallback: step {log_step}: group {label} is rescaled while {len(far)} of its {len(members)} "
+        head = (f"{self.owner}: step {log_step}: group {label} is rescaled while {len(far)} of its {len(members)} "
                 f"scale-invariant tensors are away from equilibrium: the window mean of Δ_t/Δ* is {listed} "
                 f"(outside 1 ± {FAR_FROM_EQUILIBRIUM:.0%}). ")
         if per_tensor:
@@ -425,11 +413,11 @@ class ScheduleWatcher:
         else:
             rank_zero_warn(head + f"The fixed factor {factor:.4f} ({k_text}) is exact only at equilibrium (SMD paper "
                            f"§5.2): it keeps Δ_t/Δ*, so expect Δ_t at about {span} × the new Δ* after it. "
-                           "To put Δ_t at the new Δ*, use SMDCallback(rescale='equilibrium') (Hydra: smd=equilibrium); "
+                           f"To put Δ_t at the new Δ*, use {self.owner}(rescale='equilibrium') (Hydra: smd=equilibrium); "
                            "to be at equilibrium before the drop, use warm_start=True (smd=warm_start) or a longer "
                            "stage before it.")
 
-    def _start_stage(self, trainer: pl.Trainer, tracked: TrackedSet | None, opt: torch.optim.Optimizer, gi: int,
+    def _start_stage(self, view: LoopView, tracked: TrackedSet | None, opt: torch.optim.Optimizer, gi: int,
                      key: str, last: HParams, current: HParams, log_step: int, rescaled: bool) -> None:
         new = theory.from_param_group(opt, opt.param_groups[gi])
         predicted = None
@@ -441,8 +429,8 @@ class ScheduleWatcher:
             predicted = theory.steps_to_equilibrium_decoupled(lr_old, new.lr, wd_old, new.weight_decay)
         names = tracked.names_of(key) if tracked is not None else []
         self.equilibrium.start_stage(key, log_step, predicted, rescaled, names)
-        if predicted is not None and (names or tracked is None) and trainer.is_global_zero:  # no tracked tensor: nothing to predict
-            self.publish(trainer, {f"smd/steps_to_equilibrium/predicted/{key}": float(predicted)}, log_step)
+        if predicted is not None and (names or tracked is None) and view.is_global_zero:  # no tracked tensor: nothing to predict
+            self.publish({f"smd/steps_to_equilibrium/predicted/{key}": float(predicted)}, log_step)
 
 
 def _effective(optimizer: torch.optim.Optimizer, group: dict[str, Any], old: HParams, new: HParams) -> tuple[HParams, HParams]:
@@ -468,11 +456,11 @@ def _geometric_mean(factors: list[float | None]) -> float:
 
 
 @torch.no_grad()
-def _norms(trainer: pl.Trainer, members: list[Tracked]) -> list[float]:
+def _norms(view: LoopView, members: list[Tracked]) -> list[float]:
     """‖w_t‖ of each member now (shards summed across ranks: every rank calls this)."""
     params = [t.param for t in members]
     sq = torch.stack([local(p).detach().float().pow(2).sum() for p in params]).unsqueeze(0)
-    reduce = make_reduce_fn(trainer.strategy, params)
+    reduce = make_reduce_fn(params, flat_shards=view.flat_shards, process_group=view.process_group)
     if reduce is not None:
         sq = reduce(sq)
     return sq[0].double().sqrt().tolist()

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Sequence
 
-from lightning_smd.lightning.namespace import rank_zero_warn
+import torch
+
+from lightning_smd.core.messages import rank_zero_warn
 from torch import Tensor
 
 from lightning_smd.core.detect import clean_name, normalization_parameters
-from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
+from lightning_smd.core.distributed import is_sharded, make_reduce_fn
+from lightning_smd.core.loop import LoopView
 from lightning_smd.core.measure import GroupSlice
 from lightning_smd.core.shards import unit_of_local_rows
+from lightning_smd.core.plan.simulate import group_label
 from lightning_smd.core.steps import StepRecorder, choose_mode
-
-if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
-    import pytorch_lightning as pl
 
 __all__ = ["Tracked", "TrackedSet", "group_label", "param_counts", "trainable"]
 
@@ -35,27 +36,21 @@ class Tracked:
         return self.optimizer_index, self.group_index
 
 
-def group_label(trainer: pl.Trainer, optimizer_index: int, group_index: int) -> str:
-    """The name a param group goes by in metric keys and reports: its ``"name"``, else ``pg{i}``."""
-    group = trainer.optimizers[optimizer_index].param_groups[group_index]
-    label = str(group["name"]) if "name" in group else f"pg{group_index}"
-    return f"opt{optimizer_index}_{label}" if len(trainer.optimizers) > 1 else label
-
-
-def param_counts(trainer: pl.Trainer) -> tuple[int, ...]:
+def param_counts(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[int, ...]:
     """How many tensors each param group holds, and how many of them train (``requires_grad``): a
     change means tensors were added (``add_param_group``) or unfrozen (cheap, per batch: no sync)."""
-    return tuple(n for opt in trainer.optimizers for g in opt.param_groups
+    return tuple(n for opt in optimizers for g in opt.param_groups
                  for n in (len(g["params"]), sum(1 for p in g["params"] if p.requires_grad)))
 
 
-def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracked]:
+def trainable(optimizers: Sequence[torch.optim.Optimizer], model: torch.nn.Module,
+              owner: str = "SMDCallback") -> list[Tracked]:
     """Every parameter an optimizer updates, with its clean name and (optimizer, group) indices."""
-    names = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
-    norm_affine = normalization_parameters(pl_module)
+    names = {id(p): clean_name(n) for n, p in model.named_parameters()}
+    norm_affine = normalization_parameters(model)
     tracked: list[Tracked] = []
     seen: set[int] = set()
-    for oi, optimizer in enumerate(trainer.optimizers):
+    for oi, optimizer in enumerate(optimizers):
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) in seen or not p.requires_grad:
@@ -64,8 +59,9 @@ def trainable(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Tracke
                 name = names.get(id(p))
                 if name is None:
                     rank_zero_warn(
-                        f"SMDCallback: optimizer {oi} group {gi} holds a parameter of shape {tuple(p.shape)} "
-                        "that is not a parameter of the LightningModule; it is not tracked."
+                        f"{owner}: optimizer {oi} group {gi} holds a parameter of shape {tuple(p.shape)} "
+                        f"that is not a parameter of the {'model' if owner == 'SMDMonitor' else 'LightningModule'}; "
+                        "it is not tracked."
                     )
                     continue
                 tracked.append(Tracked(name, p, oi, gi, name in norm_affine))
@@ -94,16 +90,16 @@ class TrackedSet:
     ``groups[i]`` label column ``i`` of the statistics the :class:`StepRecorder` produces.
     """
 
-    def __init__(self, trainer: pl.Trainer, chosen: list[Tracked], unit_grad_every: int,
-                 units: Mapping[str, int] | None = None, channel_every: int = 1) -> None:
-        # units: name → invariance units per tensor (lightning_smd.units) for per-unit statistics,
+    def __init__(self, view: LoopView, chosen: list[Tracked], unit_grad_every: int,
+                 units: Mapping[str, int] | None = None, channel_every: int = 1, owner: str = "SMDCallback") -> None:
+        # units: name → invariance units per tensor (lightning_smd.core.units) for per-unit statistics,
         # taken on the measured step ending each block of channel_every steps; a DTensor's local
         # rows add into their global units (lightning_smd.core.shards), the step's all-reduce sums them
         unit_rows: dict[str, list[int] | None] = {}
-        if units is not None and is_sharded(trainer.strategy, [t.param for t in chosen]):
+        if units is not None and is_sharded([t.param for t in chosen], view.flat_shards):
             unit_rows, why = _unit_rows(chosen, units)
             if why is not None:
-                rank_zero_warn(f"SMDCallback(per_channel=True): {why}; per-channel statistics are not measured "
+                rank_zero_warn(f"{owner}(per_channel=True): {why}; per-channel statistics are not measured "
                                "in this run (per-tensor ones are).")
                 units = None
         by_group: dict[tuple[int, int], list[Tracked]] = {}
@@ -114,27 +110,28 @@ class TrackedSet:
         self.names: list[str] = []
         self.groups: list[str] = []
         for (oi, gi), members in self.by_group.items():
-            optimizer = trainer.optimizers[oi]
+            optimizer = view.optimizers[oi]
             params = [m.param for m in members]
-            slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(trainer, optimizer, gi, params),
+            slices.append(GroupSlice(optimizer, gi, params, len(self.names), choose_mode(view.grad_scaler, optimizer, gi, params),
                                      units=[units.get(m.name, 1) for m in members] if units is not None else None,
                                      unit_rows=[unit_rows.get(m.name) for m in members] if unit_rows else None))
             self.names.extend(m.name for m in members)
-            self.groups.extend([group_label(trainer, oi, gi)] * len(members))
+            self.groups.extend([group_label(view.optimizers, oi, gi)] * len(members))
         params = [p for s in slices for p in s.params]
         # sharded tensors: every rank holds a part of each sum and must take part in the reduction
-        self.measure_on_all_ranks = is_sharded(trainer.strategy, params)
+        self.measure_on_all_ranks = is_sharded(params, view.flat_shards)
+        flat_shards, process_group = view.flat_shards, view.process_group
         unit_count = {id(m.param): units.get(m.name, 1) for m in chosen} if units is not None else None
 
         def make_reduce(params: list[Tensor]):
             counts = [unit_count[id(p)] for p in params] if unit_count is not None else None
-            return make_reduce_fn(trainer.strategy, params, counts)
+            return make_reduce_fn(params, counts, flat_shards=flat_shards, process_group=process_group)
 
         self.recorder = StepRecorder(slices, make_reduce, unit_grad_every, channel_every) if slices else None
         for t in chosen:
-            if float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
+            if float(view.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) <= 0:
                 rank_zero_warn(
-                    f"SMDCallback: {t.name} is scale-invariant but its param group has weight_decay=0: "
+                    f"{owner}: {t.name} is scale-invariant but its param group has weight_decay=0: "
                     "it has no equilibrium, its norm grows and its angular update decays."
                 )
 

@@ -16,22 +16,19 @@ floats per tracked tensor whatever the model size.
   flat shard (possibly empty); sums are reduced over the strategy's process group.
 
 Every rank must call the returned function in the same order: it is only called from hooks that
-run on all ranks, never under ``trainer.is_global_zero``.
+run on all ranks, never on rank 0 alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
-    import pytorch_lightning as pl
-
-__all__ = ["LayoutReduce", "check_supported", "is_sharded", "make_reduce_fn"]
+__all__ = ["LayoutReduce", "check_flat_parameters", "is_sharded", "make_reduce_fn"]
 
 
 def _dtensor_cls():
@@ -42,37 +39,21 @@ def _dtensor_cls():
     return DTensor
 
 
-def _is_fsdp1(strategy: pl.strategies.Strategy) -> bool:
-    return any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__)  # either Lightning namespace
-
-
-def check_supported(trainer: "pl.Trainer") -> None:
-    """Fail early, naming the setting and what to do, where the callback cannot be correct.
-
-    * FSDP1 with ``use_orig_params=False``: the optimizer holds ``FlatParameter``s that concatenate
-      many tensors (and their shards); per-tensor Δ and norms cannot be recovered from them.
-    * DeepSpeed (ZeRO 1-3): the optimizer holds flattened fp32 partitions, not the module's
-      parameters (and Lightning runs DeepSpeed on CUDA only); not supported yet.
-    """
-    strategy = trainer.strategy
-    if type(strategy).__name__ == "DeepSpeedStrategy":
-        raise RuntimeError(
-            "SMDCallback does not support DeepSpeedStrategy yet: ZeRO keeps the fp32 master weights in "
-            "flattened optimizer partitions, so the tensors the callback must follow are not the optimizer's "
-            "parameters. Use ModelParallelStrategy (FSDP2, fully_shard) or FSDPStrategy(use_orig_params=True) "
-            "for sharded training, or remove SMDCallback from this run."
-        )
+def check_flat_parameters(optimizers: Sequence[torch.optim.Optimizer], owner: str = "SMDCallback") -> None:
+    """Refuse FSDP1 ``FlatParameter``s (``use_orig_params=False``): one flat tensor per wrapped module,
+    whose per-tensor angular updates and norms cannot be recovered."""
     flat = _flat_parameter_cls()
-    if flat is not None:
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if any(isinstance(p, flat) for p in group["params"]):
-                    raise RuntimeError(
-                        "SMDCallback: the optimizer holds FSDP FlatParameters (FSDPStrategy(use_orig_params=False) "
-                        "or FSDP(use_orig_params=False)): one flat tensor per wrapped module, so per-tensor angular "
-                        "updates and norms cannot be measured. Use FSDPStrategy(use_orig_params=True) (Lightning's "
-                        "default) or ModelParallelStrategy with fully_shard (FSDP2)."
-                    )
+    if flat is None:
+        return
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if any(isinstance(p, flat) for p in group["params"]):
+                raise RuntimeError(
+                    f"{owner}: the optimizer holds FSDP FlatParameters (FSDPStrategy(use_orig_params=False) "
+                    "or FSDP(use_orig_params=False)): one flat tensor per wrapped module, so per-tensor angular "
+                    "updates and norms cannot be measured. Use FSDPStrategy(use_orig_params=True) (Lightning's "
+                    "default) or ModelParallelStrategy with fully_shard (FSDP2)."
+                )
 
 
 def _flat_parameter_cls():
@@ -83,29 +64,30 @@ def _flat_parameter_cls():
     return FlatParameter
 
 
-def is_sharded(strategy: pl.strategies.Strategy, params: Sequence[Tensor]) -> bool:
-    """Whether the tracked tensors are split across ranks (so every rank must take part)."""
+def is_sharded(params: Sequence[Tensor], flat_shards: bool = False) -> bool:
+    """Whether the tracked tensors are split across ranks (so every rank must take part):
+    ``DTensor``s, or ``flat_shards`` (the loop's parameters are views of flat FSDP1 shards)."""
     dtensor = _dtensor_cls()
     if dtensor is not None and any(isinstance(p, dtensor) for p in params):
         return True
-    return _is_fsdp1(strategy) and dist.is_available() and dist.is_initialized()
+    return flat_shards and dist.is_available() and dist.is_initialized()
 
 
-def make_reduce_fn(strategy: pl.strategies.Strategy, params: Sequence[Tensor],
-                   units: Sequence[int] | None = None) -> Callable[[Tensor], Tensor] | None:
+def make_reduce_fn(params: Sequence[Tensor], units: Sequence[int] | None = None, *, flat_shards: bool = False,
+                   process_group: Any = None) -> Callable[[Tensor], Tensor] | None:
     """A function summing ``[K, N]`` partial sums across the shards of ``params``, or ``None``.
 
     Column ``j < len(params)`` of the argument holds partial sums of ``params[j]``; with ``units``
     (per-unit statistics), the argument may go on with ``units[j]`` columns per tensor, in order.
     Under DTensor layouts each column is summed over the ranks that hold the *other shards of its
-    tensor* (see :class:`LayoutReduce`); under FSDP1 over the strategy's process group.
+    tensor* (see :class:`LayoutReduce`); under FSDP1 (``flat_shards``) over ``process_group``.
     """
-    if not is_sharded(strategy, params):
+    if not is_sharded(params, flat_shards):
         return None
     dtensor = _dtensor_cls()
     if dtensor is not None and any(isinstance(p, dtensor) for p in params):
         return LayoutReduce(params, units)
-    group = getattr(strategy, "process_group", None) or dist.group.WORLD
+    group = process_group or dist.group.WORLD
 
     def reduce(sums: Tensor) -> Tensor:
         sums = sums.contiguous()  # a collective on a strided view reduces its storage's first numel elements
@@ -133,7 +115,7 @@ def _shard_dims(param: Tensor) -> tuple[int, ...]:
         kind = _placement_kind(placement)
         if kind == "partial":
             raise RuntimeError(
-                f"SMDCallback: a tracked parameter has a Partial placement ({param.placements}); parameters must be "
+                f"SMD: a tracked parameter has a Partial placement ({param.placements}); parameters must be "
                 "sharded or replicated on every mesh dimension."
             )
         if kind == "shard" and mesh.size(d) > 1:
@@ -249,7 +231,7 @@ class LayoutReduce:
             groups = self._with_units
         elif sums.shape[-1] != self.num_columns:
             raise RuntimeError(
-                f"SMDCallback: partial sums of {sums.shape[-1]} tensors given to the reduction of {self.num_columns} "
+                f"SMD: partial sums of {sums.shape[-1]} tensors given to the reduction of {self.num_columns} "
                 f"tracked tensors in {len(self.groups)} layouts; the columns cannot be matched to their layouts."
             )
         for group in groups:

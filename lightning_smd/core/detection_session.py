@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import torch
 
 from lightning_smd.core import theory
-from lightning_smd.lightning.namespace import rank_zero_warn
+from lightning_smd.core.messages import rank_zero_warn
 
 from lightning_smd.core.detect import (
     Candidate,
@@ -22,13 +22,12 @@ from lightning_smd.core.detect import (
 )
 from lightning_smd.core.detect.progress import DetectionProgress
 from lightning_smd.core.state import SMDState
-from lightning_smd.lightning.distributed import is_sharded, make_reduce_fn
+from lightning_smd.core.distributed import is_sharded, make_reduce_fn
+from lightning_smd.core.loop import LoopView
+from lightning_smd.core.plan.simulate import group_label
 from lightning_smd.core.steps import radial_floor
 from lightning_smd.report.summary import DetectionRow, first_names, format_detection_report
-from lightning_smd.lightning.tracking import Tracked, group_label
-
-if TYPE_CHECKING:  # annotations only: the engine runs without Lightning (SMDMonitor)
-    import pytorch_lightning as pl
+from lightning_smd.core.tracking import Tracked
 
 __all__ = ["Decision", "DetectionSession", "check_filters", "detection_report"]
 
@@ -54,7 +53,8 @@ class DetectionSession:
     """
 
     def __init__(self, state: SMDState, detect: str, detect_steps: int, radial_threshold: float, include: Any,
-                 exclude: Any) -> None:
+                 exclude: Any, owner: str = "SMDCallback") -> None:
+        self.owner = owner  # the user's entry point, named in warnings
         self.state = state  # its progress (state.detection) is checkpointed: a resume continues it
         self.detect = detect
         self.detect_steps = detect_steps
@@ -98,7 +98,7 @@ class DetectionSession:
         if self.state.pending is not None:  # about tensors added later: taken up once tracking is restored
             return True
         progress.restored = False
-        rank_zero_warn("SMDCallback: the checkpoint was taken while detection was deciding on other tensors than "
+        rank_zero_warn(f"{self.owner}: the checkpoint was taken while detection was deciding on other tensors than "
                        "the optimizers now train; detection starts again.")
         progress.clear()
         progress.names = sorted(t.name for t in self.tracked)
@@ -106,7 +106,7 @@ class DetectionSession:
             progress.structural = {}
         return True
 
-    def start_recording(self, pl_module: pl.LightningModule) -> None:
+    def start_recording(self, pl_module: torch.nn.Module) -> None:
         """Record the dataflow of the forward about to run (the first training batch only), and
         the inputs of that forward for the finite-difference check (again after a resume)."""
         self._take_restored()  # a checkpoint loaded after fit start (strategies that restore after setup)
@@ -157,7 +157,7 @@ class DetectionSession:
             recorder, self._recorder = self._recorder, None
             recorder.stop()
 
-    def step(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Decision | None:
+    def step(self, view: LoopView, optimizer: torch.optim.Optimizer) -> Decision | None:
         """Advance by one step of ``optimizer`` (gradients final, weights not yet updated).
 
         Radial cosines are checked per optimizer, on that optimizer's own tensors and steps (with
@@ -168,49 +168,50 @@ class DetectionSession:
         if self.done or progress.structural is None:
             return None
         if self.detect == "structural":
-            return self._decide(trainer, {})
-        index = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer)
+            return self._decide(view, {})
+        index = next(i for i, o in enumerate(view.optimizers) if o is optimizer)
         calls = progress.steps[index] = progress.steps.get(index, 0) + 1
         if calls == 1:  # radial cosines are only trustworthy after this optimizer's first update
             return None
         params = [(t.name, t.param) for t in self.tracked if t.optimizer_index == index]
-        progress.radial_check(index, params, make_reduce_fn(trainer.strategy, [p for _, p in params])).update()
+        reduce = make_reduce_fn([p for _, p in params], flat_shards=view.flat_shards, process_group=view.process_group)
+        progress.radial_check(index, params, reduce).update()
         counts = [progress.radial_steps(k) for k in {t.optimizer_index for t in self.tracked}]
         # all optimizers checked, or one of them for long (another one may step rarely, or never)
         if min(counts) >= self.detect_steps or max(counts) >= 4 * self.detect_steps:
-            return self._decide(trainer, progress.cosines())
+            return self._decide(view, progress.cosines())
         return None
 
-    def _decide(self, trainer: pl.Trainer, cosines: dict[str, float]) -> Decision:
+    def _decide(self, view: LoopView, cosines: dict[str, float]) -> Decision:
         tracked_names = {t.name for t in self.tracked}
         structural = {n: c for n, c in (self.progress.structural or {}).items() if n in tracked_names}
         norm_affine = [t.name for t in self.tracked if t.norm_affine]
         notes = self.progress.notes
         # 16-bit gradients or parameters: structure is confirmed at the precision's floor, discoveries stay strict
         floor = max((precision_floor(t.param.dtype) for t in self.tracked), default=0.0)
-        confirm = max(self.radial_threshold, radial_floor(trainer), floor)
+        confirm = max(self.radial_threshold, radial_floor(view.precision), floor)
         chosen, rejected = decide(structural, cosines, self.detect, self.radial_threshold, norm_affine, confirm,
                                   numels={t.name: t.param.numel() for t in self.tracked},
                                   dtypes={t.name: t.param.dtype for t in self.tracked},
-                                  confirm=self._finite_difference_check(trainer),
+                                  confirm=self._finite_difference_check(view),
                                   eps_dominated=notes.eps_dominated if notes else None,
                                   eps_defect=notes.eps_defect if notes else None)
         keep = set(select(list(chosen), include=self.include, exclude=self.exclude))
         filtered_out = sorted(n for n in chosen if n not in keep)
         chosen = {n: c for n, c in chosen.items() if n in keep}
         # Every rank must track the same tensors: rank 0 decides.
-        chosen = trainer.strategy.broadcast(chosen, src=0)
+        chosen = view.broadcast(chosen, 0)
         self.done, self._inputs, self._child_inputs = True, None, {}
         self.progress.clear()  # decided: the state keeps the chosen tensors from now on
         return Decision(chosen, rejected, dict(notes.dead) if notes else {}, dict(notes.eps_dominated) if notes else {},
                         filtered_out)
 
-    def _finite_difference_check(self, trainer: pl.Trainer) -> Any:
+    def _finite_difference_check(self, view: LoopView) -> Any:
         """``w → 2w`` on the recorded forward's inputs for numerical discoveries (every rank runs
         it: SyncBN forwards are collectives), or ``None`` where it cannot run: no forward of the
         module itself was recorded (a ``training_step`` that never calls ``self(...)``) or the
         tensors are sharded (a forward of one rank's shards is no forward of the model)."""
-        if (self._inputs is None and not self._child_inputs) or is_sharded(trainer.strategy, [t.param for t in self.tracked]):
+        if (self._inputs is None and not self._child_inputs) or is_sharded([t.param for t in self.tracked], view.flat_shards):
             return None
         # the module's own forward; else (training_step calls self.net(x)) the submodule each tensor is in
         runs = {"": self._inputs} if self._inputs is not None else dict(self._child_inputs)
@@ -227,7 +228,7 @@ class DetectionSession:
                                                      lambda m=module, a=args, k=kwargs: m(*a, **k))
                     verdicts.update({lead + n: why for n, why in found.items()})
                 except Exception as err:  # keep precision: an unconfirmed discovery is left out
-                    rank_zero_warn(f"SMDCallback: the finite-difference check of numerical discoveries failed "
+                    rank_zero_warn(f"{self.owner}: the finite-difference check of numerical discoveries failed "
                                    f"({type(err).__name__}: {err}); {mine[:3]} are left out.")
                     verdicts.update({n: f"could not be confirmed ({type(err).__name__})" for n in mine})
             for n in names:
@@ -264,24 +265,25 @@ def check_filters(names: list[str], include: Any, exclude: Any, owner: str = "SM
                 ) from err
 
 
-def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Decision, units: Any = None,
-                     full: bool = True, full_table_at: str | None = None) -> str:
+def detection_report(optimizers: Sequence[torch.optim.Optimizer], tracked: list[Tracked], decision: Decision,
+                     units: Any = None, full: bool = True, full_table_at: str | None = None,
+                     owner: str = "SMDCallback") -> str:
     """The report printed once detection is decided (rank 0): per tensor (``full``) or grouped
-    (see :func:`~lightning_smd.summary.format_detection_report`)."""
+    (see :func:`~lightning_smd.report.summary.format_detection_report`)."""
     if not decision.chosen:
-        return nothing_to_measure(len(tracked), decision)
+        return nothing_to_measure(len(tracked), decision, owner)
     rows = []
     for t in tracked:
         if t.name not in decision.chosen:
             continue
-        optimizer = trainer.optimizers[t.optimizer_index]
+        optimizer = optimizers[t.optimizer_index]
         rows.append(
             DetectionRow(
                 name=t.name,
                 shape=tuple(t.param.shape),
                 reason=decision.chosen[t.name].reason,
                 kind=decision.chosen[t.name].kind,
-                group=group_label(trainer, t.optimizer_index, t.group_index),
+                group=group_label(optimizers, t.optimizer_index, t.group_index),
                 theory=theory.from_param_group(optimizer, optimizer.param_groups[t.group_index]),
             )
         )
@@ -289,7 +291,7 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
         1
         for t in tracked
         if t.name not in decision.chosen
-        and float(trainer.optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) > 0
+        and float(optimizers[t.optimizer_index].param_groups[t.group_index].get("weight_decay", 0.0)) > 0
     )
     names = {t.name for t in tracked}
     return format_detection_report(rows, rejected=decision.rejected, decayed_not_invariant=decayed_other,
@@ -298,11 +300,11 @@ def detection_report(trainer: pl.Trainer, tracked: list[Tracked], decision: Deci
                                    full_table_at=full_table_at)
 
 
-def nothing_to_measure(trainable: int, decision: Decision) -> str:
+def nothing_to_measure(trainable: int, decision: Decision, owner: str = "SMDCallback") -> str:
     """Said once, and nothing else, when no tensor is tracked: there is nothing to measure, and why."""
     if decision.filtered_out:
         why = (f"all {len(decision.filtered_out)} scale-invariant tensors ({first_names(decision.filtered_out)}) "
-               "are left out by SMDCallback(include=..., exclude=...)")
+               f"are left out by {owner}(include=..., exclude=...)")
     else:
         why = (f"none of the {trainable} trainable tensors is scale-invariant: no conv/linear weight feeds only a "
                "normalization (BatchNorm, GroupNorm, LayerNorm, ...), and no weight normalizes itself")
