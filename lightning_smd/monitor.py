@@ -39,8 +39,6 @@ from lightning_smd.core.engine import SMDEngine
 from lightning_smd.core.loop import FitHorizon, LoopView, ScheduledLR
 from lightning_smd.core.distributed import check_flat_parameters
 from lightning_smd.core.messages import rank_zero_warn, set_logger, set_rank
-from lightning_smd.core.rescale import RescalePolicy
-from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import StepHooks
 from lightning_smd.report.history import History
 
@@ -74,7 +72,8 @@ def _precision(model: nn.Module, grad_scaler: Any | None) -> str:
 
 
 def _options() -> dict[str, inspect.Parameter]:
-    """The options (``SMDCallback``'s constructor arguments), read without importing Lightning."""
+    """The options: ``SMDCallback``'s constructor arguments (one signature for both adapters; where
+    Lightning is installed, reading it imports Lightning, whose ``Callback`` is the class's base)."""
     from lightning_smd.lightning.callback import SMDCallback
 
     return {n: p for n, p in inspect.signature(SMDCallback.__init__).parameters.items() if n != "self"}
@@ -121,21 +120,8 @@ class SMDMonitor:
 
         arguments.validate(given, OWNER)
         self._arguments = arguments.record(given)
-        per_channel, rescale = given["per_channel"], given["rescale"]
-        detection, estimates, equilibrium = given["detection"], given["estimates"], given["equilibrium"]
-        policy = arguments.rescale_policy(rescale)
-        self._engine = SMDEngine(
-            OWNER,
-            SMDState(estimates.ema_steps, equilibrium.tolerance, equilibrium.window, per_channel is not False,
-                     given["warmup_steps"], self._arguments),
-            policy=policy, rescale=rescale.mode if isinstance(rescale, RescalePolicy) else rescale,
-            rescale_min_drop=policy.min_drop if policy is not None else RescalePolicy.min_drop,
-            log_every_n_steps=given["log_every_n_steps"], include=given["include"], exclude=given["exclude"],
-            detect=detection.mode, detect_steps=detection.steps, radial_threshold=detection.radial_threshold,
-            unit_grad_every=estimates.unit_grad_every, warm_start=given["warm_start"], per_channel=per_channel is not False,
-            channel_every=1 if isinstance(per_channel, bool) else per_channel, verbose=given["verbose"],
-            publish=self._publish,
-        )
+        self._engine = SMDEngine.from_options(OWNER, given, self._arguments, arguments.rescale_policy(given["rescale"]),
+                                              publish=self._publish)
         self._every = given["log_every_n_steps"] or 50
         self._figures_dir = given["figures_dir"]
         self._figures_every = given["figures_every_n_steps"]

@@ -267,9 +267,12 @@ class ChannelMetrics:
         return arrays
 
     def build(self, units: np.ndarray, names: list[str], counts: list[int], theories: list[theory.GroupTheory],
-              step: int, log_step: int, into: dict[str, float] | None = None) -> dict[str, float]:
+              step: int, log_step: int, into: dict[str, float] | None = None,
+              delta_star: np.ndarray | None = None) -> dict[str, float]:
         """``units``: host ``[3, m]`` (Δ_t, ‖w_t‖, L sample) of the tensors ``names`` with ``counts``
-        units each (in order); ``theories[i]``: the group theory of ``names[i]``.
+        units each (in order); ``theories[i]``: the group theory of ``names[i]``; ``delta_star``: each
+        tensor's Δ* (NaN: none) where it is not the group's (Muon's depends on the matrix shape), else
+        ``None``.
 
         Vectorized over all units: the percentiles of every tensor come from one sort
         (:func:`segment_percentiles`), the running L and stall windows are whole-array updates;
@@ -295,6 +298,8 @@ class ChannelMetrics:
                 known = per_group[id(group_theory)] = (math.nan if one is None else math.sqrt(one),
                                                        float(star) if star else math.nan)
             one_t[i], star_t[i] = known
+        if delta_star is not None:
+            star_t = np.where(np.asarray(delta_star, dtype=np.float64) != 0, delta_star, np.nan)
         one_u, star_u = np.repeat(one_t, counts_arr), np.repeat(star_t, counts_arr)
         # running per-unit L (bias-corrected EMA), skipping non-finite samples
         sample = np.where(finite, sample, np.nan)

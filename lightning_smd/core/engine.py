@@ -77,6 +77,30 @@ class SMDEngine:
         self._view_fn: Callable[[], LoopView] | None = None  # the adapter's view, built inside torch's step hooks
         self.start_fresh()
 
+    @classmethod
+    def from_options(cls, owner: str, options: dict[str, Any], record: dict[str, Any], policy: RescalePolicy | None,
+                     publish: Publish | None = None) -> SMDEngine:
+        """The engine of an adapter's validated options (its constructor's arguments by name:
+        the flat ones and the ``detection``/``estimates``/``equilibrium`` groups); ``record``: what a
+        checkpoint keeps of them; ``policy``: the rescale policy they select (``None``: no rescale)."""
+        detection, estimates, equilibrium = options["detection"], options["estimates"], options["equilibrium"]
+        per_channel, rescale = options["per_channel"], options["rescale"]
+        return cls(
+            owner,
+            # everything a checkpoint keeps (see docs/architecture.md)
+            SMDState(estimates.ema_steps, equilibrium.tolerance, equilibrium.window, per_channel is not False,
+                     options["warmup_steps"], record),
+            policy=policy, rescale=rescale.mode if isinstance(rescale, RescalePolicy) else rescale,
+            rescale_min_drop=policy.min_drop if policy is not None else RescalePolicy.min_drop,
+            log_every_n_steps=options["log_every_n_steps"], include=options["include"], exclude=options["exclude"],
+            detect=detection.mode, detect_steps=detection.steps, radial_threshold=detection.radial_threshold,
+            unit_grad_every=estimates.unit_grad_every, warm_start=options["warm_start"],
+            per_channel=per_channel is not False,
+            # per_channel=True: the units on every measured step; N: on the one ending each block of N
+            channel_every=1 if isinstance(per_channel, bool) else per_channel, verbose=options["verbose"],
+            publish=publish,
+        )
+
     def start_fresh(self) -> None:
         """A new run: the state reset, and the parts that read it made anew."""
         self.state.reset()
@@ -165,6 +189,7 @@ class SMDEngine:
         # the schedule through the whole fit, known now (epoch length included); no collective
         if not view.is_global_zero or view.horizon is None:
             return None
+        self.plan = None  # a failed prediction leaves no earlier fit's plan behind
         try:
             self.plan = plan_fit(view.optimizers, view.horizon, view.global_step, rescale=self.rescale,
                                  min_drop=self.rescale_min_drop, warmup_steps=self.schedule.warmup.warmup_steps)

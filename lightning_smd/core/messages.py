@@ -1,6 +1,6 @@
 """Warnings and reports of the engine, on rank 0 only.
 
-The adapter sets the rank (``SMDCallback`` from its Trainer, every hook that binds it) and the
+The adapter sets the rank (``SMDCallback`` from its Trainer at ``setup``) and the
 logger reports go to (Lightning's ``rank_zero`` logger of the Trainer's namespace, so reports show
 where Lightning's own do).
 """

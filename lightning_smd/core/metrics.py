@@ -132,5 +132,5 @@ class MetricsBuilder:
             metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked_groups, tracked_names)
         if self.channels is not None and result.units is not None:
             self.channels.build(result.units, result.unit_names, result.unit_counts, result.unit_theories,
-                                result.step, result.log_step, into=metrics)
+                                result.step, result.log_step, into=metrics, delta_star=result.unit_delta_star)
         return metrics

@@ -48,7 +48,8 @@ class StepResult:
     finite), as float64 arrays. ``spans[k]``/``slice_theories[k]``: the columns of the k-th slice
     and its group's :class:`~lightning_smd.core.theory.GroupTheory` at the step. ``units``: the host
     ``[3, m]`` block of the per-unit columns (Δ, ‖w‖, L per unit) of the tensors ``unit_names`` (with
-    ``unit_counts`` units each, of ``unit_theories``), or ``None`` on a per-tensor step.
+    ``unit_counts`` units each, of ``unit_theories``, with Δ* ``unit_delta_star``), or ``None`` on a
+    per-tensor step.
     """
 
     log_step: int
@@ -65,11 +66,7 @@ class StepResult:
     unit_names: list[str] | None = None
     unit_counts: list[int] | None = None
     unit_theories: list[theory.GroupTheory] | None = None
-
-    @property
-    def theories(self) -> list[theory.GroupTheory]:
-        """Per tensor column, its group's theory."""
-        return [t for (a, b), t in zip(self.spans, self.slice_theories) for _ in range(b - a)]
+    unit_delta_star: np.ndarray | None = None
 
 
 class Labeller:
@@ -78,11 +75,15 @@ class Labeller:
 
     def __init__(self) -> None:
         self._layouts: dict[tuple, _Layout] = {}
+        self._tracked: Any = None
 
     def _layout(self, finished: Finished, tracked: Any) -> _Layout:
+        if tracked is not self._tracked:  # a new tracked set (resume, added tensors): its own slices
+            self._layouts.clear()
+            self._tracked = tracked
         key = tuple((id(s), s.start, len(s.params), s.units is not None) for s in finished.slices)
         cached = self._layouts.get(key)
-        if cached is not None and cached.tracked is tracked:
+        if cached is not None:
             return cached
         names: list[str] = []
         groups: list[str] = []
@@ -118,13 +119,15 @@ class Labeller:
         # a sample from a step with NaN/inf weights or update is not evidence about L
         sample = np.where(np.isfinite(delta) & np.isfinite(w_norm), sample, np.nan)
         with_units = values.shape[1] > n
-        unit_theories = None
+        unit_theories = unit_star = None
         if with_units:
             unit_theories = [t for s, t in zip(finished.slices, finished.theories) if s.units is not None
                              for _ in range(len(s.params))]
+            unit_star = np.concatenate([star[a:b] for s, (a, b) in zip(finished.slices, layout.spans)
+                                        if s.units is not None] or [np.empty(0)])
         return StepResult(finished.log_step, finished.step, layout.names, layout.groups, layout.spans,
                           list(finished.theories), star, delta, w_norm, sample,
                           units=values[:, n:] if with_units else None,
                           unit_names=layout.unit_names if with_units else None,
                           unit_counts=layout.unit_counts if with_units else None,
-                          unit_theories=unit_theories)
+                          unit_theories=unit_theories, unit_delta_star=unit_star)

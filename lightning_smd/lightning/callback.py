@@ -28,7 +28,6 @@ from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.options import DetectionOptions, EquilibriumOptions, EstimateOptions, RescaleMode
 from lightning_smd.core.plan import Plan
 from lightning_smd.core.rescale import RescalePolicy
-from lightning_smd.core.state import SMDState
 from lightning_smd.core.steps import StepRecorder
 from lightning_smd.core.tracking import TrackedSet
 from lightning_smd.core.units import Unit
@@ -178,18 +177,7 @@ class SMDCallback(_callback_base()):
         self.rescale_min_drop = self.policy.min_drop if self.policy is not None else RescalePolicy.min_drop
         # the engine (lightning_smd/core/engine.py): the parts, their state and torch's step hooks;
         # this class turns Lightning's hooks into its operations and publishes through the Trainer
-        self._engine = SMDEngine(
-            self._owner,
-            # everything a checkpoint keeps (see docs/architecture.md)
-            SMDState(estimates.ema_steps, equilibrium.tolerance, equilibrium.window, per_channel is not False,
-                     warmup_steps, self._arguments),
-            policy=self.policy, rescale=self.rescale, rescale_min_drop=self.rescale_min_drop,
-            log_every_n_steps=log_every_n_steps, include=include, exclude=exclude, detect=detection.mode,
-            detect_steps=detection.steps, radial_threshold=detection.radial_threshold,
-            unit_grad_every=estimates.unit_grad_every, warm_start=warm_start, per_channel=self.per_channel,
-            channel_every=self.channel_every, verbose=verbose,
-            publish=self._publish,
-        )
+        self._engine = SMDEngine.from_options(self._owner, given, self._arguments, self.policy, publish=self._publish)
         self._trainer: pl.Trainer | None = None  # the Trainer of the fit under way (for torch's step hooks)
         self._publisher = Publisher(self._figures_dir, self._engine.channels, self._histogram_every)
 

@@ -287,6 +287,37 @@ def test_channel_metrics_percentiles_and_stalled_units():
     assert STALL_RATIO == 0.1
 
 
+def test_muon_units_are_judged_against_their_own_matrix_delta_star():
+    """Muon's Δ* depends on the matrix shape: a tensor's units are judged against that tensor's Δ*
+    (what its ``smd/angular_update_theory`` logs), not the group's largest matrix's."""
+    from types import SimpleNamespace
+
+    from lightning_smd.core.result import Labeller
+    from lightning_smd.core.steps import Finished
+
+    params = [nn.Parameter(torch.randn(16, 64)), nn.Parameter(torch.randn(256, 16))]
+    opt = torch.optim.Muon(params, lr=0.02, weight_decay=0.1)
+    group = theory.from_param_group(opt, opt.param_groups[0])
+    stars = [group.angular_update_for(p.shape) for p in params]
+    assert abs(stars[1] / stars[0] - 1) > 0.01 and abs(stars[0] / group.angular_update - 1) > 0.01  # two shapes, three Δ*
+    counts = [len(p) for p in params]
+    delta = np.concatenate([np.full(16, stars[0]), np.full(256, 0.5 * stars[1])])
+    stats = torch.tensor(np.concatenate([np.stack([[stars[0], 0.5 * stars[1]], [1.0, 1.0], [1.0, 1.0]]),
+                                         np.stack([delta, np.ones(272), np.ones(272)])], axis=1))
+    s = GroupSlice(opt, 0, params, 0, "snapshot", units=counts)
+    finished = Finished(1, 1, stats, [s], [group])
+    tracked = SimpleNamespace(names=["wide", "tall"], groups=["pg0", "pg0"])
+    result = Labeller().label(stats, finished, tracked)
+    assert result.delta_star.tolist() == pytest.approx(stars)
+    assert result.unit_delta_star.tolist() == pytest.approx(stars)
+    out = ChannelMetrics(window=100, ema_steps=50).build(
+        result.units, result.unit_names, result.unit_counts, result.unit_theories, 1, 1,
+        delta_star=result.unit_delta_star)
+    # every unit of "wide" at 1.0 × its Δ*, every unit of "tall" at 0.5 ×
+    assert out["smd/channel/angular_update_ratio/p05"] == pytest.approx(0.5)
+    assert out["smd/channel/angular_update_ratio/p95"] == pytest.approx(1.0)
+
+
 def test_callback_logs_per_channel_metrics_with_one_transfer(tmp_path):
     from tests.helpers import fit, read_metrics
     from tests.models import DigitsCNN
