@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lightning_smd.core.rows import NameRows
+
 __all__ = ["EquilibriumTracker", "Stage"]
 
 #: a window is judged by the means of this many consecutive parts of it (noise averages out, a
@@ -57,32 +59,21 @@ class EquilibriumTracker:
         self._clear_points()
 
     def _clear_points(self) -> None:
-        self._row: dict[str, int] = {}  # name → its row of the ring buffer
-        self._names: list[str] = []
+        self._index = NameRows()  # name → its row of the ring buffer
         self._steps = np.zeros((0, 8), dtype=np.int64)  # [rows, capacity]: the window's points, oldest at head
         self._ratios = np.zeros((0, 8))
         self._head = np.zeros(0, dtype=np.int64)
         self._len = np.zeros(0, dtype=np.int64)
-        self._rows_of: tuple[tuple[str, ...], np.ndarray] | None = None
         self._groups_of: tuple[tuple[str, ...], np.ndarray, list[str]] | None = None
 
     def _rows(self, names: Sequence[str]) -> np.ndarray:
-        key = tuple(names)
-        cached = self._rows_of
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        new = [n for n in dict.fromkeys(key) if n not in self._row]
-        if new:
-            for name in new:
-                self._row[name] = len(self._names)
-                self._names.append(name)
-            k, cap = len(new), self._steps.shape[1]
+        index, k = self._index.rows(names)
+        if k:
+            cap = self._steps.shape[1]
             self._steps = np.concatenate([self._steps, np.zeros((k, cap), dtype=np.int64)])
             self._ratios = np.concatenate([self._ratios, np.zeros((k, cap))])
             self._head = np.concatenate([self._head, np.zeros(k, dtype=np.int64)])
             self._len = np.concatenate([self._len, np.zeros(k, dtype=np.int64)])
-        index = np.fromiter((self._row[n] for n in key), dtype=np.int64, count=len(key))
-        self._rows_of = (key, index)
         return index
 
     def _group_ids(self, groups: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -95,7 +86,7 @@ class EquilibriumTracker:
         return cached[1], cached[2]
 
     def _forget(self, names: Sequence[str]) -> None:
-        rows = [self._row[n] for n in names if n in self._row]
+        rows = [self._index.row[n] for n in names if n in self._index.row]
         self._len[rows] = 0
         self._head[rows] = 0
 
@@ -107,7 +98,7 @@ class EquilibriumTracker:
 
     def _grow(self) -> None:
         """Double the ring's capacity (points laid out from slot 0)."""
-        rows = np.arange(len(self._names))
+        rows = np.arange(len(self._index))
         steps, ratios = self._ordered(rows)
         cap = self._steps.shape[1]
         self._steps = np.concatenate([steps, np.zeros_like(steps)], axis=1)
@@ -228,7 +219,7 @@ class EquilibriumTracker:
         return math.fsum(r for _, r in points) / len(points), len(points)
 
     def _points_of(self, name: str) -> list[tuple[int, float]]:
-        row = self._row.get(name)
+        row = self._index.row.get(name)
         if row is None or not self._len[row]:
             return []
         steps, ratios = self._ordered(np.array([row]))
@@ -281,7 +272,7 @@ class EquilibriumTracker:
         return {
             "stages": [s.as_dict() for s in self.stages],
             "current": {g: self.stages.index(s) for g, s in self._current.items()},
-            "points": {n: p for n in self._names if (p := self._points_of(n))},
+            "points": {n: p for n in self._index.names if (p := self._points_of(n))},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lightning_smd.core.rows import NameRows
+
 __all__ = ["MIN_SAMPLES", "RunningMean", "Z"]
 
 MIN_SAMPLES = 2  # a variance needs two samples
@@ -53,30 +55,18 @@ class RunningMean:
         self._clear()
 
     def _clear(self) -> None:
-        self._row: dict[str, int] = {}  # name → its row in the arrays
-        self._names: list[str] = []
+        self._index = NameRows()  # name → its row in the arrays
         self._arrays = {q: np.zeros(0) for q in _FIELDS}
         self._count = np.zeros(0, dtype=np.int64)  # 0: no sample (the name holds no state)
         self._last_step = np.zeros(0, dtype=np.int64)
-        self._rows_of: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def rows(self, names: Sequence[str]) -> np.ndarray:
         """The rows of ``names`` (new names get new, empty rows); cached for the last list of names."""
-        key = tuple(names)
-        cached = self._rows_of
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        new = [n for n in dict.fromkeys(key) if n not in self._row]
-        if new:
-            for name in new:
-                self._row[name] = len(self._names)
-                self._names.append(name)
-            grow = len(new)
+        index, grow = self._index.rows(names)
+        if grow:
             self._arrays = {q: np.concatenate([v, np.zeros(grow)]) for q, v in self._arrays.items()}
             self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
             self._last_step = np.concatenate([self._last_step, np.zeros(grow, dtype=np.int64)])
-        index = np.fromiter((self._row[n] for n in key), dtype=np.int64, count=len(key))
-        self._rows_of = (key, index)
         return index
 
     def update(self, names: Sequence[str], samples: Sequence[float], step: int) -> list[float]:
@@ -123,7 +113,7 @@ class RunningMean:
         return np.where(defined, raw, np.nan)
 
     def _at(self, name: str) -> int | None:
-        row = self._row.get(name)
+        row = self._index.row.get(name)
         return row if row is not None and self._count[row] > 0 else None
 
     def raw(self, name: str) -> float:
@@ -151,7 +141,7 @@ class RunningMean:
         return math.nan if row is None else float(self._estimates(np.array([row]))[0])
 
     def reset(self, name: str) -> None:
-        row = self._row.get(name)
+        row = self._index.row.get(name)
         if row is not None:
             for v in self._arrays.values():
                 v[row] = 0.0
@@ -161,7 +151,7 @@ class RunningMean:
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint format 2: per quantity a ``{name: value}`` dict over the names with a sample."""
         present = np.flatnonzero(self._count > 0).tolist()
-        names = [self._names[i] for i in present]
+        names = [self._index.names[i] for i in present]
 
         def of(values: np.ndarray) -> dict[str, Any]:
             return dict(zip(names, values[present].tolist()))

@@ -8,9 +8,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lightning_smd.core.channels import ChannelMetrics
-from lightning_smd.core.equilibrium import EquilibriumTracker
-from lightning_smd.core.estimates import RunningMean
 from lightning_smd.core.messages import rank_zero_warn
 from lightning_smd.core.result import StepResult
 from lightning_smd.core.state import SMDState
@@ -47,18 +44,6 @@ class MetricsBuilder:
         self._key_lists: dict[int, tuple[list[str], list[str]]] = {}
         self._warned_not_finite = False
 
-    @property
-    def unit_grad(self) -> RunningMean:
-        return self.state.unit_grad
-
-    @property
-    def equilibrium(self) -> EquilibriumTracker:
-        return self.state.equilibrium
-
-    @property
-    def channels(self) -> ChannelMetrics | None:
-        return self.state.channels
-
     def keys(self, name: str) -> TensorKeys:
         """The metric keys of one tensor, built once (shared by every record)."""
         keys = self._key_cache.get(name)
@@ -88,7 +73,7 @@ class MetricsBuilder:
         names, groups, delta, w_norm, star = result.names, result.groups, result.delta, result.w_norm, result.delta_star
         n = len(names)
         finite = np.isfinite(delta) & np.isfinite(w_norm)
-        unit_grad = self.unit_grad.update_array(names, result.unit_grad_sample, result.step)
+        unit_grad = self.state.unit_grad.update_array(names, result.unit_grad_sample, result.step)
         coefficient = np.empty(n)
         for (a, b), group_theory in zip(result.spans, result.slice_theories):
             try:  # ‖w*‖² = c·√L (SGD family); None: no formula from L
@@ -121,16 +106,17 @@ class MetricsBuilder:
             metrics["smd/angular_update_ratio/mean"] = math.fsum(finite_ratios.tolist()) / finite_ratios.size
             metrics["smd/angular_update_ratio/min"] = float(finite_ratios.min())
             metrics["smd/angular_update_ratio/max"] = float(finite_ratios.max())
-        newly = self.equilibrium.update(result.log_step, groups, names, ratios)
+        equilibrium = self.state.equilibrium
+        newly = equilibrium.update(result.log_step, groups, names, ratios)
         if newly:
             group_of = dict(zip(names, groups))
             for name, reached in newly.items():
-                stage = self.equilibrium.current_stage(group_of[name])
+                stage = equilibrium.current_stage(group_of[name])
                 metrics[f"smd/equilibrium_step/{name}"] = float(reached)
                 metrics[f"smd/steps_to_equilibrium/measured/{name}"] = float(reached - stage.start_step)
         if finite_ratios.size:
-            metrics["smd/equilibrium/fraction"] = self.equilibrium.fraction_reached(tracked_groups, tracked_names)
-        if self.channels is not None and result.units is not None:
-            self.channels.build(result.units, result.unit_names, result.unit_counts, result.unit_theories,
+            metrics["smd/equilibrium/fraction"] = equilibrium.fraction_reached(tracked_groups, tracked_names)
+        if self.state.channels is not None and result.units is not None:
+            self.state.channels.build(result.units, result.unit_names, result.unit_counts, result.unit_theories,
                                 result.step, result.log_step, into=metrics, delta_star=result.unit_delta_star)
         return metrics
